@@ -1,0 +1,212 @@
+//! The contract between leaktrace's eBPF programs and its user space.
+//!
+//! Every record that crosses the ring buffer starts with a [`Header`] whose `kind` says which
+//! struct follows. All types are `#[repr(C)]`, `Copy`, padded explicitly and free of `bool`s
+//! and Rust enums, so both sides agree on every byte. Sizes are checked at compile time.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Most frames a stack can hold (the kernel's own `PERF_MAX_STACK_DEPTH`).
+pub const MAX_FRAMES: usize = 127;
+
+/// Record kinds, the `kind` field of [`Header`].
+pub mod kind {
+    /// An allocation: malloc, calloc, realloc, posix_memalign, … ([`super::AllocEvent`]).
+    pub const ALLOC: u16 = 1;
+    /// A block was released with `free` ([`super::FreeEvent`]).
+    pub const FREE: u16 = 2;
+    /// The frames behind a stack id, sent once per stack ([`super::StackEvent`]).
+    pub const STACK: u16 = 3;
+    /// A traced process replaced its image with `execve` ([`super::ProcEvent`]).
+    pub const EXEC: u16 = 4;
+    /// The last thread of a traced process exited ([`super::ProcEvent`]).
+    pub const EXIT: u16 = 5;
+    /// A traced process forked a child that is now traced too ([`super::ProcEvent`]).
+    pub const FORK: u16 = 6;
+    /// The dynamic loader of a traced process changed its list of loaded objects
+    /// (`_dl_debug_state`, called around `dlopen`/`dlclose` and at start-up) ([`super::ProcEvent`]).
+    pub const LOADER: u16 = 7;
+}
+
+/// Bits of [`Header::flags`].
+pub mod header_flags {
+    /// The program stopped the process (`SIGSTOP`) so user space can attach probes before it
+    /// runs on; user space must send `SIGCONT` once it has acted on the record.
+    pub const STOPPED: u16 = 1 << 0;
+}
+
+/// The first bytes of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// One of [`kind`].
+    pub kind: u16,
+    /// Bits of [`header_flags`].
+    pub flags: u16,
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    pub _pad: u32,
+    /// `CLOCK_MONOTONIC` time of the event, in nanoseconds.
+    pub ts_ns: u64,
+}
+const _: () = assert!(size_of::<Header>() == 24);
+
+/// The allocator entry points leaktrace hooks, carried in [`AllocEvent::func`].
+pub mod alloc_fn {
+    pub const MALLOC: u32 = 1;
+    pub const CALLOC: u32 = 2;
+    pub const REALLOC: u32 = 3;
+    pub const REALLOCARRAY: u32 = 4;
+    pub const POSIX_MEMALIGN: u32 = 5;
+    pub const ALIGNED_ALLOC: u32 = 6;
+    pub const MEMALIGN: u32 = 7;
+    pub const VALLOC: u32 = 8;
+    pub const PVALLOC: u32 = 9;
+    pub const FREE: u32 = 10;
+
+    /// The C name of an entry point, or `"?"`.
+    pub const fn name(func: u32) -> &'static str {
+        match func {
+            MALLOC => "malloc",
+            CALLOC => "calloc",
+            REALLOC => "realloc",
+            REALLOCARRAY => "reallocarray",
+            POSIX_MEMALIGN => "posix_memalign",
+            ALIGNED_ALLOC => "aligned_alloc",
+            MEMALIGN => "memalign",
+            VALLOC => "valloc",
+            PVALLOC => "pvalloc",
+            FREE => "free",
+            _ => "?",
+        }
+    }
+}
+
+/// A block handed out by the allocator (kind [`kind::ALLOC`]).
+///
+/// `realloc` and `reallocarray` set `old_addr`; user space applies C's rules: a non-null
+/// `addr` replaces `old_addr`, a null `addr` with `size == 0` means `old_addr` was freed,
+/// a null `addr` with `size > 0` means the call failed and `old_addr` is untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocEvent {
+    pub hdr: Header,
+    /// The returned block; 0 when the call failed (or `realloc(p, 0)` freed `p`).
+    pub addr: u64,
+    /// The requested size in bytes (`nmemb * size` for calloc and reallocarray).
+    pub size: u64,
+    /// The block passed to realloc/reallocarray, else 0.
+    pub old_addr: u64,
+    /// The calling stack; its frames arrive once in a [`StackEvent`] with the same id.
+    pub stack_id: u64,
+    /// One of [`alloc_fn`].
+    pub func: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<AllocEvent>() == 64);
+
+/// A block passed to `free` (kind [`kind::FREE`]). `free(NULL)` never crosses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreeEvent {
+    pub hdr: Header,
+    pub addr: u64,
+}
+const _: () = assert!(size_of::<FreeEvent>() == 32);
+
+/// Bits of [`StackEvent::flags`].
+pub mod stack_flags {
+    /// The walk stopped at [`super::MAX_FRAMES`] frames; outer frames are missing.
+    pub const TRUNCATED: u32 = 1 << 0;
+    /// The walk stopped early because a frame could not be read or made no sense.
+    pub const BROKEN: u32 = 1 << 1;
+    /// `frames[0]` is the exact instruction pointer, not a return address.
+    pub const FIRST_IS_PC: u32 = 1 << 2;
+}
+
+/// The frames of a stack id, sent the first time the id is seen (kind [`kind::STACK`]).
+///
+/// Frames are innermost first. Apart from `frames[0]` under [`stack_flags::FIRST_IS_PC`] they
+/// are return addresses, so the call instruction sits just before each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StackEvent {
+    pub hdr: Header,
+    /// A hash of the pid and the frames.
+    pub stack_id: u64,
+    /// How many entries of `frames` are valid.
+    pub nr: u32,
+    /// Bits of [`stack_flags`].
+    pub flags: u32,
+    pub frames: [u64; MAX_FRAMES],
+}
+const _: () = assert!(size_of::<StackEvent>() == 40 + 8 * MAX_FRAMES);
+
+/// A process lifecycle record (kinds [`kind::EXEC`], [`kind::EXIT`], [`kind::FORK`],
+/// [`kind::LOADER`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcEvent {
+    pub hdr: Header,
+    /// FORK: the parent's pid. Otherwise 0.
+    pub other_pid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ProcEvent>() == 32);
+
+/// Why an event was lost: indices of the per-CPU `DROPS` counters.
+pub mod drop_reason {
+    /// An allocation or free record found the ring buffer full.
+    pub const HEAP_RINGBUF: u32 = 0;
+    /// A stack record found the ring buffer full (its allocations show an unknown stack).
+    pub const STACK_RINGBUF: u32 = 1;
+    /// A process lifecycle record found the ring buffer full.
+    pub const PROC_RINGBUF: u32 = 2;
+    /// An allocator call could not be remembered between entry and return (map full).
+    pub const INFLIGHT_FULL: u32 = 3;
+    /// Number of counters.
+    pub const COUNT: u32 = 4;
+    /// A short name per counter, for reports.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "heap_ringbuf",
+        "stack_ringbuf",
+        "proc_ringbuf",
+        "inflight_full",
+    ];
+}
+
+/// Bits of the `TRACED` map's values: how a traced process is handled.
+pub mod traced_flags {
+    /// Stop the process at exec, at loader changes and (for children) at its first return
+    /// from fork, so user space attaches probes before any of its code runs.
+    pub const GATE: u32 = 1 << 0;
+    /// Children this process forks are traced too, with the same flags.
+    pub const FOLLOW_FORKS: u32 = 1 << 1;
+}
+
+/// What the kernel side remembers about an allocator call between its entry and its return,
+/// keyed by thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inflight {
+    /// Stack pointer at the outermost entry; a deeper entry (lower `sp`) is a nested call.
+    pub sp: u64,
+    /// First remembered argument (realloc's old block, posix_memalign's `memptr`).
+    pub arg: u64,
+    /// Requested size.
+    pub size: u64,
+    /// One of [`alloc_fn`].
+    pub func: u32,
+    /// Allocator calls of this thread currently entered and not yet returned.
+    pub depth: u32,
+}
+const _: () = assert!(size_of::<Inflight>() == 32);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` integers with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::Inflight {}
+}

@@ -1,0 +1,284 @@
+//! Command-line interface: `leaktrace --pid PID` and `leaktrace run -- CMD`.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use leaktrace::{
+    report::ReportOptions,
+    session::{SessionConfig, Target},
+    write::{FoldedWeight, Format},
+};
+
+mod run;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success (with --pid); with `run`, the command's own exit status
+       (128+N when it was killed by signal N)
+  1    leaktrace failed while tracing
+  2    invalid command line
+  3    insufficient privileges (needs CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, or root)
+  4    the target cannot be traced (no such pid, no allocator to hook)
+  5    the kernel lacks a required feature (BTF, uprobes, tracefs)
+  126  `run`: the command cannot be executed
+  127  `run`: the command was not found
+
+Examples:
+  sudo leaktrace --pid 4242 --interval 10s --min-age 5s
+  sudo leaktrace run --format json -- ./service --port 8080
+  sudo leaktrace --pid 4242 --format folded --duration 60s | inferno-flamegraph > leaks.svg";
+
+/// Find the call stacks that leak memory, in a live process, with eBPF.
+///
+/// leaktrace hooks the allocator (malloc, calloc, realloc, free, posix_memalign, ...) of one
+/// process with uprobes, keeps every block that is allocated and not yet freed, and reports
+/// the call stacks holding the most memory, with how fast they grow. No restart, no
+/// recompilation; only the traced process pays for the probes.
+#[derive(Debug, Parser)]
+#[command(
+    name = "leaktrace",
+    version,
+    after_help = EXIT_CODES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Attach to this running process.
+    #[arg(long, value_name = "PID", required = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Option<u32>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Run(run::RunArgs),
+}
+
+/// Options shared by `--pid` and `run`.
+#[derive(Debug, Args, Clone)]
+pub struct CommonArgs {
+    /// Stop after this long (e.g. 30s, 5m, 1h) and print the final report.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Print a report every DURATION [default with --pid: 10s; with run: only at exit].
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    pub interval: Option<Duration>,
+
+    /// Show at most N stacks [default: 10 for table, all for json and folded].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub top: Option<u64>,
+
+    /// Count only blocks at least this old as leaks (e.g. 5s): hides short-lived
+    /// allocations still in flight.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
+    pub min_age: Duration,
+
+    /// Report format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+
+    /// Write reports to FILE instead of stdout; it always holds the latest complete report.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// What folded stacks are weighted by.
+    #[arg(long, value_enum, default_value_t = FoldedWeight::Bytes)]
+    pub folded_weight: FoldedWeight,
+
+    /// Size of the kernel-to-user ring buffer (a power of two, e.g. 16M, 256M). A larger buffer
+    /// loses fewer events under bursts of allocations.
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_ring_buffer)]
+    pub ring_buffer: u32,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); LEAKTRACE_LOG overrides.
+    #[arg(long, short, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl CommonArgs {
+    pub fn session(&self, target: Target) -> SessionConfig {
+        let interval = match (&target, self.interval) {
+            (_, Some(i)) => Some(i),
+            (Target::Pid(_), None) => Some(Duration::from_secs(10)),
+            (Target::Run { .. }, None) => None,
+        };
+        let top = match (self.top, self.format) {
+            (Some(n), _) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            (None, Format::Table) => Some(10),
+            (None, _) => None,
+        };
+        SessionConfig {
+            target,
+            duration: self.duration,
+            interval,
+            report: ReportOptions {
+                min_age_ns: self.min_age.as_nanos().min(u128::from(u64::MAX)) as u64,
+                top,
+            },
+            format: self.format,
+            weight: self.folded_weight,
+            output: self.output.clone(),
+            ring_buffer_bytes: self.ring_buffer,
+        }
+    }
+}
+
+impl Cli {
+    /// The session the command line asks for, and the verbosity.
+    pub fn into_session(self) -> (SessionConfig, u8) {
+        match self.command {
+            Some(Command::Run(run)) => {
+                let target = Target::Run {
+                    argv: run.cmd,
+                    follow_forks: run.follow_forks,
+                };
+                (run.common.session(target), run.common.verbose)
+            }
+            None => {
+                // clap enforces --pid when there is no subcommand.
+                let pid = self.pid.unwrap_or_default();
+                (self.common.session(Target::Pid(pid)), self.common.verbose)
+            }
+        }
+    }
+}
+
+/// Parses `250ms`, `30s`, `1.5s`, `5m`, `2h`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s, 5m or 250ms"))?;
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{s}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) {
+        return Err("the interval must be at least 100ms".into());
+    }
+    Ok(d)
+}
+
+/// Parses a ring buffer size: bytes, or with a K/M/G suffix; a power of two from 4K to 1G.
+pub fn parse_ring_buffer(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, scale) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 16M"))?;
+    let bytes = n
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{s}` is too large"))?;
+    if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
+        return Err(format!(
+            "`{s}`: the ring buffer must be a power of two between 4K and 1G"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+        assert!(parse_interval("10ms").is_err());
+    }
+
+    #[test]
+    fn ring_buffer_sizes() {
+        assert_eq!(parse_ring_buffer("16M"), Ok(16 << 20));
+        assert_eq!(parse_ring_buffer("4096"), Ok(4096));
+        assert_eq!(parse_ring_buffer("1G"), Ok(1 << 30));
+        assert!(parse_ring_buffer("3M").is_err());
+        assert!(parse_ring_buffer("2G").is_err());
+        assert!(parse_ring_buffer("lots").is_err());
+    }
+
+    #[test]
+    fn pid_mode_and_run_mode_parse() {
+        let cli = Cli::try_parse_from(["leaktrace", "--pid", "42", "--format", "json"]).unwrap();
+        let (cfg, _) = cli.into_session();
+        assert!(matches!(cfg.target, Target::Pid(42)));
+        assert_eq!(cfg.interval, Some(Duration::from_secs(10)));
+        assert_eq!(cfg.report.top, None);
+
+        let cli = Cli::try_parse_from([
+            "leaktrace",
+            "run",
+            "--follow-forks",
+            "--top",
+            "3",
+            "--",
+            "./prog",
+            "-x",
+        ])
+        .unwrap();
+        let (cfg, _) = cli.into_session();
+        let Target::Run { argv, follow_forks } = cfg.target else {
+            panic!()
+        };
+        assert_eq!(argv, ["./prog", "-x"]);
+        assert!(follow_forks);
+        assert_eq!(cfg.interval, None);
+        assert_eq!(cfg.report.top, Some(3));
+    }
+
+    #[test]
+    fn bad_command_lines_are_rejected() {
+        for args in [
+            &["leaktrace"][..],
+            &["leaktrace", "--pid", "0"],
+            &["leaktrace", "--pid", "abc"],
+            &["leaktrace", "run"],
+            &["leaktrace", "--pid", "1", "run", "--", "x"],
+            &["leaktrace", "--pid", "1", "--top", "0"],
+        ] {
+            assert!(
+                Cli::try_parse_from(args).is_err(),
+                "{args:?} should be rejected"
+            );
+        }
+    }
+}

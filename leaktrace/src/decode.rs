@@ -1,0 +1,320 @@
+//! Turns ring-buffer records into [`Event`]s: the one place that checks their length and kind.
+//!
+//! Records are read field by field from little-endian bytes, never cast in place, so a short
+//! or misaligned buffer is an error and not undefined behaviour.
+use leaktrace_common::{AllocEvent, FreeEvent, Header, MAX_FRAMES, ProcEvent, StackEvent, kind};
+use std::mem::size_of;
+
+/// A decoded record. `Stack` borrows its frames from the ring buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    Alloc(AllocEvent),
+    Free(FreeEvent),
+    Stack(StackRecord<'a>),
+    Exec(ProcEvent),
+    Exit(ProcEvent),
+    Fork(ProcEvent),
+    Loader(ProcEvent),
+}
+
+impl Event<'_> {
+    /// The header every record starts with.
+    pub fn header(&self) -> &Header {
+        match self {
+            Event::Alloc(e) => &e.hdr,
+            Event::Free(e) => &e.hdr,
+            Event::Stack(s) => &s.hdr,
+            Event::Exec(e) | Event::Exit(e) | Event::Fork(e) | Event::Loader(e) => &e.hdr,
+        }
+    }
+}
+
+/// The frames of one stack id, still in the ring buffer's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackRecord<'a> {
+    pub hdr: Header,
+    pub stack_id: u64,
+    /// Bits of [`leaktrace_common::stack_flags`].
+    pub flags: u32,
+    bytes: &'a [u8],
+}
+
+impl<'a> StackRecord<'a> {
+    /// The frames, innermost first.
+    pub fn frames(&self) -> impl ExactSizeIterator<Item = u64> + 'a {
+        self.bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+    }
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than its {need}-byte {what}")]
+    TooShort {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("record of unknown kind {0}")]
+    UnknownKind(u16),
+    #[error("stack record claims {0} frames (at most {MAX_FRAMES})")]
+    TooManyFrames(u32),
+}
+
+/// Little-endian field reader over one record.
+struct Fields<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Fields<'_> {
+    fn u16(&mut self) -> u16 {
+        let v = u16::from_le_bytes([self.bytes[self.at], self.bytes[self.at + 1]]);
+        self.at += 2;
+        v
+    }
+    fn u32(&mut self) -> u32 {
+        let mut b = [0; 4];
+        b.copy_from_slice(&self.bytes[self.at..self.at + 4]);
+        self.at += 4;
+        u32::from_le_bytes(b)
+    }
+    fn u64(&mut self) -> u64 {
+        let mut b = [0; 8];
+        b.copy_from_slice(&self.bytes[self.at..self.at + 8]);
+        self.at += 8;
+        u64::from_le_bytes(b)
+    }
+    fn header(&mut self) -> Header {
+        Header {
+            kind: self.u16(),
+            flags: self.u16(),
+            pid: self.u32(),
+            tid: self.u32(),
+            _pad: self.u32(),
+            ts_ns: self.u64(),
+        }
+    }
+}
+
+fn need<'a>(bytes: &'a [u8], what: &'static str, size: usize) -> Result<Fields<'a>, DecodeError> {
+    if bytes.len() < size {
+        return Err(DecodeError::TooShort {
+            what,
+            len: bytes.len(),
+            need: size,
+        });
+    }
+    Ok(Fields { bytes, at: 0 })
+}
+
+/// Decodes one record.
+pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    let kind = need(bytes, "header", size_of::<Header>())?.u16();
+    Ok(match kind {
+        kind::ALLOC => {
+            let mut f = need(bytes, "alloc record", size_of::<AllocEvent>())?;
+            Event::Alloc(AllocEvent {
+                hdr: f.header(),
+                addr: f.u64(),
+                size: f.u64(),
+                old_addr: f.u64(),
+                stack_id: f.u64(),
+                func: f.u32(),
+                _pad: f.u32(),
+            })
+        }
+        kind::FREE => {
+            let mut f = need(bytes, "free record", size_of::<FreeEvent>())?;
+            Event::Free(FreeEvent {
+                hdr: f.header(),
+                addr: f.u64(),
+            })
+        }
+        kind::STACK => {
+            let mut f = need(bytes, "stack record", size_of::<StackEvent>())?;
+            let hdr = f.header();
+            let stack_id = f.u64();
+            let nr = f.u32();
+            let flags = f.u32();
+            if nr as usize > MAX_FRAMES {
+                return Err(DecodeError::TooManyFrames(nr));
+            }
+            let start = f.at;
+            Event::Stack(StackRecord {
+                hdr,
+                stack_id,
+                flags,
+                bytes: &bytes[start..start + 8 * nr as usize],
+            })
+        }
+        kind::EXEC | kind::EXIT | kind::FORK | kind::LOADER => {
+            let mut f = need(bytes, "process record", size_of::<ProcEvent>())?;
+            let e = ProcEvent {
+                hdr: f.header(),
+                other_pid: f.u32(),
+                _pad: f.u32(),
+            };
+            match kind {
+                kind::EXEC => Event::Exec(e),
+                kind::EXIT => Event::Exit(e),
+                kind::FORK => Event::Fork(e),
+                _ => Event::Loader(e),
+            }
+        }
+        other => return Err(DecodeError::UnknownKind(other)),
+    })
+}
+
+/// Encoders for tests and benchmarks: the byte images the kernel side produces.
+pub mod encode {
+    use super::*;
+
+    fn header(out: &mut Vec<u8>, h: &Header) {
+        out.extend_from_slice(&h.kind.to_le_bytes());
+        out.extend_from_slice(&h.flags.to_le_bytes());
+        out.extend_from_slice(&h.pid.to_le_bytes());
+        out.extend_from_slice(&h.tid.to_le_bytes());
+        out.extend_from_slice(&h._pad.to_le_bytes());
+        out.extend_from_slice(&h.ts_ns.to_le_bytes());
+    }
+
+    /// The bytes of an [`AllocEvent`].
+    pub fn alloc(e: &AllocEvent) -> Vec<u8> {
+        let mut out = Vec::with_capacity(size_of::<AllocEvent>());
+        header(&mut out, &e.hdr);
+        for v in [e.addr, e.size, e.old_addr, e.stack_id] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&e.func.to_le_bytes());
+        out.extend_from_slice(&e._pad.to_le_bytes());
+        out
+    }
+
+    /// The bytes of a [`FreeEvent`].
+    pub fn free(e: &FreeEvent) -> Vec<u8> {
+        let mut out = Vec::with_capacity(size_of::<FreeEvent>());
+        header(&mut out, &e.hdr);
+        out.extend_from_slice(&e.addr.to_le_bytes());
+        out
+    }
+
+    /// The bytes of a [`StackEvent`] holding `frames`.
+    pub fn stack(hdr: &Header, stack_id: u64, flags: u32, frames: &[u64]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(size_of::<StackEvent>());
+        header(&mut out, hdr);
+        out.extend_from_slice(&stack_id.to_le_bytes());
+        out.extend_from_slice(&(frames.len() as u32).to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+        for f in frames {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        out.resize(size_of::<StackEvent>(), 0);
+        out
+    }
+
+    /// The bytes of a [`ProcEvent`].
+    pub fn proc(e: &ProcEvent) -> Vec<u8> {
+        let mut out = Vec::with_capacity(size_of::<ProcEvent>());
+        header(&mut out, &e.hdr);
+        out.extend_from_slice(&e.other_pid.to_le_bytes());
+        out.extend_from_slice(&e._pad.to_le_bytes());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdr(kind: u16) -> Header {
+        Header {
+            kind,
+            flags: 0,
+            pid: 42,
+            tid: 43,
+            _pad: 0,
+            ts_ns: 1_000,
+        }
+    }
+
+    #[test]
+    fn alloc_round_trips() {
+        let e = AllocEvent {
+            hdr: hdr(kind::ALLOC),
+            addr: 0x5555_0000_1000,
+            size: 4096,
+            old_addr: 0x10,
+            stack_id: 7,
+            func: leaktrace_common::alloc_fn::REALLOC,
+            _pad: 0,
+        };
+        assert_eq!(decode(&encode::alloc(&e)), Ok(Event::Alloc(e)));
+    }
+
+    #[test]
+    fn stack_frames_come_out_in_order() {
+        let bytes = encode::stack(&hdr(kind::STACK), 9, 1, &[1, 2, 3]);
+        let Ok(Event::Stack(s)) = decode(&bytes) else {
+            panic!("not a stack")
+        };
+        assert_eq!((s.stack_id, s.flags), (9, 1));
+        assert_eq!(s.frames().collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn short_and_unknown_records_are_errors() {
+        let bytes = encode::alloc(&AllocEvent {
+            hdr: hdr(kind::ALLOC),
+            ..Default::default()
+        });
+        assert_eq!(
+            decode(&bytes[..40]),
+            Err(DecodeError::TooShort {
+                what: "alloc record",
+                len: 40,
+                need: 64
+            })
+        );
+        assert!(matches!(
+            decode(&bytes[..10]),
+            Err(DecodeError::TooShort { what: "header", .. })
+        ));
+        let mut unknown = encode::free(&FreeEvent {
+            hdr: hdr(99),
+            addr: 1,
+        });
+        assert_eq!(decode(&unknown), Err(DecodeError::UnknownKind(99)));
+        unknown.truncate(0);
+        assert!(decode(&unknown).is_err());
+    }
+
+    #[test]
+    fn stack_with_too_many_frames_is_rejected() {
+        let mut bytes = encode::stack(&hdr(kind::STACK), 1, 0, &[]);
+        bytes[32..36].copy_from_slice(&500u32.to_le_bytes());
+        assert_eq!(decode(&bytes), Err(DecodeError::TooManyFrames(500)));
+    }
+
+    #[test]
+    fn proc_kinds_map_to_variants() {
+        for (k, want) in [
+            (kind::EXEC, "Exec"),
+            (kind::EXIT, "Exit"),
+            (kind::FORK, "Fork"),
+            (kind::LOADER, "Loader"),
+        ] {
+            let e = ProcEvent {
+                hdr: hdr(k),
+                other_pid: 5,
+                _pad: 0,
+            };
+            let bytes = encode::proc(&e);
+            let got = decode(&bytes).unwrap();
+            assert!(format!("{got:?}").starts_with(want), "{got:?}");
+            assert_eq!(got.header().kind, k);
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! The privileged side: loading leaktrace's eBPF object, attaching its programs, and the maps
+//! user space reads or writes. Nothing else in the crate talks to the kernel's BPF interface.
+use std::{num::NonZeroU32, sync::Arc};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        ProgramError, TracePoint, UProbe,
+        uprobe::{UProbeLink, UProbeScope},
+    },
+};
+use leaktrace_common::{alloc_fn, drop_reason};
+
+use crate::modules::Module;
+
+/// The eBPF object built from `leaktrace-ebpf` (empty when built without the toolchain).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
+
+/// Why the kernel side could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "this leaktrace binary was built without its eBPF programs (nightly with rust-src and \
+         bpf-linker were missing); run `cargo xtask setup` and rebuild"
+    )]
+    NoObject,
+    #[error("cannot load the eBPF programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF object lacks {0}")]
+    Missing(&'static str),
+}
+
+/// The entry program for each allocator function.
+fn entry_program(func: u32) -> &'static str {
+    match func {
+        alloc_fn::MALLOC => "malloc_enter",
+        alloc_fn::CALLOC => "calloc_enter",
+        alloc_fn::REALLOC => "realloc_enter",
+        alloc_fn::REALLOCARRAY => "reallocarray_enter",
+        alloc_fn::POSIX_MEMALIGN => "posix_memalign_enter",
+        alloc_fn::ALIGNED_ALLOC => "aligned_alloc_enter",
+        alloc_fn::MEMALIGN => "memalign_enter",
+        alloc_fn::VALLOC => "valloc_enter",
+        alloc_fn::PVALLOC => "pvalloc_enter",
+        _ => "free_enter",
+    }
+}
+
+const UPROBES: &[&str] = &[
+    "malloc_enter",
+    "calloc_enter",
+    "realloc_enter",
+    "reallocarray_enter",
+    "posix_memalign_enter",
+    "aligned_alloc_enter",
+    "memalign_enter",
+    "valloc_enter",
+    "pvalloc_enter",
+    "free_enter",
+    "alloc_return",
+    "loader_state",
+];
+
+const LIFECYCLE: &[(&str, &str, &str)] = &[
+    ("sched_process_exec", "sched", "sched_process_exec"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+const FORK_FOLLOWING: &[(&str, &str, &str)] = &[
+    ("sched_process_fork", "sched", "sched_process_fork"),
+    ("sys_exit_clone", "syscalls", "sys_exit_clone"),
+    ("sys_exit_clone3", "syscalls", "sys_exit_clone3"),
+    ("sys_exit_fork", "syscalls", "sys_exit_fork"),
+    ("sys_exit_vfork", "syscalls", "sys_exit_vfork"),
+];
+
+/// The uprobes attached for one process. Dropping it detaches them.
+#[derive(Debug, Default)]
+pub struct ProcessProbes {
+    links: Vec<UProbeLink>,
+    /// Modules whose allocator is hooked.
+    pub allocator_modules: Vec<Arc<Module>>,
+    /// Modules whose loader hook is attached.
+    pub loader_modules: Vec<Arc<Module>>,
+}
+
+impl ProcessProbes {
+    /// How many probes are attached.
+    pub fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+}
+
+/// Detaches probes off the event loop.
+///
+/// Releasing a uprobe's BPF link waits for an RCU grace period under a kernel-wide mutex:
+/// ~90 ms per probe on this kind of VM, one after the other. A process with 18 probes would
+/// stall the loop for 1.6 s when it exits, so a thread does it.
+#[derive(Debug)]
+pub struct Detacher {
+    tx: Option<std::sync::mpsc::Sender<ProcessProbes>>,
+}
+
+impl Default for Detacher {
+    fn default() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<ProcessProbes>();
+        let spawned = std::thread::Builder::new()
+            .name("detach".into())
+            .spawn(move || {
+                for probes in rx {
+                    drop(probes);
+                }
+            });
+        // Without the thread, probes are simply detached inline (slowly).
+        Self {
+            tx: spawned.ok().map(|_| tx),
+        }
+    }
+}
+
+impl Detacher {
+    pub fn detach(&self, probes: ProcessProbes) {
+        if let Some(tx) = &self.tx
+            && let Err(std::sync::mpsc::SendError(probes)) = tx.send(probes)
+        {
+            drop(probes);
+        }
+    }
+}
+
+/// Makes the end of this process fast: a child inherits every descriptor and holds the last
+/// references to the probes until this process has exited, then releases them at its own
+/// pace. The child closes the standard streams first, so a pipe reading our output sees its
+/// end at once.
+pub fn release_probes_after_exit() {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return;
+    }
+    // SAFETY: the child only calls async-signal-safe functions.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: close/read/_exit on our own descriptors.
+        unsafe {
+            for fd in 0..3 {
+                libc::close(fd);
+            }
+            libc::close(fds[1]);
+            let mut byte = 0u8;
+            // Returns 0 once the parent has exited and its write end is gone.
+            while libc::read(fds[0], (&raw mut byte).cast(), 1) > 0 {}
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the read end; the write end stays open until we exit.
+    unsafe { libc::close(fds[0]) };
+}
+
+/// Options for loading.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    pub ring_buffer_bytes: u32,
+    /// Attach the hooks that follow forked children.
+    pub follow_forks: bool,
+}
+
+/// The loaded kernel side.
+pub struct Source {
+    ebpf: Ebpf,
+    traced: BpfHashMap<MapData, u32, u32>,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").finish_non_exhaustive()
+    }
+}
+
+fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> SourceError {
+    move |source| SourceError::Program { name, source }
+}
+
+impl Source {
+    /// Loads every program and attaches the lifecycle tracepoints. Returns the source and
+    /// the ring buffer to drain.
+    pub fn load(opts: &LoadOptions) -> Result<(Self, RingBuf<MapData>), SourceError> {
+        if OBJECT.is_empty() {
+            return Err(SourceError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .load(OBJECT)?;
+        for &name in UPROBES {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or(SourceError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            prog.load().map_err(program_error(name))?;
+        }
+        let tracepoints = LIFECYCLE.iter().chain(if opts.follow_forks {
+            FORK_FOLLOWING
+        } else {
+            &[]
+        });
+        for &(name, category, event) in tracepoints {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(SourceError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            prog.load().map_err(program_error(name))?;
+            prog.attach(category, event).map_err(program_error(name))?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(SourceError::Missing(name))
+        };
+        let map_error = |name: &'static str| move |source| SourceError::Map { name, source };
+        let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_error("EVENTS"))?;
+        let traced =
+            BpfHashMap::try_from(take(&mut ebpf, "TRACED")?).map_err(map_error("TRACED"))?;
+        let drops = PerCpuArray::try_from(take(&mut ebpf, "DROPS")?).map_err(map_error("DROPS"))?;
+        Ok((
+            Self {
+                ebpf,
+                traced,
+                drops,
+            },
+            events,
+        ))
+    }
+
+    /// Marks a process as traced, with [`leaktrace_common::traced_flags`].
+    pub fn trace(&mut self, pid: u32, flags: u32) -> Result<(), SourceError> {
+        self.traced
+            .insert(pid, flags, 0)
+            .map_err(|source| SourceError::Map {
+                name: "TRACED",
+                source,
+            })
+    }
+
+    /// Stops following a process's lifecycle.
+    pub fn untrace(&mut self, pid: u32) {
+        let _ = self.traced.remove(&pid);
+    }
+
+    fn uprobe(&mut self, name: &'static str) -> Result<&mut UProbe, SourceError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(SourceError::Missing(name))?
+            .try_into()
+            .map_err(program_error(name))
+    }
+
+    fn attach_one(
+        &mut self,
+        probes: &mut ProcessProbes,
+        name: &'static str,
+        module: &Module,
+        offset: u64,
+        pid: NonZeroU32,
+    ) -> Result<(), SourceError> {
+        let prog = self.uprobe(name)?;
+        let id = prog
+            .attach(offset, module.open_path(), UProbeScope::OneProcess(pid))
+            .map_err(program_error(name))?;
+        probes
+            .links
+            .push(prog.take_link(id).map_err(program_error(name))?);
+        Ok(())
+    }
+
+    /// Hooks the allocator of `module` for `pid` only: an entry probe per function, a return
+    /// probe on each allocating one.
+    pub fn attach_allocator(
+        &mut self,
+        probes: &mut ProcessProbes,
+        pid: u32,
+        module: &Arc<Module>,
+    ) -> Result<(), SourceError> {
+        if probes.allocator_modules.iter().any(|m| m.key == module.key) {
+            return Ok(());
+        }
+        let pid = NonZeroU32::new(pid).ok_or(SourceError::Missing("pid"))?;
+        for entry in &module.elf.allocator {
+            self.attach_one(probes, entry_program(entry.func), module, entry.offset, pid)?;
+            if entry.func != alloc_fn::FREE {
+                self.attach_one(probes, "alloc_return", module, entry.offset, pid)?;
+            }
+        }
+        probes.allocator_modules.push(module.clone());
+        Ok(())
+    }
+
+    /// Hooks the dynamic loader's `_dl_debug_state` in `module` for `pid`.
+    pub fn attach_loader(
+        &mut self,
+        probes: &mut ProcessProbes,
+        pid: u32,
+        module: &Arc<Module>,
+    ) -> Result<(), SourceError> {
+        let Some(offset) = module.elf.loader_state else {
+            return Ok(());
+        };
+        if probes.loader_modules.iter().any(|m| m.key == module.key) {
+            return Ok(());
+        }
+        let pid = NonZeroU32::new(pid).ok_or(SourceError::Missing("pid"))?;
+        self.attach_one(probes, "loader_state", module, offset, pid)?;
+        probes.loader_modules.push(module.clone());
+        Ok(())
+    }
+
+    /// Lost events so far, by cause (summed over CPUs).
+    pub fn drops(&self) -> Vec<(&'static str, u64)> {
+        (0..drop_reason::COUNT)
+            .map(|i| {
+                let n = self.drops.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                (drop_reason::NAMES[i as usize], n)
+            })
+            .collect()
+    }
+}

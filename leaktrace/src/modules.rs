@@ -1,0 +1,356 @@
+//! The objects mapped into traced processes: which of them hold an allocator we can hook,
+//! where their code lives, and the open file handles that keep them readable after the
+//! process (or the file) is gone.
+//!
+//! A module is opened once per node, keyed by device and inode, and shared by every process
+//! that maps it. Uprobes attach through `/proc/self/fd/N` of the held file, so they land on
+//! exactly the inode the process maps, whichever mount namespace it lives in.
+use std::{fs::File, io, os::fd::AsRawFd as _, path::PathBuf, sync::Arc};
+
+use hashbrown::HashMap;
+use leaktrace_common::alloc_fn;
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, read::ReadCache};
+
+use crate::procfs::{self, Mapping};
+
+/// The allocator entry points we hook, by symbol name. Aliases at one address (glibc's
+/// `memalign`/`aligned_alloc`, `free`/`cfree`) are hooked once, as the first name listed.
+pub const ALLOCATOR_SYMBOLS: &[(&str, u32)] = &[
+    ("malloc", alloc_fn::MALLOC),
+    ("calloc", alloc_fn::CALLOC),
+    ("realloc", alloc_fn::REALLOC),
+    ("reallocarray", alloc_fn::REALLOCARRAY),
+    ("free", alloc_fn::FREE),
+    ("cfree", alloc_fn::FREE),
+    ("posix_memalign", alloc_fn::POSIX_MEMALIGN),
+    ("aligned_alloc", alloc_fn::ALIGNED_ALLOC),
+    ("memalign", alloc_fn::MEMALIGN),
+    ("valloc", alloc_fn::VALLOC),
+    ("pvalloc", alloc_fn::PVALLOC),
+];
+
+/// The dynamic loader's hook for debuggers, called whenever its object list changes.
+pub const LOADER_STATE_SYMBOL: &str = "_dl_debug_state";
+
+/// An allocator function found in a module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocatorEntry {
+    /// One of [`alloc_fn`].
+    pub func: u32,
+    pub symbol: &'static str,
+    /// File offset of the function's first instruction (what uprobes attach to).
+    pub offset: u64,
+}
+
+/// What leaktrace needs to know about an ELF file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ElfInfo {
+    /// Allocator entry points it defines, one per distinct address.
+    pub allocator: Vec<AllocatorEntry>,
+    /// File offset of `_dl_debug_state`, when this is a dynamic loader.
+    pub loader_state: Option<u64>,
+}
+
+impl ElfInfo {
+    /// True when it defines `malloc` and `free`: an allocator worth hooking.
+    pub fn is_allocator(&self) -> bool {
+        let has = |f| self.allocator.iter().any(|e| e.func == f);
+        has(alloc_fn::MALLOC) && has(alloc_fn::FREE)
+    }
+}
+
+/// Why a module could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("cannot open {path} mapped by pid {pid}: {source}")]
+    Open {
+        pid: u32,
+        path: String,
+        source: io::Error,
+    },
+    #[error("cannot read ELF file {path}: {source}")]
+    Elf { path: String, source: object::Error },
+}
+
+/// Reads allocator and loader symbols from an ELF file.
+pub fn inspect_elf(file: &File) -> Result<ElfInfo, object::Error> {
+    let cache = ReadCache::new(file);
+    let elf = object::File::parse(&cache)?;
+    let segments: Vec<(u64, u64, u64)> = elf
+        .segments()
+        .map(|s| (s.address(), s.file_range().0, s.file_range().1))
+        .collect();
+    // Virtual address → file offset, through the PT_LOAD segment holding it.
+    let file_offset = |addr: u64| {
+        segments
+            .iter()
+            .find(|&&(vaddr, _, filesz)| addr >= vaddr && addr < vaddr + filesz)
+            .map(|&(vaddr, off, _)| addr - vaddr + off)
+    };
+
+    let mut info = ElfInfo::default();
+    let mut found: Vec<AllocatorEntry> = Vec::new();
+    // Dynamic symbols first (what other objects bind to), then the full table for static
+    // binaries.
+    for sym in elf.dynamic_symbols().chain(elf.symbols()) {
+        if !sym.is_definition() || sym.kind() != object::SymbolKind::Text || sym.address() == 0 {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        if name == LOADER_STATE_SYMBOL {
+            info.loader_state = info.loader_state.or_else(|| file_offset(sym.address()));
+            continue;
+        }
+        let Some(&(symbol, func)) = ALLOCATOR_SYMBOLS.iter().find(|(n, _)| *n == name) else {
+            continue;
+        };
+        if let Some(offset) = file_offset(sym.address()) {
+            found.push(AllocatorEntry {
+                func,
+                symbol,
+                offset,
+            });
+        }
+    }
+    // One entry per address: aliases keep the name listed first in ALLOCATOR_SYMBOLS.
+    found.sort_by_key(|e| {
+        (
+            e.offset,
+            ALLOCATOR_SYMBOLS.iter().position(|(n, _)| *n == e.symbol),
+        )
+    });
+    found.dedup_by_key(|e| e.offset);
+    found.sort_by_key(|e| ALLOCATOR_SYMBOLS.iter().position(|(n, _)| *n == e.symbol));
+    info.allocator = found;
+    Ok(info)
+}
+
+/// Identifies a file on the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleKey {
+    pub dev: u64,
+    pub inode: u64,
+}
+
+/// An executable or shared library mapped by a traced process, held open.
+#[derive(Debug)]
+pub struct Module {
+    pub key: ModuleKey,
+    /// The path as the (first) process that mapped it sees it.
+    pub path: String,
+    file: File,
+    pub elf: ElfInfo,
+}
+
+impl Module {
+    /// A path that reaches this exact file from leaktrace, for as long as it is held.
+    pub fn open_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// Opens the file behind a mapping: through the process's root (works across mount
+/// namespaces) when that still names the mapped inode, else through `map_files`, which
+/// reaches it even when it was deleted or replaced.
+fn open_mapped(pid: u32, m: &Mapping) -> io::Result<File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let rooted = procfs::path(pid, "root").join(m.path.trim_start_matches('/'));
+    if let Ok(file) = File::open(&rooted)
+        && let Ok(meta) = file.metadata()
+        && (meta.dev(), meta.ino()) == (m.dev, m.inode)
+    {
+        return Ok(file);
+    }
+    File::open(procfs::path(
+        pid,
+        &format!("map_files/{:x}-{:x}", m.start, m.end),
+    ))
+}
+
+/// Every module opened so far, shared across processes.
+#[derive(Debug, Default)]
+pub struct Modules {
+    by_key: HashMap<ModuleKey, Arc<Module>>,
+}
+
+impl Modules {
+    /// The module behind a file mapping of `pid`, opened and inspected on first sight.
+    pub fn get_or_open(&mut self, pid: u32, m: &Mapping) -> Result<Arc<Module>, ModuleError> {
+        let key = ModuleKey {
+            dev: m.dev,
+            inode: m.inode,
+        };
+        if let Some(module) = self.by_key.get(&key) {
+            return Ok(module.clone());
+        }
+        let file = open_mapped(pid, m).map_err(|source| ModuleError::Open {
+            pid,
+            path: m.path.clone(),
+            source,
+        })?;
+        let elf = inspect_elf(&file).map_err(|source| ModuleError::Elf {
+            path: m.path.clone(),
+            source,
+        })?;
+        let module = Arc::new(Module {
+            key,
+            path: m.path.clone(),
+            file,
+            elf,
+        });
+        self.by_key.insert(key, module.clone());
+        Ok(module)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+/// An executable range of a process and the module it maps.
+#[derive(Clone, Debug)]
+pub struct CodeRange {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// The file mapped here; `None` for the vDSO and anonymous code (JIT compilers).
+    pub module: Option<Arc<Module>>,
+    /// The mapping's name as `/proc/PID/maps` shows it (`[vdso]`, or empty for anonymous).
+    pub name: String,
+}
+
+/// Where a process's code is: its executable mappings, sorted by address. A return address
+/// outside all of them cannot be real, which is how a broken stack walk is recognised.
+#[derive(Clone, Debug, Default)]
+pub struct AddressSpace {
+    pub pid: u32,
+    ranges: Vec<CodeRange>,
+    /// The path of the main executable (the first file mapping).
+    pub exe: Option<String>,
+}
+
+impl AddressSpace {
+    /// Reads `/proc/PID/maps` and opens every executable module. Modules that cannot be
+    /// opened are skipped (their frames stay unsymbolized) and logged.
+    pub fn read(pid: u32, modules: &mut Modules) -> io::Result<Self> {
+        let maps = procfs::read_maps(pid)?;
+        let exe = maps.iter().find(|m| m.is_file()).map(|m| m.path.clone());
+        let mut ranges = Vec::new();
+        for m in maps.iter().filter(|m| m.executable) {
+            let module = if m.is_file() {
+                modules
+                    .get_or_open(pid, m)
+                    .inspect_err(|err| tracing::debug!("{err}"))
+                    .ok()
+            } else {
+                None
+            };
+            ranges.push(CodeRange {
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+                module,
+                name: m.path.clone(),
+            });
+        }
+        ranges.sort_by_key(|r| r.start);
+        Ok(Self { pid, ranges, exe })
+    }
+
+    /// The executable range holding `addr`.
+    pub fn range(&self, addr: u64) -> Option<&CodeRange> {
+        let i = self
+            .ranges
+            .partition_point(|r| r.start <= addr)
+            .checked_sub(1)?;
+        let r = &self.ranges[i];
+        (addr < r.end).then_some(r)
+    }
+
+    /// The module holding `addr` and the file offset of `addr` in it.
+    pub fn lookup(&self, addr: u64) -> Option<(&Arc<Module>, u64)> {
+        let r = self.range(addr)?;
+        Some((r.module.as_ref()?, addr - r.start + r.offset))
+    }
+
+    /// The distinct modules, in address order.
+    pub fn modules(&self) -> Vec<Arc<Module>> {
+        let mut out: Vec<Arc<Module>> = Vec::new();
+        for m in self.ranges.iter().filter_map(|r| r.module.as_ref()) {
+            if !out.iter().any(|o| o.key == m.key) {
+                out.push(m.clone());
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn libc_path() -> Option<String> {
+        procfs::read_maps(std::process::id())
+            .ok()?
+            .into_iter()
+            .find(|m| m.path.contains("libc.so"))
+            .map(|m| m.path)
+    }
+
+    #[test]
+    fn glibc_exports_every_allocator_entry_once_per_address() {
+        let Some(path) = libc_path() else { return };
+        let info = inspect_elf(&File::open(&path).unwrap()).unwrap();
+        assert!(info.is_allocator());
+        let names: Vec<_> = info.allocator.iter().map(|e| e.symbol).collect();
+        for want in [
+            "malloc",
+            "calloc",
+            "realloc",
+            "free",
+            "posix_memalign",
+            "valloc",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        assert!(
+            !names.contains(&"cfree"),
+            "cfree is free's alias: {names:?}"
+        );
+        let mut offsets: Vec<_> = info.allocator.iter().map(|e| e.offset).collect();
+        offsets.dedup();
+        assert_eq!(offsets.len(), info.allocator.len());
+        assert_eq!(info.loader_state, None);
+    }
+
+    #[test]
+    fn the_loader_has_its_debugger_hook_and_no_allocator() {
+        let Some(ld) = procfs::read_maps(std::process::id())
+            .unwrap()
+            .into_iter()
+            .find(|m| m.path.contains("ld-linux"))
+        else {
+            return;
+        };
+        let info = inspect_elf(&File::open(&ld.path).unwrap()).unwrap();
+        assert!(info.loader_state.is_some());
+        assert!(!info.is_allocator());
+    }
+
+    #[test]
+    fn address_space_maps_code_addresses_to_file_offsets() {
+        let mut modules = Modules::default();
+        let space = AddressSpace::read(std::process::id(), &mut modules).unwrap();
+        let here = address_space_maps_code_addresses_to_file_offsets as *const () as usize as u64;
+        let (module, offset) = space.lookup(here).expect("own code is mapped");
+        assert_eq!(Some(&module.path), space.exe.as_ref());
+        assert!(offset < std::fs::metadata(&module.path).unwrap().len());
+        assert!(space.lookup(0x10).is_none());
+        assert!(space.modules().len() >= 2, "exe and libc at least");
+    }
+}

@@ -1,0 +1,357 @@
+//! A finished report: the tables at one moment, stacks symbolized and trimmed, rows merged
+//! and ranked. Writers ([`crate::write`]) render it; they know nothing of how it was gathered.
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+use serde::Serialize;
+
+use crate::{
+    stacks::StackStore,
+    symbolize::{SymFrame, Symbols, runtime_owned, trim},
+    table::{Snapshot, StackRow},
+};
+
+/// Session-wide figures (the JSON `summary`).
+///
+/// Blocks the C or C++ runtime allocated for itself and releases at exit (stdio buffers,
+/// locale data, thread descriptors, ...; see [`crate::symbolize::runtime_owned`]) are counted
+/// apart, in `runtime_*` and the report's `runtime` list, as valgrind leaves them out of "in
+/// use at exit". Everything else holds exactly: `allocs - frees == outstanding_count` when no
+/// event was lost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// Successful allocations of the program (realloc counts as one).
+    pub allocs: u64,
+    /// Of those, how many were freed (or moved by realloc).
+    pub frees: u64,
+    /// Blocks still outstanding in live processes plus those in use when traced processes
+    /// exited, regardless of `--min-age`.
+    pub outstanding_count: u64,
+    pub outstanding_bytes: u64,
+    /// Frees of blocks allocated before tracing started (or whose allocation was lost).
+    pub unmatched_frees: u64,
+    /// Events the kernel side could not deliver; non-zero means counts are lower bounds.
+    pub lost_events: u64,
+    /// `lost_events` by cause.
+    pub lost_by_cause: std::collections::BTreeMap<&'static str, u64>,
+    /// Allocations at an address still outstanding (a free was missed).
+    pub replaced: u64,
+    /// Outstanding blocks the C/C++ runtime owns and releases at exit (not leaks).
+    pub runtime_outstanding_count: u64,
+    pub runtime_outstanding_bytes: u64,
+    /// Seconds since tracing started.
+    pub elapsed_s: f64,
+    /// Blocks younger than this are not counted in `leaks`.
+    pub min_age_s: f64,
+}
+
+/// One frame as reports show it (the JSON `frames` entries).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    /// The address in the process, `0x…`.
+    pub addr: String,
+    pub symbol: Option<String>,
+    pub module: Option<String>,
+    /// Source file name (the path as compiled is in `path`).
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub path: Option<String>,
+    /// Offset in `module`, `0x…`: identifies frames without a symbol.
+    pub offset: Option<String>,
+    pub inlined: bool,
+}
+
+impl From<&SymFrame> for Frame {
+    fn from(f: &SymFrame) -> Self {
+        Self {
+            addr: format!("{:#x}", f.addr),
+            symbol: f.symbol.clone(),
+            module: f.module.clone(),
+            file: f
+                .file
+                .as_ref()
+                .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned()),
+            line: f.line,
+            path: f.file.clone(),
+            offset: f.offset.map(|o| format!("{o:#x}")),
+            inlined: f.inlined,
+        }
+    }
+}
+
+/// One leaking stack of one process (the JSON `leaks` entries).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Leak {
+    pub kind: &'static str,
+    pub pid: u32,
+    pub comm: String,
+    pub outstanding_count: u64,
+    pub outstanding_bytes: u64,
+    pub allocs: u64,
+    pub frees: u64,
+    /// Age of the oldest outstanding block (at exit, for `at_exit` rows).
+    pub oldest_age_s: f64,
+    /// True when the process has exited (or exec'd) and this is what it held then.
+    pub at_exit: bool,
+    /// Growth of `outstanding_bytes` per second over the recent reports, when known.
+    pub growth_bytes_per_s: Option<f64>,
+    /// The stack walk hit its depth limit or broke: outer frames are missing.
+    pub truncated: bool,
+    /// Innermost first; `frames[0]` is the code that called the allocator.
+    pub frames: Vec<Frame>,
+}
+
+/// A complete report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    pub summary: Summary,
+    /// Ranked by outstanding bytes, largest first.
+    pub leaks: Vec<Leak>,
+    /// Blocks the C/C++ runtime holds for itself, ranked the same way (not leaks).
+    pub runtime: Vec<Leak>,
+    /// Set on the last report of a session.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+}
+
+/// Knobs of report building.
+#[derive(Clone, Debug)]
+pub struct ReportOptions {
+    pub min_age_ns: u64,
+    /// Keep at most this many leaks (`None`: all).
+    pub top: Option<usize>,
+}
+
+/// Remembers each leak's outstanding bytes across reports, to tell how fast it grows.
+#[derive(Debug, Default)]
+pub struct Growth {
+    history: HashMap<LeakKey, VecDeque<(f64, u64)>>,
+}
+
+/// Identifies a leak across reports: process and trimmed frames.
+type LeakKey = (u32, bool, Vec<u64>);
+
+const GROWTH_SAMPLES: usize = 32;
+
+impl Growth {
+    /// Records a sample and returns the least-squares slope in bytes per second over the
+    /// recent samples, once there are at least two.
+    fn observe(&mut self, key: &LeakKey, t: f64, bytes: u64) -> Option<f64> {
+        let h = self.history.entry(key.clone()).or_default();
+        if h.back().is_some_and(|&(last, _)| last >= t) {
+            h.pop_back();
+        }
+        h.push_back((t, bytes));
+        if h.len() > GROWTH_SAMPLES {
+            h.pop_front();
+        }
+        slope(h.iter().copied())
+    }
+
+    /// Forgets leaks not seen in the latest report (bounded memory).
+    fn retain(&mut self, seen: &[LeakKey]) {
+        self.history.retain(|k, _| seen.contains(k));
+    }
+}
+
+fn slope(points: impl Iterator<Item = (f64, u64)> + Clone) -> Option<f64> {
+    let n = points.clone().count() as f64;
+    if n < 2.0 {
+        return None;
+    }
+    let (sx, sy) = points
+        .clone()
+        .fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x, sy + y as f64));
+    let (mx, my) = (sx / n, sy / n);
+    let (num, den) = points.fold((0.0, 0.0), |(num, den), (x, y)| {
+        (num + (x - mx) * (y as f64 - my), den + (x - mx) * (x - mx))
+    });
+    (den > 0.0).then(|| num / den)
+}
+
+/// Everything a report is built from.
+pub struct ReportInput<'a> {
+    pub snapshot: &'a Snapshot,
+    pub stacks: &'a StackStore,
+    pub lost: &'a [(&'static str, u64)],
+    pub comm: &'a dyn Fn(u32) -> String,
+    pub is_final: bool,
+}
+
+struct Merged {
+    pid: u32,
+    at_exit: bool,
+    runtime: bool,
+    /// outstanding (aged) count and bytes, allocs, frees
+    counters: (u64, u64, u64, u64),
+    oldest_age_ms: u32,
+    truncated: bool,
+    frames: Vec<SymFrame>,
+}
+
+/// Builds a report: symbolizes, classifies, trims and merges rows, ranks them.
+pub fn build(
+    input: ReportInput<'_>,
+    opts: &ReportOptions,
+    symbols: &mut Symbols,
+    growth: &mut Growth,
+) -> Report {
+    let snap = input.snapshot;
+    let rows = snap
+        .live
+        .iter()
+        .flat_map(|p| p.stacks.iter().map(move |r| (p.pid, false, snap.now_ms, r)))
+        .chain(
+            snap.exited
+                .iter()
+                .flat_map(|e| e.stacks.iter().map(move |r| (e.pid, true, e.at_ms, r))),
+        )
+        .filter(|(_, _, _, r)| r.counters.outstanding_count > 0 || r.counters.allocs > 0);
+
+    symbols.prepare(
+        rows.clone()
+            .filter_map(|(_, _, _, r)| input.stacks.get(r.counters.stack_id)),
+    );
+
+    let mut summary = Summary {
+        unmatched_frees: snap.totals.unmatched_frees,
+        replaced: snap.totals.replaced,
+        lost_events: input.lost.iter().map(|(_, n)| n).sum(),
+        lost_by_cause: input.lost.iter().copied().filter(|(_, n)| *n > 0).collect(),
+        elapsed_s: f64::from(snap.now_ms) / 1e3,
+        min_age_s: opts.min_age_ns as f64 / 1e9,
+        ..Default::default()
+    };
+    let (mut runtime_allocs, mut runtime_frees) = (0, 0);
+    let mut merged: HashMap<LeakKey, Merged> = HashMap::new();
+    for (pid, at_exit, at_ms, row) in rows {
+        let StackRow {
+            counters: c,
+            aged_count,
+            aged_bytes,
+            oldest_born_ms,
+        } = *row;
+        let (mut frames, truncated) = match input.stacks.get(c.stack_id) {
+            Some(stack) => (symbols.frames(stack), stack.truncated() || stack.broken()),
+            None => (Vec::new(), true),
+        };
+        let runtime = runtime_owned(&frames);
+        if runtime {
+            summary.runtime_outstanding_count += c.outstanding_count;
+            summary.runtime_outstanding_bytes += c.outstanding_bytes;
+            runtime_allocs += c.allocs;
+            runtime_frees += c.frees;
+        } else {
+            summary.outstanding_count += c.outstanding_count;
+            summary.outstanding_bytes += c.outstanding_bytes;
+        }
+        if aged_count == 0 {
+            continue;
+        }
+        trim(&mut frames, |_| false);
+        let key: LeakKey = (pid, at_exit, frames.iter().map(|f| f.addr).collect());
+        let age = at_ms.saturating_sub(oldest_born_ms.unwrap_or(at_ms));
+        let m = merged.entry(key).or_insert_with(|| Merged {
+            pid,
+            at_exit,
+            runtime,
+            counters: (0, 0, 0, 0),
+            oldest_age_ms: 0,
+            truncated,
+            frames,
+        });
+        m.counters.0 += aged_count;
+        m.counters.1 += aged_bytes;
+        m.counters.2 += c.allocs;
+        m.counters.3 += c.frees;
+        m.oldest_age_ms = m.oldest_age_ms.max(age);
+        m.truncated |= truncated;
+    }
+    // Blocks the runtime owns are left out of the program's counts on both sides, so the
+    // program's allocs - frees still equals its outstanding blocks.
+    summary.allocs = snap.totals.allocs - runtime_allocs;
+    summary.frees = snap.totals.frees - runtime_frees;
+
+    let now_s = f64::from(snap.now_ms) / 1e3;
+    let mut keys = Vec::with_capacity(merged.len());
+    let (mut leaks, mut runtime) = (Vec::new(), Vec::new());
+    for (key, m) in merged {
+        let growth_bytes_per_s = if m.at_exit {
+            None
+        } else {
+            growth.observe(&key, now_s, m.counters.1)
+        };
+        keys.push(key);
+        let leak = Leak {
+            kind: "heap",
+            pid: m.pid,
+            comm: (input.comm)(m.pid),
+            outstanding_count: m.counters.0,
+            outstanding_bytes: m.counters.1,
+            allocs: m.counters.2,
+            frees: m.counters.3,
+            oldest_age_s: f64::from(m.oldest_age_ms) / 1e3,
+            at_exit: m.at_exit,
+            growth_bytes_per_s,
+            truncated: m.truncated,
+            frames: m.frames.iter().map(Frame::from).collect(),
+        };
+        if m.runtime {
+            runtime.push(leak)
+        } else {
+            leaks.push(leak)
+        }
+    }
+    growth.retain(&keys);
+    for list in [&mut leaks, &mut runtime] {
+        rank(list);
+        if let Some(top) = opts.top {
+            list.truncate(top);
+        }
+    }
+    Report {
+        summary,
+        leaks,
+        runtime,
+        is_final: input.is_final,
+    }
+}
+
+/// Largest first, then a stable order so reports are deterministic.
+fn rank(leaks: &mut [Leak]) {
+    leaks.sort_by(|a, b| {
+        (b.outstanding_bytes, b.outstanding_count)
+            .cmp(&(a.outstanding_bytes, a.outstanding_count))
+            .then_with(|| a.pid.cmp(&b.pid))
+            .then_with(|| {
+                a.frames
+                    .iter()
+                    .map(|f| &f.addr)
+                    .cmp(b.frames.iter().map(|f| &f.addr))
+            })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slope_of_a_straight_line() {
+        let pts = [(0.0, 100), (1.0, 300), (2.0, 500)];
+        assert_eq!(slope(pts.iter().copied()), Some(200.0));
+        assert_eq!(slope([(0.0, 1)].iter().copied()), None);
+        assert_eq!(slope([(1.0, 1), (1.0, 5)].iter().copied()), None);
+    }
+
+    #[test]
+    fn growth_follows_a_leak_across_reports_and_forgets_gone_ones() {
+        let mut g = Growth::default();
+        let k: LeakKey = (1, false, vec![0x10]);
+        assert_eq!(g.observe(&k, 0.0, 0), None);
+        assert_eq!(g.observe(&k, 10.0, 1000), Some(100.0));
+        assert_eq!(g.observe(&k, 20.0, 1000), Some(50.0));
+        g.retain(&[]);
+        assert_eq!(g.observe(&k, 30.0, 0), None);
+    }
+}

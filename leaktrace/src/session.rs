@@ -1,0 +1,642 @@
+//! A tracing session: the one loop that drains the ring buffer into the tables, reacts to
+//! process lifecycle records (attaching probes, releasing gated processes) and writes reports
+//! every interval and at the end.
+//!
+//! ```text
+//! probes ─► ring buffer ─► decode ─► Tracer::handle ─┬─► HeapTables / StackStore
+//!                                                    └─► attach probes, SIGCONT
+//! interval / end ─► report::build ─► write::render ─► stdout or --output
+//! ```
+use std::{
+    ffi::OsString,
+    fs,
+    io::{self, Write as _},
+    path::PathBuf,
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use hashbrown::{HashMap, HashSet};
+use leaktrace_common::{header_flags, traced_flags};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    time::Instant,
+};
+
+use crate::{
+    decode::{Event, decode},
+    ebpf::{Detacher, LoadOptions, ProcessProbes, Source, SourceError},
+    modules::{AddressSpace, Modules},
+    preflight::{self, PreflightError},
+    procfs,
+    report::{self, Growth, Report, ReportInput, ReportOptions},
+    spawn::{self, Child, SpawnError},
+    stacks::{Stack, StackStore, normalize},
+    symbolize::Symbols,
+    table::HeapTables,
+    write::{self, FoldedWeight, Format},
+};
+
+/// What to trace.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A running process.
+    Pid(u32),
+    /// A command leaktrace starts.
+    Run {
+        argv: Vec<OsString>,
+        follow_forks: bool,
+    },
+}
+
+/// Everything a session needs to know.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub target: Target,
+    pub duration: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub report: ReportOptions,
+    pub format: Format,
+    pub weight: FoldedWeight,
+    pub output: Option<PathBuf>,
+    pub ring_buffer_bytes: u32,
+}
+
+/// Why a session failed. Each variant maps to a documented exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("no process with pid {0}")]
+    NoSuchProcess(u32),
+    #[error(
+        "pid {pid} ({comm}) has no allocator leaktrace can hook: {detail} (heap tracing hooks \
+         malloc/free in libc or in a statically linked executable; Go and other runtimes with \
+         their own allocator are not supported yet)"
+    )]
+    NoAllocator {
+        pid: u32,
+        comm: String,
+        detail: String,
+    },
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("{0}: {1}")]
+    Io(&'static str, io::Error),
+}
+
+impl SessionError {
+    /// The process exit code for this error (see `leaktrace --help`).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SessionError::Preflight(
+                PreflightError::Capabilities(_) | PreflightError::ReadCapabilities(_),
+            ) => 3,
+            SessionError::Preflight(_) => 5,
+            SessionError::NoSuchProcess(_) | SessionError::NoAllocator { .. } => 4,
+            SessionError::Spawn(e) => e.exit_code(),
+            SessionError::Source(_) | SessionError::Io(..) => 1,
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// For `run`: the command's exit status (128 + signal when killed). Otherwise 0.
+    pub exit_code: i32,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of the kernel side's timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Hands the probes' release to a child process when the session ends (see
+/// [`crate::ebpf::release_probes_after_exit`]).
+struct FastExit;
+
+impl Drop for FastExit {
+    fn drop(&mut self) {
+        crate::ebpf::release_probes_after_exit();
+    }
+}
+
+/// Where reports go.
+struct Sink {
+    format: Format,
+    weight: FoldedWeight,
+    output: Option<PathBuf>,
+}
+
+impl Sink {
+    fn emit(&self, report: &Report) -> Result<(), SessionError> {
+        let text = write::render(report, self.format, self.weight);
+        match &self.output {
+            // The file always holds one complete report: write beside it, then rename.
+            Some(path) => {
+                let tmp = path.with_extension("leaktrace-tmp");
+                fs::write(&tmp, &text).map_err(|e| SessionError::Io("cannot write report", e))?;
+                fs::rename(&tmp, path).map_err(|e| SessionError::Io("cannot write report", e))
+            }
+            None => {
+                let mut out = io::stdout().lock();
+                let r = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+                // A closed pipe (`| head`) is not an error worth failing for.
+                match r {
+                    Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                        Err(SessionError::Io("cannot write report", e))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// The state the loop mutates: tables, stacks, probes, processes.
+struct Tracer {
+    source: Source,
+    modules: Modules,
+    spaces: HashMap<u32, AddressSpace>,
+    spaces_read: HashMap<u32, Instant>,
+    probes: HashMap<u32, ProcessProbes>,
+    detacher: Detacher,
+    tables: HeapTables,
+    stacks: StackStore,
+    symbols: Symbols,
+    growth: Growth,
+    comms: HashMap<u32, String>,
+    /// Traced processes still alive.
+    live: HashSet<u32>,
+    /// Processes that ever had an allocator hooked.
+    hooked: HashSet<u32>,
+    decode_errors: u64,
+    options: ReportOptions,
+    /// The process the user named (pid mode) or started (run mode).
+    root: u32,
+}
+
+impl Tracer {
+    fn new(source: Source, options: ReportOptions) -> Self {
+        Self {
+            source,
+            modules: Modules::default(),
+            spaces: HashMap::new(),
+            spaces_read: HashMap::new(),
+            probes: HashMap::new(),
+            detacher: Detacher::default(),
+            tables: HeapTables::new(monotonic_ns()),
+            stacks: StackStore::default(),
+            symbols: Symbols::new(),
+            growth: Growth::default(),
+            comms: HashMap::new(),
+            live: HashSet::new(),
+            hooked: HashSet::new(),
+            decode_errors: 0,
+            options,
+            root: 0,
+        }
+    }
+
+    fn read_space(&mut self, pid: u32) -> io::Result<()> {
+        let space = AddressSpace::read(pid, &mut self.modules)?;
+        self.spaces.insert(pid, space);
+        self.spaces_read.insert(pid, Instant::now());
+        Ok(())
+    }
+
+    /// Re-reads the process's maps and hooks every allocator and loader it maps that is not
+    /// hooked yet. Returns how many allocator modules are hooked now.
+    fn hook(&mut self, pid: u32) -> Result<usize, SessionError> {
+        if let Err(e) = self.read_space(pid) {
+            tracing::debug!("pid {pid}: cannot read maps: {e}");
+            return Ok(self
+                .probes
+                .get(&pid)
+                .map_or(0, |p| p.allocator_modules.len()));
+        }
+        let modules = self
+            .spaces
+            .get(&pid)
+            .map(AddressSpace::modules)
+            .unwrap_or_default();
+        let probes = self.probes.entry(pid).or_default();
+        for module in &modules {
+            if module.elf.is_allocator() {
+                self.source.attach_allocator(probes, pid, module)?;
+                tracing::debug!("pid {pid}: hooked the allocator in {}", module.path);
+            }
+            if module.elf.loader_state.is_some() {
+                self.source.attach_loader(probes, pid, module)?;
+            }
+        }
+        let n = probes.allocator_modules.len();
+        if n > 0 {
+            self.hooked.insert(pid);
+        }
+        Ok(n)
+    }
+
+    fn start_tracking(&mut self, pid: u32) {
+        self.comms.insert(pid, procfs::comm(pid));
+        self.live.insert(pid);
+    }
+
+    /// Forgets a process: detaches its probes, keeps what it held at exit.
+    fn retire(&mut self, pid: u32, ts_ns: u64) {
+        self.tables.exit(pid, ts_ns);
+        if let Some(probes) = self.probes.remove(&pid) {
+            self.detacher.detach(probes);
+        }
+        self.spaces.remove(&pid);
+        self.spaces_read.remove(&pid);
+        self.source.untrace(pid);
+        self.live.remove(&pid);
+        let snap_ids: HashSet<u64> = self
+            .tables
+            .snapshot(0, 0)
+            .exited
+            .iter()
+            .filter(|e| e.pid == pid)
+            .flat_map(|e| e.stacks.iter().map(|r| r.counters.stack_id))
+            .collect();
+        self.stacks.forget_pid(pid, |id| snap_ids.contains(&id));
+    }
+
+    fn on_stack(&mut self, s: &crate::decode::StackRecord<'_>) {
+        if self.stacks.contains(s.stack_id) {
+            return;
+        }
+        let pid = s.hdr.pid;
+        // The innermost frame is always real code: if it is in no known mapping, the maps
+        // are stale (dlopen, JIT) or were never read.
+        let covered = |space: Option<&AddressSpace>| {
+            space.is_some_and(|sp| {
+                s.frames()
+                    .next()
+                    .is_none_or(|a| sp.range(a.saturating_sub(1)).is_some())
+            })
+        };
+        if !covered(self.spaces.get(&pid)) {
+            // New code (dlopen, JIT) or a process we have not read yet; at most every 100 ms.
+            let stale = self
+                .spaces_read
+                .get(&pid)
+                .is_none_or(|t| t.elapsed() > Duration::from_millis(100));
+            if stale {
+                let _ = self.read_space(pid);
+            }
+        }
+        let mut flags = s.flags;
+        let frames = match self.spaces.get(&pid) {
+            Some(space) => normalize(space, &mut flags, s.frames()),
+            None => normalize(&AddressSpace::default(), &mut flags, s.frames()),
+        };
+        self.stacks.insert(s.stack_id, Stack { pid, flags, frames });
+    }
+
+    /// Applies one event. Gated processes are released afterwards whatever happened.
+    fn handle(&mut self, event: Event<'_>) -> Result<(), SessionError> {
+        let hdr = *event.header();
+        if !matches!(event, Event::Alloc(_) | Event::Free(_) | Event::Stack(_)) {
+            tracing::debug!("pid {}: {:?}", hdr.pid, event);
+        }
+        let result = match event {
+            Event::Alloc(e) => {
+                tracing::trace!(
+                    func = leaktrace_common::alloc_fn::name(e.func),
+                    addr = e.addr,
+                    size = e.size,
+                    stack = e.stack_id,
+                    "alloc"
+                );
+                self.tables.alloc(&e);
+                Ok(())
+            }
+            Event::Free(e) => {
+                tracing::trace!(addr = e.addr, tid = e.hdr.tid, "free");
+                self.tables.free(&e);
+                Ok(())
+            }
+            Event::Stack(s) => {
+                tracing::trace!(stack = s.stack_id, frames = ?s.frames().collect::<Vec<_>>(), "stack");
+                self.on_stack(&s);
+                Ok(())
+            }
+            Event::Exec(e) => self.on_exec(e.hdr.pid, e.hdr.ts_ns),
+            Event::Loader(e) => self.hook(e.hdr.pid).map(drop),
+            Event::Fork(e) => self.on_fork(e.hdr.pid, e.other_pid),
+            Event::Exit(e) => {
+                self.retire(e.hdr.pid, e.hdr.ts_ns);
+                Ok(())
+            }
+        };
+        if hdr.flags & header_flags::STOPPED != 0 {
+            // The kernel side stopped this process for us. A command we cannot trace at all
+            // has not run a single instruction of its own yet: end it rather than let it run
+            // unsupervised.
+            let signal = if matches!(result, Err(SessionError::NoAllocator { .. })) {
+                libc::SIGKILL
+            } else {
+                libc::SIGCONT
+            };
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(hdr.pid as i32, signal) };
+        }
+        result
+    }
+
+    fn on_exec(&mut self, pid: u32, ts_ns: u64) -> Result<(), SessionError> {
+        // The old image is gone: its probes (scoped to the pid, not the image) must not fire
+        // in the new one, and what it held is kept as in use at exit of that image.
+        self.tables.exec(pid, ts_ns);
+        if let Some(probes) = self.probes.remove(&pid) {
+            self.detacher.detach(probes);
+        }
+        self.comms.insert(pid, procfs::comm(pid));
+        let hooked = self.hook(pid)?;
+        let has_loader = self
+            .probes
+            .get(&pid)
+            .is_some_and(|p| !p.loader_modules.is_empty());
+        if hooked == 0 && !has_loader {
+            // A static executable without malloc: nothing will ever be hooked.
+            if pid != self.root {
+                tracing::warn!(
+                    "pid {pid} ({}) exec'd a program without a hookable allocator; not traced",
+                    self.comm(pid)
+                );
+                self.retire(pid, ts_ns);
+                return Ok(());
+            }
+            return Err(SessionError::NoAllocator {
+                pid,
+                comm: procfs::comm(pid),
+                detail: "its statically linked executable defines no malloc/free".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn on_fork(&mut self, child: u32, parent: u32) -> Result<(), SessionError> {
+        self.start_tracking(child);
+        match self.hook(child) {
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pid {child} (forked by {parent}) cannot be traced: {e}"),
+        }
+        Ok(())
+    }
+
+    fn comm(&self, pid: u32) -> String {
+        self.comms
+            .get(&pid)
+            .cloned()
+            .unwrap_or_else(|| procfs::comm(pid))
+    }
+
+    fn report(&mut self, is_final: bool) -> Report {
+        let snapshot = self
+            .tables
+            .snapshot(monotonic_ns(), self.options.min_age_ns);
+        let mut lost = self.source.drops();
+        lost.push(("undecodable", self.decode_errors));
+        let comms = &self.comms;
+        let comm = |pid: u32| {
+            comms
+                .get(&pid)
+                .cloned()
+                .unwrap_or_else(|| procfs::comm(pid))
+        };
+        report::build(
+            ReportInput {
+                snapshot: &snapshot,
+                stacks: &self.stacks,
+                lost: &lost,
+                comm: &comm,
+                is_final,
+            },
+            &self.options,
+            &mut self.symbols,
+            &mut self.growth,
+        )
+    }
+}
+
+/// Drains what the ring buffer holds, at most `budget` records. Returns how many were read.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    tracer: &mut Tracer,
+    budget: usize,
+) -> Result<usize, SessionError> {
+    let mut n = 0;
+    while n < budget {
+        let Some(item) = ring.next() else { break };
+        n += 1;
+        match decode(&item) {
+            Ok(event) => tracer.handle(event)?,
+            Err(e) => {
+                if tracer.decode_errors == 0 {
+                    tracing::warn!("undecodable record: {e}");
+                }
+                tracer.decode_errors += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Runs a session to its end.
+pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
+    preflight::check()?;
+    let follow_forks = matches!(
+        config.target,
+        Target::Run {
+            follow_forks: true,
+            ..
+        }
+    );
+    let (source, ring) = Source::load(&LoadOptions {
+        ring_buffer_bytes: config.ring_buffer_bytes,
+        follow_forks,
+    })?;
+    let mut tracer = Tracer::new(source, config.report.clone());
+    // Declared after the tracer so it runs first when `run` returns, on every path.
+    let _fast_exit = FastExit;
+    // SAFETY: the ring buffer owns its descriptor and is never closed while registered.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| SessionError::Io("ring buffer", e.into()))?;
+    let sink = Sink {
+        format: config.format,
+        weight: config.weight,
+        output: config.output.clone(),
+    };
+
+    let child = match &config.target {
+        Target::Pid(pid) => {
+            let pid = *pid;
+            if !procfs::is_alive(pid) {
+                return Err(SessionError::NoSuchProcess(pid));
+            }
+            tracer.root = pid;
+            tracer.source.trace(pid, 0)?;
+            tracer.start_tracking(pid);
+            if tracer.hook(pid)? == 0 {
+                let detail = match procfs::read_maps(pid) {
+                    Ok(_) => "none of its mapped objects defines malloc and free".to_owned(),
+                    Err(e) => format!("cannot read /proc/{pid}/maps: {e}"),
+                };
+                return Err(SessionError::NoAllocator {
+                    pid,
+                    comm: procfs::comm(pid),
+                    detail,
+                });
+            }
+            tracing::info!("tracing pid {pid} ({})", tracer.comm(pid));
+            None
+        }
+        Target::Run { argv, follow_forks } => {
+            // With a machine-readable report on stdout, the command's output goes to stderr.
+            let redirect = config.output.is_none() && config.format != Format::Table;
+            let held = spawn::hold(argv, redirect)?;
+            let mut flags = traced_flags::GATE;
+            if *follow_forks {
+                flags |= traced_flags::FOLLOW_FORKS;
+            }
+            if let Err(e) = tracer.source.trace(held.pid, flags) {
+                held.abandon();
+                return Err(e.into());
+            }
+            let pid = held.pid;
+            tracer.root = pid;
+            let child = Child::watch(pid).map_err(|e| SessionError::Io("pidfd_open", e))?;
+            held.release()?;
+            tracer.live.insert(pid);
+            Some(child)
+        }
+    };
+    let root = match &config.target {
+        Target::Pid(pid) => *pid,
+        Target::Run { .. } => child.as_ref().map_or(0, |c| c.pid),
+    };
+    let mut child_fd = match &child {
+        Some(c) => {
+            let fd = c
+                .pidfd()
+                .try_clone()
+                .map_err(|e| SessionError::Io("pidfd", e))?;
+            // SAFETY: `fd` is our own duplicate, closed only when the AsyncFd drops.
+            Some(
+                unsafe { AsyncFd::register(fd) }
+                    .map_err(|e| SessionError::Io("pidfd", e.into()))?,
+            )
+        }
+        None => None,
+    };
+    let mut exit_code = 0;
+
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| SessionError::Io("signal", e))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| SessionError::Io("signal", e))?;
+    let start = Instant::now();
+    let deadline = config.duration.map(|d| start + d);
+    let mut next_report = config.interval.map(|i| start + i);
+    let mut liveness = tokio::time::interval(Duration::from_secs(1));
+    // After Ctrl-C in run mode, the command gets a moment to exit by itself.
+    let mut grace: Option<Instant> = None;
+    const BUDGET: usize = 1 << 16;
+
+    loop {
+        let far = Instant::now() + Duration::from_secs(86_400);
+        let wake = [deadline, next_report, grace]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(far);
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.map_err(|e| SessionError::Io("ring buffer", e))?;
+                let n = drain(guard.get_inner_mut(), &mut tracer, BUDGET)?;
+                if n < BUDGET { guard.clear_ready(); } else { guard.retain_ready(); }
+            }
+            ready = async { child_fd.as_ref().expect("guarded").readable().await }, if child_fd.is_some() => {
+                if let Ok(mut g) = ready { g.clear_ready(); }
+                tracing::debug!("pid {root}: pidfd readable");
+                if let Some(code) = child.as_ref().and_then(|c| c.try_wait().ok().flatten()) {
+                    exit_code = code;
+                    child_fd = None;
+                    // Its exit record is in the ring buffer by now: take it before deciding.
+                    drain(ring.get_mut(), &mut tracer, usize::MAX)?;
+                    if tracer.live.remove(&root) {
+                        tracer.retire(root, monotonic_ns());
+                    }
+                }
+            }
+            _ = liveness.tick() => {
+                let dead: Vec<u32> = tracer.live.iter().copied().filter(|&p| p != root || child.is_none()).filter(|&p| !procfs::is_alive(p)).collect();
+                if !dead.is_empty() {
+                    drain(ring.get_mut(), &mut tracer, usize::MAX)?;
+                    for pid in dead {
+                        if tracer.live.contains(&pid) {
+                            tracer.retire(pid, monotonic_ns());
+                        }
+                    }
+                }
+            }
+            _ = interrupt.recv() => {
+                if child.is_some() && grace.is_none() && !tracer.live.is_empty() {
+                    grace = Some(Instant::now() + Duration::from_secs(2));
+                } else {
+                    exit_code = if child.is_some() { 130 } else { 0 };
+                    break;
+                }
+            }
+            _ = terminate.recv() => {
+                exit_code = if child.is_some() { 143 } else { 0 };
+                break;
+            }
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) || grace.is_some_and(|g| now >= g) {
+                    if grace.is_some() { exit_code = 130; }
+                    break;
+                }
+                if let (Some(at), Some(every)) = (next_report, config.interval)
+                    && now >= at
+                {
+                    drain(ring.get_mut(), &mut tracer, usize::MAX)?;
+                    sink.emit(&tracer.report(false))?;
+                    next_report = Some(at + every);
+                }
+            }
+        }
+        let root_done = child_fd.is_none();
+        if root_done && tracer.live.is_empty() {
+            break;
+        }
+    }
+
+    drain(ring.get_mut(), &mut tracer, usize::MAX)?;
+    if let Target::Run { .. } = config.target
+        && tracer.hooked.is_empty()
+        && tracer.tables.totals().allocs == 0
+    {
+        return Err(SessionError::NoAllocator {
+            pid: root,
+            comm: tracer.comm(root),
+            detail: "it never mapped an object defining malloc and free".into(),
+        });
+    }
+    sink.emit(&tracer.report(true))?;
+    Ok(Outcome { exit_code })
+}

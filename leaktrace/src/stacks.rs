@@ -1,0 +1,110 @@
+//! The stack store: stack id → the process and frames behind it, each frame already placed
+//! in its module (file + offset) while the process was alive, so it can be symbolized after
+//! the process is gone.
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use leaktrace_common::stack_flags;
+
+use crate::{
+    modules::{AddressSpace, Module},
+    table::StackId,
+};
+
+/// One frame, normalized.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    /// The address in the process.
+    pub addr: u64,
+    /// The module and the file offset of the address to look up (for return addresses, the
+    /// call instruction: the address minus one). `None` outside any file mapping.
+    pub place: Option<(Arc<Module>, u64)>,
+    /// For code outside any file: the mapping's name (`[vdso]`, or empty for anonymous code).
+    pub mapping: Option<String>,
+}
+
+/// A stack as received from the kernel side.
+#[derive(Clone, Debug)]
+pub struct Stack {
+    pub pid: u32,
+    /// Bits of [`stack_flags`].
+    pub flags: u32,
+    /// Innermost first.
+    pub frames: Box<[Frame]>,
+}
+
+impl Stack {
+    pub fn truncated(&self) -> bool {
+        self.flags & stack_flags::TRUNCATED != 0
+    }
+
+    pub fn broken(&self) -> bool {
+        self.flags & stack_flags::BROKEN != 0
+    }
+}
+
+/// Places raw frames in the process's modules. The stack ends at the first frame outside
+/// all executable mappings: a walk that read garbage there (flagged [`stack_flags::BROKEN`]).
+pub fn normalize(
+    space: &AddressSpace,
+    flags: &mut u32,
+    frames: impl Iterator<Item = u64>,
+) -> Box<[Frame]> {
+    let mut out = Vec::new();
+    for (i, addr) in frames.enumerate() {
+        // A return address points after the call; look up the call itself.
+        let lookup = if i == 0 && *flags & stack_flags::FIRST_IS_PC != 0 {
+            addr
+        } else {
+            addr.saturating_sub(1)
+        };
+        let Some(range) = space.range(lookup) else {
+            *flags |= stack_flags::BROKEN;
+            break;
+        };
+        let place = range
+            .module
+            .as_ref()
+            .map(|m| (m.clone(), lookup - range.start + range.offset));
+        let mapping = range.module.is_none().then(|| range.name.clone());
+        out.push(Frame {
+            addr,
+            place,
+            mapping,
+        });
+    }
+    out.into_boxed_slice()
+}
+
+/// All stacks seen, by id.
+#[derive(Debug, Default)]
+pub struct StackStore {
+    stacks: HashMap<StackId, Stack>,
+}
+
+impl StackStore {
+    pub fn contains(&self, id: StackId) -> bool {
+        self.stacks.contains_key(&id)
+    }
+
+    pub fn insert(&mut self, id: StackId, stack: Stack) {
+        self.stacks.insert(id, stack);
+    }
+
+    pub fn get(&self, id: StackId) -> Option<&Stack> {
+        self.stacks.get(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.stacks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stacks.is_empty()
+    }
+
+    /// Forgets the stacks of a process no report needs any more.
+    pub fn forget_pid(&mut self, pid: u32, keep: impl Fn(StackId) -> bool) {
+        self.stacks.retain(|&id, s| s.pid != pid || keep(id));
+    }
+}

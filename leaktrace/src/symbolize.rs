@@ -1,0 +1,434 @@
+//! Frames to names: function, module, file and line, with inlined calls expanded.
+//!
+//! One long-lived blazesym [`Symbolizer`] serves the whole session; lookups go through the
+//! held module files (see [`crate::modules`]), so they work after the process is gone, and
+//! results are cached per (module, offset).
+use std::sync::Arc;
+
+use blazesym::symbolize::{
+    Input, Symbolized, Symbolizer,
+    source::{Elf, Source},
+};
+use hashbrown::HashMap;
+
+use crate::{
+    modules::{Module, ModuleKey},
+    stacks::Stack,
+};
+
+/// One symbolized frame, innermost first in a stack.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SymFrame {
+    /// The address in the process (for inlined frames, the address of the frame they sit in).
+    pub addr: u64,
+    /// Demangled function name, when known.
+    pub symbol: Option<String>,
+    /// Path of the module as the process maps it.
+    pub module: Option<String>,
+    /// Offset of the address in the module file (module+offset identifies unknown frames).
+    pub offset: Option<u64>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// True for a function inlined into the next frame.
+    pub inlined: bool,
+}
+
+/// What one address resolves to: the function and its inlined callees, innermost first.
+#[derive(Clone, Debug, Default)]
+struct Resolved {
+    names: Vec<(Option<String>, Option<String>, Option<u32>)>,
+}
+
+/// A symbolizer with a per-address cache.
+pub struct Symbols {
+    symbolizer: Symbolizer,
+    cache: HashMap<(ModuleKey, u64), Arc<Resolved>>,
+}
+
+impl Default for Symbols {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Symbols {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Symbols")
+            .field("cached", &self.cache.len())
+            .finish()
+    }
+}
+
+fn resolved(sym: Symbolized<'_>) -> Resolved {
+    let Symbolized::Sym(sym) = sym else {
+        return Resolved::default();
+    };
+    let location = |ci: Option<&blazesym::symbolize::CodeInfo<'_>>| match ci {
+        Some(ci) => (Some(ci.to_path().display().to_string()), ci.line),
+        None => (None, None),
+    };
+    // blazesym lists inlined calls outermost first; each carries its own location.
+    let mut names = Vec::with_capacity(1 + sym.inlined.len());
+    for inl in sym.inlined.iter().rev() {
+        let (file, line) = location(inl.code_info.as_ref());
+        names.push((Some(inl.name.to_string()), file, line));
+    }
+    let (file, line) = location(sym.code_info.as_deref());
+    names.push((Some(sym.name.to_string()), file, line));
+    Resolved { names }
+}
+
+impl Symbols {
+    pub fn new() -> Self {
+        let symbolizer = Symbolizer::builder()
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            .build();
+        Self {
+            symbolizer,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Looks up every (module, offset) of `stacks` that is not cached yet, one batch per module.
+    pub fn prepare<'a>(&mut self, stacks: impl IntoIterator<Item = &'a Stack>) {
+        let mut todo: HashMap<ModuleKey, (Arc<Module>, Vec<u64>)> = HashMap::new();
+        for stack in stacks {
+            for (module, offset) in stack.frames.iter().filter_map(|f| f.place.as_ref()) {
+                if !self.cache.contains_key(&(module.key, *offset)) {
+                    todo.entry(module.key)
+                        .or_insert_with(|| (module.clone(), Vec::new()))
+                        .1
+                        .push(*offset);
+                }
+            }
+        }
+        for (key, (module, mut offsets)) in todo {
+            offsets.sort_unstable();
+            offsets.dedup();
+            let src = Source::Elf(Elf::new(module.open_path()));
+            let results = match self.symbolizer.symbolize(&src, Input::FileOffset(&offsets)) {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::debug!("cannot symbolize {}: {err}", module.path);
+                    Vec::new()
+                }
+            };
+            let mut results = results.into_iter();
+            for offset in offsets {
+                let r = results.next().map(resolved).unwrap_or_default();
+                self.cache.insert((key, offset), Arc::new(r));
+            }
+        }
+    }
+
+    /// The symbolized frames of a stack, inlined calls expanded, innermost first.
+    pub fn frames(&mut self, stack: &Stack) -> Vec<SymFrame> {
+        self.prepare(std::iter::once(stack));
+        let mut out = Vec::with_capacity(stack.frames.len());
+        for frame in stack.frames.iter() {
+            let Some((module, offset)) = &frame.place else {
+                let module = frame.mapping.as_ref().map(|m| {
+                    if m.is_empty() {
+                        "[anon]".to_owned()
+                    } else {
+                        m.clone()
+                    }
+                });
+                out.push(SymFrame {
+                    addr: frame.addr,
+                    symbol: None,
+                    module,
+                    offset: None,
+                    file: None,
+                    line: None,
+                    inlined: false,
+                });
+                continue;
+            };
+            let resolved = self
+                .cache
+                .get(&(module.key, *offset))
+                .cloned()
+                .unwrap_or_default();
+            let unknown = [(None, None, None)];
+            let names = if resolved.names.is_empty() {
+                &unknown[..]
+            } else {
+                &resolved.names[..]
+            };
+            let last = names.len() - 1;
+            for (i, (symbol, file, line)) in names.iter().enumerate() {
+                out.push(SymFrame {
+                    addr: frame.addr,
+                    symbol: symbol.clone(),
+                    module: Some(module.path.clone()),
+                    offset: Some(*offset),
+                    file: file.clone(),
+                    line: *line,
+                    inlined: i != last,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Symbol prefixes of language runtimes and standard libraries: frames there are how the
+/// program reached the allocator, not where it leaks.
+const RUNTIME_SYMBOL_PREFIXES: &[&str] = &[
+    // Rust: the global allocator shims and the standard library.
+    "__rust_",
+    "__rdl_",
+    "__rg_",
+    "alloc::",
+    "<alloc::",
+    "core::",
+    "<core::",
+    "std::",
+    "<std::",
+    // C++: operator new and the standard library.
+    "operator new",
+    "__gnu_cxx::",
+    "<__gnu_cxx::",
+    "__cxxabiv1::",
+];
+
+/// Module file names of C and C++ runtimes and allocators.
+const RUNTIME_MODULE_PREFIXES: &[&str] = &[
+    "libc.so",
+    "libc-2.",
+    "ld-linux",
+    "ld-musl",
+    "libstdc++.so",
+    "libc++.so",
+    "libc++abi.so",
+    "libgcc_s.so",
+    "libpthread.so",
+    "libjemalloc.so",
+    "libtcmalloc",
+    "libmimalloc.so",
+];
+
+/// True when a frame belongs to a runtime or allocator rather than the program.
+pub fn is_runtime_frame(frame: &SymFrame) -> bool {
+    if let Some(module) = &frame.module {
+        let name = module.rsplit('/').next().unwrap_or(module);
+        if RUNTIME_MODULE_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            return true;
+        }
+    }
+    frame
+        .symbol
+        .as_deref()
+        .is_some_and(|s| RUNTIME_SYMBOL_PREFIXES.iter().any(|p| s.starts_with(p)))
+}
+
+/// Functions of the C and C++ runtimes whose allocations the runtime owns and releases at exit
+/// (glibc's `__libc_freeres`, libstdc++'s `__gnu_cxx::__freeres`, which valgrind runs too):
+/// stdio buffers, locale, time zone, NSS and resolver state, `setenv`'s copies, thread
+/// descriptors, libstdc++'s exception pool. Prefixes of the direct caller of the allocator.
+const RUNTIME_OWNED_CALLERS: &[&str] = &[
+    // stdio buffers
+    "_IO_file_doallocate",
+    "__GI__IO_file_doallocate",
+    // locale and character sets
+    "_nl_",
+    "new_composite_name",
+    "setlocale",
+    "__libc_setlocale",
+    "read_alias_file",
+    "extend_alias_table",
+    "__gconv",
+    "__wcsmbs_load_conv",
+    // time zone
+    "__tzfile_read",
+    "__tzstring",
+    "tzset_internal",
+    "__tzset_parse_tz",
+    "update_vars",
+    // environment copies made by setenv/putenv
+    "__add_to_environ",
+    // NSS, the resolver and the get*by* static buffers
+    "__nss_",
+    "nss_",
+    "global_state_allocate",
+    "__libc_alloc_buffer",
+    "__res_",
+    "__resolv_",
+    "resolv_conf",
+    "getpwnam",
+    "getpwuid",
+    "getgrnam",
+    "getgrgid",
+    "getspnam",
+    "gethostby",
+    "getservby",
+    "getprotoby",
+    "getnetby",
+    "getaliasby",
+    "getpwent",
+    "getgrent",
+    // thread-local storage blocks (allocated by the loader per thread and per module)
+    "allocate_dtv",
+    "_dl_allocate_tls",
+    "_dl_resize_dtv",
+    "_dl_update_slotinfo",
+    "update_get_addr",
+    "tls_get_addr_tail",
+    "_dlfo_",
+    "_dl_map_object_deps",
+    // libstdc++'s emergency exception-handling pool
+    "(anonymous namespace)::pool::pool",
+    "__gnu_cxx::__freeres",
+];
+
+/// Names an allocator's own inlined wrappers take in the loader (`rtld-malloc.h`).
+const ALLOCATOR_WRAPPERS: &[&str] = &["malloc", "calloc", "realloc", "free"];
+
+/// C library functions that only copy for their caller: the block belongs to whoever called
+/// them, so ownership is decided one frame further out.
+const COPYING_HELPERS: &[&str] = &[
+    "__GI___strdup",
+    "__strdup",
+    "strdup",
+    "__GI___strndup",
+    "__strndup",
+    "strndup",
+];
+
+/// True when the block was allocated by the C or C++ runtime for itself, to be released at
+/// exit (not a leak of the program). Decided by the allocator's direct caller.
+pub fn runtime_owned(frames: &[SymFrame]) -> bool {
+    let Some(caller) = frames.iter().find(|f| {
+        let symbol = f.symbol.as_deref().unwrap_or("");
+        let wrapper = f.inlined && ALLOCATOR_WRAPPERS.contains(&symbol);
+        !(wrapper || COPYING_HELPERS.contains(&symbol))
+    }) else {
+        return false;
+    };
+    let in_runtime = caller.module.as_deref().is_some_and(|m| {
+        let name = m.rsplit('/').next().unwrap_or(m);
+        ["libc.so", "libc-2.", "ld-linux", "libstdc++.so"]
+            .iter()
+            .any(|p| name.starts_with(p))
+    });
+    in_runtime
+        && caller
+            .symbol
+            .as_deref()
+            .is_some_and(|s| RUNTIME_OWNED_CALLERS.iter().any(|p| s.starts_with(p)))
+}
+
+/// Drops the leading runtime frames so `frames[0]` is the program's code that (directly or
+/// through its runtime) called the allocator. A stack made only of runtime frames is kept
+/// whole. `is_allocator` additionally marks allocator modules found by their symbols.
+pub fn trim(frames: &mut Vec<SymFrame>, is_allocator: impl Fn(&SymFrame) -> bool) {
+    let keep_from = frames
+        .iter()
+        .position(|f| !is_runtime_frame(f) && !is_allocator(f));
+    if let Some(n) = keep_from {
+        frames.drain(..n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(symbol: &str, module: &str) -> SymFrame {
+        SymFrame {
+            addr: 1,
+            symbol: Some(symbol.into()),
+            module: Some(module.into()),
+            offset: Some(0),
+            file: None,
+            line: None,
+            inlined: false,
+        }
+    }
+
+    #[test]
+    fn trims_libc_libstdcxx_and_rust_shims() {
+        let mut frames = vec![
+            frame("__strdup", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            frame(
+                "operator new(unsigned long)",
+                "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+            ),
+            frame("__rust_alloc", "/app/bin"),
+            frame("alloc::raw_vec::RawVec<T,A>::grow_one", "/app/bin"),
+            frame("leaky::cache_insert", "/app/bin"),
+            frame("std::rt::lang_start", "/app/bin"),
+            frame("main", "/app/bin"),
+        ];
+        trim(&mut frames, |_| false);
+        assert_eq!(frames[0].symbol.as_deref(), Some("leaky::cache_insert"));
+        assert_eq!(frames.len(), 3, "only leading runtime frames go");
+    }
+
+    #[test]
+    fn an_all_runtime_stack_is_kept() {
+        let mut frames = vec![
+            frame("malloc", "/lib/libc.so.6"),
+            frame("start_thread", "/lib/libc.so.6"),
+        ];
+        trim(&mut frames, |_| false);
+        assert_eq!(frames.len(), 2);
+    }
+
+    #[test]
+    fn custom_allocator_modules_are_trimmed_by_predicate() {
+        let mut frames = vec![
+            frame("my_malloc", "/opt/libmyalloc.so"),
+            frame("work", "/app"),
+        ];
+        trim(&mut frames, |f| {
+            f.module.as_deref() == Some("/opt/libmyalloc.so")
+        });
+        assert_eq!(frames[0].symbol.as_deref(), Some("work"));
+    }
+
+    #[test]
+    fn runtime_owned_blocks_are_told_by_the_allocators_caller() {
+        let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+        let ld = "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+        assert!(runtime_owned(&[
+            frame("__GI__IO_file_doallocate", libc),
+            frame("main", "/app")
+        ]));
+        assert!(runtime_owned(&[frame("_nl_make_l10nflist", libc)]));
+        let mut wrapper = frame("calloc", ld);
+        wrapper.inlined = true;
+        assert!(runtime_owned(&[wrapper.clone(), frame("allocate_dtv", ld)]));
+        // The loader's own objects for dlopen stay in use (valgrind reports them too).
+        assert!(!runtime_owned(&[wrapper, frame("_dl_new_object", ld)]));
+        // strdup and fopen hand their blocks to the program, unless the runtime called them.
+        assert!(!runtime_owned(&[
+            frame("__GI___strdup", libc),
+            frame("main", "/app")
+        ]));
+        assert!(runtime_owned(&[
+            frame("__GI___strdup", libc),
+            frame("setlocale", libc)
+        ]));
+        assert!(!runtime_owned(&[frame("__fopen_internal", libc)]));
+        // A program's own function with a runtime-like name is the program's.
+        assert!(!runtime_owned(&[frame("_nl_mine", "/app")]));
+        assert!(!runtime_owned(&[]));
+    }
+
+    #[test]
+    fn program_code_is_not_runtime() {
+        assert!(!is_runtime_frame(&frame(
+            "leak_here",
+            "/usr/local/bin/libcache-server"
+        )));
+        assert!(!is_runtime_frame(&frame("standard_deviation", "/app")));
+        assert!(is_runtime_frame(&frame(
+            "x",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6"
+        )));
+    }
+}

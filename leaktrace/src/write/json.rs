@@ -1,0 +1,15 @@
+//! The JSON report: the contract scripts and acceptance checks read.
+//!
+//! `{"summary": {...}, "leaks": [{"kind": "heap", "pid", "outstanding_count",
+//! "outstanding_bytes", "allocs", "frees", "oldest_age_s", "frames": [{"addr", "symbol",
+//! "module", "file", "line"}, ...]}, ...]}`; more keys may be added, none renamed.
+use crate::report::Report;
+
+/// One line of JSON, newline-terminated.
+pub fn render(report: &Report) -> String {
+    // Serializing plain data with string keys cannot fail.
+    let mut out =
+        serde_json::to_string(report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    out.push('\n');
+    out
+}

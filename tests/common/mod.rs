@@ -1,0 +1,368 @@
+//! Shared harness for the integration tests: builds fixture programs, runs the real
+//! `leaktrace` binary against them on the real kernel, and reads its JSON reports.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::{
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// True when the tests can load eBPF programs. Without root they are skipped with a note,
+/// unless `LEAKTRACE_TEST_REQUIRE_ROOT=1` (set by `cargo xtask test`) makes that a failure.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("LEAKTRACE_TEST_REQUIRE_ROOT").is_ok_and(|v| v == "1") {
+        panic!("the eBPF integration tests need root (run `cargo xtask test`)");
+    }
+    eprintln!("skipped: needs root to load eBPF programs (run `cargo xtask test`)");
+    false
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn fixtures_out() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn newer(src: &Path, out: &Path) -> bool {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (m(src), m(out)) {
+        (Some(s), Some(o)) => s > o,
+        _ => true,
+    }
+}
+
+/// Builds `tests/fixtures/<name>.c` (once; rebuilt when the source changes) with `flags`,
+/// and returns the executable. Several tests may ask at once: each builds to a private
+/// name and renames into place.
+pub fn c_fixture_with(name: &str, variant: &str, flags: &[&str]) -> PathBuf {
+    let src = workspace().join(format!("tests/fixtures/{name}.c"));
+    let out = fixtures_out().join(format!("{name}{variant}"));
+    if newer(&src, &out) {
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let status = Command::new("cc")
+            .args(flags)
+            .arg("-o")
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("a C compiler (cargo xtask setup installs one)");
+        assert!(status.success(), "building {} failed", src.display());
+        std::fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+/// The standard build of C fixtures: `-O0 -g -fno-omit-frame-pointer`, with threads.
+pub fn c_fixture(name: &str) -> PathBuf {
+    c_fixture_with(
+        name,
+        "",
+        &["-O0", "-g", "-fno-omit-frame-pointer", "-pthread"],
+    )
+}
+
+/// Builds `tests/fixtures/<name>.rs` with rustc and `extra` flags.
+pub fn rust_fixture(name: &str, variant: &str, extra: &[&str]) -> PathBuf {
+    let src = workspace().join(format!("tests/fixtures/{name}.rs"));
+    let out = fixtures_out().join(format!("{name}{variant}"));
+    if newer(&src, &out) {
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        let status = Command::new(rustc)
+            .args(["--edition", "2021", "-g"])
+            .args(extra)
+            .arg("-o")
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(status.success(), "building {} failed", src.display());
+        std::fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+/// The `leaktrace` binary under test.
+pub fn leaktrace() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_leaktrace"))
+}
+
+/// What a finished leaktrace run left behind.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The last JSON report on stdout.
+    pub fn report(&self) -> Report {
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no JSON report; status {}\nstdout:\n{}\nstderr:\n{}",
+                    self.status, self.stdout, self.stderr
+                )
+            });
+        Report(serde_json::from_str(line).unwrap())
+    }
+}
+
+/// Waits for a child, killing it after `limit`.
+pub fn finish(mut child: Child, limit: Duration) -> Run {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).unwrap();
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "leaktrace did not finish within {limit:?}; stderr:\n{}",
+                err_reader.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        status,
+        stdout: reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+/// A leaktrace running in the background, its stderr watched line by line.
+pub struct Background {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: String,
+    stdout: std::thread::JoinHandle<String>,
+}
+
+impl Background {
+    /// Starts `leaktrace <args>`.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = leaktrace()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut s = String::new();
+            out.read_to_string(&mut s).unwrap();
+            s
+        });
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            stderr: String::new(),
+            stdout,
+        }
+    }
+
+    /// Waits (up to 30 s) for a stderr line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.stderr.push_str(&line);
+                    self.stderr.push('\n');
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("leaktrace never said {needle:?}; stderr:\n{}", self.stderr);
+    }
+
+    /// Waits (up to `limit`) for leaktrace to end.
+    pub fn finish(mut self, limit: Duration) -> Run {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "leaktrace did not finish within {limit:?}; stderr:\n{}",
+                    self.stderr
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stdout = self.stdout.join().unwrap();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
+            self.stderr.push_str(&line);
+            self.stderr.push('\n');
+        }
+        Run {
+            status,
+            stdout,
+            stderr: self.stderr,
+        }
+    }
+}
+
+/// Runs `leaktrace <args>` to completion (within a minute).
+pub fn run(args: &[&str]) -> Run {
+    let child = leaktrace()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    finish(child, Duration::from_secs(60))
+}
+
+/// Runs `leaktrace run --format json [extra] -- prog [prog_args]` and returns its report.
+pub fn trace_json(prog: &Path, extra: &[&str], prog_args: &[&str]) -> (Run, Report) {
+    let mut args = vec!["run", "--format", "json"];
+    args.extend_from_slice(extra);
+    args.push("--");
+    let prog = prog.to_str().unwrap();
+    args.push(prog);
+    args.extend_from_slice(prog_args);
+    let run = run(&args);
+    let report = run.report();
+    (run, report)
+}
+
+/// A JSON report with helpers to find leak sites.
+#[derive(Debug, Clone)]
+pub struct Report(pub Value);
+
+impl Report {
+    pub fn summary(&self, key: &str) -> u64 {
+        self.0["summary"][key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("summary.{key} missing: {}", self.0))
+    }
+
+    pub fn leaks(&self) -> &Vec<Value> {
+        self.0["leaks"].as_array().unwrap()
+    }
+
+    /// Leaks whose first frame is the function `site`.
+    pub fn site(&self, site: &str) -> Vec<&Value> {
+        self.leaks()
+            .iter()
+            .filter(|l| l["frames"][0]["symbol"].as_str() == Some(site))
+            .collect()
+    }
+
+    /// Outstanding (count, bytes) summed over the leaks at `site`.
+    pub fn at(&self, site: &str) -> (u64, u64) {
+        self.site(site).iter().fold((0, 0), |(c, b), l| {
+            (
+                c + l["outstanding_count"].as_u64().unwrap(),
+                b + l["outstanding_bytes"].as_u64().unwrap(),
+            )
+        })
+    }
+
+    /// Asserts the exact outstanding count and bytes at `site`.
+    #[track_caller]
+    pub fn assert_site(&self, site: &str, count: u64, bytes: u64) {
+        assert_eq!(
+            self.at(site),
+            (count, bytes),
+            "site {site} in report:\n{}",
+            self.pretty()
+        );
+    }
+
+    /// Asserts that no leak is reported at `site`.
+    #[track_caller]
+    pub fn assert_absent(&self, site: &str) {
+        assert!(
+            self.site(site).is_empty(),
+            "{site} must not be reported:\n{}",
+            self.pretty()
+        );
+    }
+
+    /// `allocs - frees == outstanding_count` (the report holds nothing lost).
+    #[track_caller]
+    pub fn assert_balanced(&self) {
+        assert_eq!(
+            self.summary("allocs") - self.summary("frees"),
+            self.summary("outstanding_count"),
+            "{}",
+            self.pretty()
+        );
+    }
+
+    pub fn pretty(&self) -> String {
+        let mut short = self.0.clone();
+        for list in ["leaks", "runtime"] {
+            if let Some(leaks) = short[list].as_array_mut() {
+                for l in leaks {
+                    let frames: Vec<String> = l["frames"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f["symbol"].as_str().unwrap_or("?").to_owned())
+                        .collect();
+                    l["frames"] = Value::from(frames.join(" < "));
+                }
+            }
+        }
+        serde_json::to_string_pretty(&short).unwrap()
+    }
+}

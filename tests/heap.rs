@@ -1,0 +1,213 @@
+//! Heap tracing on the real kernel: fixtures with known leaks, traced by the real binary.
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{c_fixture, c_fixture_with, privileged, trace_json};
+
+#[test]
+fn every_allocator_entry_point_is_counted_exactly_and_churn_is_not_reported() {
+    if !privileged() {
+        return;
+    }
+    let (run, r) = trace_json(&c_fixture("heap_every_fn"), &[], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    r.assert_site("leak_malloc", 10, 1000);
+    r.assert_site("leak_calloc", 5, 600);
+    r.assert_site("leak_realloc_grow", 3, 3 * 4096);
+    r.assert_site("leak_realloc_null", 2, 154);
+    r.assert_site("leak_realloc_shrink", 1, 10);
+    r.assert_site("leak_reallocarray", 2, 200);
+    r.assert_site("leak_posix_memalign", 3, 600);
+    r.assert_site("leak_aligned_alloc", 2, 512);
+    r.assert_site("leak_memalign", 1, 96);
+    r.assert_site("leak_valloc", 1, 300);
+    r.assert_site("leak_pvalloc", 1, 5000);
+    r.assert_site("leak_large", 2, 2 << 20);
+    // The first malloc of each realloc'd block moved to the realloc site.
+    r.assert_absent("first_alloc");
+    r.assert_absent("churn");
+    let expected_bytes =
+        1000 + 600 + 3 * 4096 + 154 + 10 + 200 + 600 + 512 + 96 + 300 + 5000 + (2 << 20);
+    assert_eq!(r.summary("outstanding_count"), 33, "{}", r.pretty());
+    assert_eq!(r.summary("outstanding_bytes"), expected_bytes);
+    assert_eq!(r.summary("lost_events"), 0);
+    assert_eq!(r.summary("unmatched_frees"), 0);
+    r.assert_balanced();
+    // The caller of the allocator is frames[0], never lost: main called it.
+    let leak = r.site("leak_malloc")[0];
+    assert_eq!(leak["frames"][1]["symbol"], "main");
+    assert_eq!(leak["frames"][0]["file"], "heap_every_fn.c");
+    assert_eq!(leak["frames"][0]["line"], 11);
+    assert_eq!(leak["kind"], "heap");
+    assert_eq!(leak["allocs"], 10);
+    assert_eq!(leak["frees"], 0);
+}
+
+#[test]
+fn outstanding_at_exit_matches_valgrind() {
+    if !privileged() {
+        return;
+    }
+    // valgrind aborts on pvalloc, so this build leaves it out.
+    let prog = c_fixture_with(
+        "heap_every_fn",
+        "-no-pvalloc",
+        &["-O0", "-g", "-fno-omit-frame-pointer", "-DNO_PVALLOC"],
+    );
+    let Ok(vg) = Command::new("valgrind")
+        .arg("--error-exitcode=0")
+        .arg(&prog)
+        .output()
+    else {
+        eprintln!("skipped: valgrind is not installed");
+        return;
+    };
+    let text = String::from_utf8_lossy(&vg.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.contains("in use at exit:"))
+        .expect("valgrind summary");
+    // "==1== in use at exit: 1,234 bytes in 5 blocks"
+    let nums: Vec<u64> = line
+        .split("exit:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|w| w.replace(',', "").parse().ok())
+        .collect();
+    let (_, r) = trace_json(&prog, &[], &[]);
+    assert_eq!(
+        (
+            r.summary("outstanding_bytes"),
+            r.summary("outstanding_count")
+        ),
+        (nums[0], nums[1]),
+        "{line}"
+    );
+}
+
+#[test]
+fn threads_freeing_each_others_blocks_balance_out() {
+    if !privileged() {
+        return;
+    }
+    let (run, r) = trace_json(&c_fixture("heap_threads"), &[], &[]);
+    assert!(run.status.success());
+    r.assert_site("thread_leak", 100, 4800);
+    r.assert_absent("produce");
+    r.assert_absent("worker");
+    assert_eq!(r.summary("outstanding_count"), 100, "{}", r.pretty());
+    // (Unmatched frees are expected here: glibc frees thread bookkeeping the dynamic loader
+    // allocated with its own start-up allocator, before libc's malloc existed.)
+    r.assert_balanced();
+    // glibc's per-thread blocks are the runtime's, reported apart.
+    assert!(r.summary("runtime_outstanding_count") > 0);
+}
+
+#[test]
+fn a_leak_before_main_is_caught() {
+    if !privileged() {
+        return;
+    }
+    let (_, r) = trace_json(&c_fixture("heap_before_main"), &[], &[]);
+    r.assert_site("ctor_leak", 3, 192);
+    assert_eq!(r.summary("outstanding_count"), 3);
+}
+
+#[test]
+fn run_passes_the_commands_exit_status_through() {
+    if !privileged() {
+        return;
+    }
+    let (run, r) = trace_json(Path::new("/bin/sh"), &[], &["-c", "exit 7"]);
+    assert_eq!(run.status.code(), Some(7), "{}", run.stderr);
+    assert!(r.0["final"].as_bool().unwrap());
+    let (run, _) = trace_json(Path::new("/bin/sh"), &[], &["-c", "kill -TERM $$"]);
+    assert_eq!(run.status.code(), Some(128 + 15));
+}
+
+#[test]
+fn forked_children_are_traced_from_their_first_allocation_with_follow_forks() {
+    if !privileged() {
+        return;
+    }
+    let prog = c_fixture("heap_fork");
+    let (run, r) = trace_json(&prog, &["--follow-forks"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    r.assert_site("child_leak", 7, 224);
+    r.assert_site("parent_leak", 1, 1000);
+    let child = r.site("child_leak")[0]["pid"].as_u64().unwrap();
+    let parent = r.site("parent_leak")[0]["pid"].as_u64().unwrap();
+    assert_ne!(child, parent);
+    r.assert_balanced();
+
+    // Without --follow-forks the child is not traced at all.
+    let (_, r) = trace_json(&prog, &[], &[]);
+    r.assert_absent("child_leak");
+    r.assert_site("parent_leak", 1, 1000);
+}
+
+#[test]
+fn attach_to_a_running_process_sees_only_what_happens_after() {
+    if !privileged() {
+        return;
+    }
+    let mut target = Command::new(c_fixture("heap_attach"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = target.id().to_string();
+    let mut tracer = common::Background::start(&["--pid", &pid, "--format", "json", "-v"]);
+    // The probes are in place once leaktrace says so.
+    tracer.wait_for("tracing pid");
+    let mut stdin = target.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "done");
+    drop(stdin); // the target exits on EOF, and leaktrace with it
+    target.wait().unwrap();
+    let run = tracer.finish(Duration::from_secs(30));
+    assert!(run.status.success(), "{}", run.stderr);
+    let r = run.report();
+    r.assert_site("attach_leak", 12, 12 * 128);
+    r.assert_absent("attach_churn");
+    // The 20 blocks allocated before the attach were freed after it: unmatched, not errors.
+    assert_eq!(r.summary("unmatched_frees"), 20, "{}", r.pretty());
+    assert_eq!(r.summary("outstanding_count"), 12);
+    r.assert_balanced();
+}
+
+#[test]
+fn under_pressure_the_counts_either_balance_or_report_what_was_lost() {
+    if !privileged() {
+        return;
+    }
+    let prog = c_fixture("heap_pressure");
+    let (run, r) = trace_json(&prog, &[], &["2"]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(r.summary("allocs") > 100_000, "{}", r.pretty());
+    if r.summary("lost_events") == 0 {
+        r.assert_balanced();
+        r.assert_site("pressure_leak", 100, 1000);
+        r.assert_absent("hammer");
+    }
+
+    // A ring buffer far too small must lose events, and say so.
+    let (run, r) = trace_json(&prog, &["--ring-buffer", "4K"], &["1"]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(r.summary("lost_events") > 0, "{}", r.pretty());
+    assert!(
+        r.0["summary"]["lost_by_cause"]["heap_ringbuf"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}

@@ -1,0 +1,242 @@
+//! `cargo xtask`: what cargo alone cannot do for leaktrace — install the eBPF toolchain, run
+//! the privileged test suite, the demo and the benchmarks. Nothing here is needed at run time.
+use std::{
+    env,
+    ffi::OsStr,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker release known to work with the pinned aya crates.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(about = "leaktrace project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent): nightly's rust-src, bpf-linker
+    /// built against the nightly's LLVM, a C compiler, tracefs.
+    Setup,
+    /// Set up, then build leaktrace in release mode with its eBPF programs.
+    Build,
+    /// Set up, then run the whole suite, eBPF integration tests included (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and trace the bundled leaking demo program.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            build_release()
+        }
+        Task::Test { args } => {
+            setup()?;
+            test(&args)
+        }
+        Task::Demo => {
+            setup()?;
+            demo()
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).as_deref() == Some("0")
+}
+
+/// Runs `cmd` as root: directly when we are root, else through sudo.
+fn as_root(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(program);
+        c
+    }
+}
+
+fn setup() -> Result<()> {
+    // Nightly with rust-src builds the eBPF crate (`-Z build-std=core`).
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("no nightly toolchain: install one with `rustup toolchain install nightly`")?;
+    let sysroot = PathBuf::from(sysroot);
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        eprintln!("xtask: installing rust-src for nightly");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    install_bpf_linker(&sysroot)?;
+    if output(Command::new("cc").arg("--version")).is_none() {
+        eprintln!("xtask: installing a C compiler for the test fixtures");
+        run(as_root("apt-get").args(["update", "-q"]))?;
+        run(as_root("apt-get").args(["install", "-yq", "gcc", "libc6-dev"]))?;
+    }
+    mount_tracefs()
+}
+
+/// bpf-linker links eBPF objects with LLVM; it must be the LLVM of the nightly that emits the
+/// bitcode. It finds `libLLVM.so` through `$LLVM_PREFIX/lib`, so we give it a directory of
+/// links to the nightly's own library (and keep it: the binary's rpath points there).
+fn install_bpf_linker(sysroot: &Path) -> Result<()> {
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if have.contains(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"])).unwrap_or_default();
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("cannot tell the nightly's LLVM version")?
+        .to_owned();
+    let lib = fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .find(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        .or_else(|| {
+            fs::read_dir(sysroot.join("lib"))
+                .ok()?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .find(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("libLLVM") && n.ends_with(".so")
+                })
+        })
+        .context("the nightly toolchain ships no libLLVM")?;
+    let home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let prefix = home.join(format!("leaktrace-llvm-{major}"));
+    let libdir = prefix.join("lib");
+    fs::create_dir_all(&libdir)?;
+    let target = sysroot.join("lib").join(&lib);
+    for name in [OsStr::new("libLLVM.so"), lib.as_os_str()] {
+        let link = libdir.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)?;
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)"
+    );
+    run(Command::new("cargo")
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn mount_tracefs() -> Result<()> {
+    let tracing = Path::new("/sys/kernel/tracing");
+    if tracing.join("events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir() {
+        return Ok(());
+    }
+    run(as_root("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    // A missing eBPF toolchain must fail the build, not produce a stub object.
+    c.env("LEAKTRACE_REQUIRE_EBPF", "1");
+    c
+}
+
+fn build_release() -> Result<()> {
+    run(cargo().args(["build", "--release", "--package", "leaktrace"]))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.arg("test");
+    // The integration tests load eBPF programs: they must run, not skip.
+    cmd.env("LEAKTRACE_TEST_REQUIRE_ROOT", "1");
+    if !is_root() {
+        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    run(&mut cmd)
+}
+
+fn demo() -> Result<()> {
+    build_release()?;
+    let root = workspace_root();
+    let out = root.join("target/fixtures");
+    fs::create_dir_all(&out)?;
+    let demo = out.join("demo");
+    run(Command::new("cc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&demo)
+        .arg(root.join("tests/fixtures/demo.c")))?;
+    eprintln!(
+        "xtask: tracing the demo: a toy service that handles requests for 4 s; its response cache never \
+         evicts.\n       leaktrace run --interval 1s -- {}",
+        demo.display()
+    );
+    run(as_root(
+        root.join("target/release/leaktrace")
+            .to_str()
+            .context("non-UTF-8 path")?,
+    )
+    .args(["run", "--interval", "1s", "--top", "3", "--"])
+    .arg(&demo))
+}
