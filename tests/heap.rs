@@ -211,3 +211,107 @@ fn under_pressure_the_counts_either_balance_or_report_what_was_lost() {
             > 0
     );
 }
+
+#[test]
+fn rust_box_and_vec_leaks_are_reported_at_the_rust_function() {
+    if !privileged() {
+        return;
+    }
+    let prog = common::rust_fixture(
+        "rust_leak",
+        "-fp",
+        &["-C", "force-frame-pointers=yes", "-C", "opt-level=0"],
+    );
+    let (run, r) = trace_json(&prog, &[], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    // Box<[u64; 8]> six times, a Vec<u32> with capacity 250 once.
+    r.assert_site("rust_leak::leak_boxes", 6, 6 * 64);
+    r.assert_site("rust_leak::leak_vec", 1, 1000);
+    r.assert_absent("rust_leak::churn");
+    r.assert_balanced();
+}
+
+#[test]
+fn followed_children_that_exec_are_traced_in_their_new_image() {
+    if !privileged() {
+        return;
+    }
+    // The shell forks, and each child execs a fixture.
+    let script = format!(
+        "{}; {}; true",
+        c_fixture("heap_before_main").display(),
+        c_fixture("heap_fork").display()
+    );
+    let (run, r) = trace_json(Path::new("/bin/sh"), &["--follow-forks"], &["-c", &script]);
+    assert!(run.status.success(), "{}", run.stderr);
+    r.assert_site("ctor_leak", 3, 192);
+    r.assert_site("parent_leak", 1, 1000);
+    r.assert_site("child_leak", 7, 224);
+    let pids: std::collections::BTreeSet<u64> = ["ctor_leak", "parent_leak", "child_leak"]
+        .iter()
+        .map(|s| r.site(s)[0]["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 3, "three processes: {}", r.pretty());
+    for leak in r.leaks() {
+        assert_eq!(leak["at_exit"], true);
+    }
+    r.assert_balanced();
+}
+
+#[test]
+fn cpp_names_are_demangled() {
+    if !privileged() {
+        return;
+    }
+    let prog = common::cpp_fixture("cpp_names", "", &["-O0", "-g", "-fno-omit-frame-pointer"]);
+    let (_, r) = trace_json(&prog, &[], &[]);
+    r.assert_site("leaky::Cache::insert(int)", 4, 96);
+    r.assert_site("void leaky::hold<double>(int)", 3, 24);
+}
+
+#[test]
+fn folded_output_to_a_file_holds_root_first_stacks() {
+    if !privileged() {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("leaktrace-folded-{}.txt", std::process::id()));
+    let prog = c_fixture("heap_every_fn");
+    let run = common::run(&[
+        "run",
+        "--format",
+        "folded",
+        "--output",
+        out.to_str().unwrap(),
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(run.stdout.is_empty(), "the report went to the file");
+    let text = std::fs::read_to_string(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let line = |stack_end: &str| {
+        text.lines()
+            .find(|l| l.split(' ').next().unwrap().ends_with(stack_end))
+            .map(str::to_owned)
+    };
+    let malloc =
+        line(";main;leak_malloc").unwrap_or_else(|| panic!("no leak_malloc stack in:\n{text}"));
+    assert!(malloc.ends_with(" 1000"), "{malloc}");
+    assert!(line(";main;leak_calloc").unwrap().ends_with(" 600"));
+    let count = common::run(&[
+        "run",
+        "--format",
+        "folded",
+        "--folded-weight",
+        "count",
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    let calloc = count
+        .stdout
+        .lines()
+        .find(|l| l.contains(";main;leak_calloc "))
+        .unwrap()
+        .to_owned();
+    assert!(calloc.ends_with(" 5"), "{calloc}");
+}

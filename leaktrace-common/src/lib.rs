@@ -167,14 +167,18 @@ pub mod drop_reason {
     pub const PROC_RINGBUF: u32 = 2;
     /// An allocator call could not be remembered between entry and return (map full).
     pub const INFLIGHT_FULL: u32 = 3;
+    /// A stack's frames were overwritten by a walk preempting it on the same CPU, so they
+    /// were not sent (they will be the next time the stack is seen).
+    pub const STACK_RACE: u32 = 4;
     /// Number of counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
     /// A short name per counter, for reports.
     pub const NAMES: [&str; COUNT as usize] = [
         "heap_ringbuf",
         "stack_ringbuf",
         "proc_ringbuf",
         "inflight_full",
+        "stack_race",
     ];
 }
 

@@ -16,7 +16,7 @@ use aya_ebpf::{
 use leaktrace_common::{AllocEvent, FreeEvent, Inflight, alloc_fn, drop_reason, kind};
 
 use crate::{
-    maps::{INFLIGHT, count_drop, header, send},
+    maps::{INFLIGHT, count_drop, header, send_batched},
     stack,
 };
 
@@ -158,7 +158,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         func,
         _pad: 0,
     };
-    send(&event, drop_reason::HEAP_RINGBUF);
+    send_batched(&event, drop_reason::HEAP_RINGBUF);
     0
 }
 
@@ -177,6 +177,6 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
         hdr: header(kind::FREE),
         addr,
     };
-    send(&event, drop_reason::HEAP_RINGBUF);
+    send_batched(&event, drop_reason::HEAP_RINGBUF);
     0
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{ProcEvent, drop_reason, header_flags, kind, traced_flags};
 
-use crate::maps::{INFLIGHT, PENDING_FORKS, TRACED, header, send};
+use crate::maps::{INFLIGHT, PENDING_FORKS, TRACED, header, send_now};
 
 const SIGSTOP: u32 = 19;
 
@@ -36,7 +36,7 @@ fn notify(kind: u16, flags: u32, other_pid: u32) {
     if gate {
         event.hdr.flags |= header_flags::STOPPED;
     }
-    if send(&event, drop_reason::PROC_RINGBUF) && gate {
+    if send_now(&event, drop_reason::PROC_RINGBUF) && gate {
         // SAFETY: no preconditions; the signal goes to the current process.
         unsafe { bpf_send_signal(SIGSTOP) };
     }

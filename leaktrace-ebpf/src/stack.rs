@@ -16,8 +16,19 @@ use leaktrace_common::{MAX_FRAMES, StackEvent, drop_reason, kind, stack_flags};
 use crate::maps::{EVENTS, count_drop, header};
 
 /// Frames being collected, one buffer per CPU (too large for the 512-byte BPF stack).
+///
+/// Uprobe programs run with migration disabled but may be preempted on kernels with full
+/// preemption, so another task's walk can reuse this CPU's buffer midway. `users` counts
+/// walks started here; a walk that finds it changed at the end knows its frames were
+/// overwritten and does not send them (its id, hashed privately, is still right).
+#[repr(C)]
+pub struct Scratch {
+    users: u64,
+    frames: [u64; MAX_FRAMES],
+}
+
 #[map]
-static STACK_SCRATCH: PerCpuArray<[u64; MAX_FRAMES]> = PerCpuArray::with_max_entries(1, 0);
+static STACK_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Stack ids already sent to user space. When one is evicted it is simply sent again.
 #[map]
@@ -29,6 +40,8 @@ struct Walk {
     /// Frame pointer of the frame whose caller comes next.
     bp: u64,
     hash: u64,
+    /// `Scratch::users` when this walk started.
+    ticket: u64,
     nr: u32,
     flags: u32,
 }
@@ -57,12 +70,12 @@ fn push(walk: &mut Walk, frame: u64) -> bool {
         walk.flags |= stack_flags::TRUNCATED;
         return false;
     }
-    let Some(frames) = STACK_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
         walk.flags |= stack_flags::BROKEN;
         return false;
     };
     // SAFETY: per-CPU scratch, `nr` checked against the array length above.
-    unsafe { (*frames)[nr] = frame };
+    unsafe { (*scratch).frames[nr] = frame };
     walk.nr += 1;
     walk.hash = mix(walk.hash, frame);
     true
@@ -107,9 +120,17 @@ pub fn capture(regs: *const pt_regs, at_entry: bool) -> u64 {
     let mut walk = Walk {
         bp,
         hash: SEED ^ u64::from(hdr.pid),
+        ticket: 0,
         nr: 0,
         flags: 0,
     };
+    if let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU value; see `Scratch` for why it is checked again at the end.
+        unsafe {
+            (*scratch).users = (*scratch).users.wrapping_add(1);
+            walk.ticket = (*scratch).users;
+        }
+    }
     if at_entry {
         walk.flags |= stack_flags::FIRST_IS_PC;
     }
@@ -146,9 +167,14 @@ pub fn capture(regs: *const pt_regs, at_entry: bool) -> u64 {
 
 #[inline(always)]
 fn send_frames(mut hdr: leaktrace_common::Header, id: u64, walk: &Walk) {
-    let Some(frames) = STACK_SCRATCH.get_ptr(0) else {
+    let Some(scratch) = STACK_SCRATCH.get_ptr(0) else {
         return;
     };
+    // SAFETY: per-CPU value.
+    if unsafe { (*scratch).users } != walk.ticket {
+        count_drop(drop_reason::STACK_RACE);
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<StackEvent>(0) else {
         count_drop(drop_reason::STACK_RINGBUF);
         return;
@@ -161,9 +187,10 @@ fn send_frames(mut hdr: leaktrace_common::Header, id: u64, walk: &Walk) {
         (*record).stack_id = id;
         (*record).nr = walk.nr;
         (*record).flags = walk.flags;
-        core::ptr::copy_nonoverlapping(frames, &raw mut (*record).frames, 1);
+        core::ptr::copy_nonoverlapping(&raw const (*scratch).frames, &raw mut (*record).frames, 1);
     }
-    entry.submit(0);
+    // Stacks precede the event that refers to them; that event's wakeup covers both.
+    entry.submit(1);
     // Mark it sent only once it really was, so a lost stack is sent again next time.
     let _ = STACKS_SEEN.insert(&id, &1, 0);
 }

@@ -32,7 +32,10 @@ pub struct Summary {
     pub unmatched_frees: u64,
     /// Events the kernel side could not deliver; non-zero means counts are lower bounds.
     pub lost_events: u64,
-    /// `lost_events` by cause.
+    /// Stacks whose frames could not be delivered (counts stay exact; the frames are sent
+    /// again the next time the stack allocates).
+    pub lost_stacks: u64,
+    /// Losses by cause (`stack_*` causes are stacks, the rest events).
     pub lost_by_cause: std::collections::BTreeMap<&'static str, u64>,
     /// Allocations at an address still outstanding (a free was missed).
     pub replaced: u64,
@@ -216,7 +219,18 @@ pub fn build(
     let mut summary = Summary {
         unmatched_frees: snap.totals.unmatched_frees,
         replaced: snap.totals.replaced,
-        lost_events: input.lost.iter().map(|(_, n)| n).sum(),
+        lost_events: input
+            .lost
+            .iter()
+            .filter(|(c, _)| !c.starts_with("stack_"))
+            .map(|(_, n)| n)
+            .sum(),
+        lost_stacks: input
+            .lost
+            .iter()
+            .filter(|(c, _)| c.starts_with("stack_"))
+            .map(|(_, n)| n)
+            .sum(),
         lost_by_cause: input.lost.iter().copied().filter(|(_, n)| *n > 0).collect(),
         elapsed_s: f64::from(snap.now_ms) / 1e3,
         min_age_s: opts.min_age_ns as f64 / 1e9,

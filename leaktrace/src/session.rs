@@ -369,7 +369,7 @@ impl Tracer {
             .probes
             .get(&pid)
             .is_some_and(|p| !p.loader_modules.is_empty());
-        if hooked == 0 && !has_loader {
+        if hooked == 0 && !has_loader && procfs::is_alive(pid) {
             // A static executable without malloc: nothing will ever be hooked.
             if pid != self.root {
                 tracing::warn!(
@@ -552,6 +552,10 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     let deadline = config.duration.map(|d| start + d);
     let mut next_report = config.interval.map(|i| start + i);
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
+    // The kernel side wakes us only every few hundred records (wakeups are dear for the
+    // traced threads); the rest is drained on this tick.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // After Ctrl-C in run mode, the command gets a moment to exit by itself.
     let mut grace: Option<Instant> = None;
     const BUDGET: usize = 1 << 16;
@@ -581,6 +585,9 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
                         tracer.retire(root, monotonic_ns());
                     }
                 }
+            }
+            _ = drain_tick.tick() => {
+                drain(ring.get_mut(), &mut tracer, BUDGET)?;
             }
             _ = liveness.tick() => {
                 let dead: Vec<u32> = tracer.live.iter().copied().filter(|&p| p != root || child.is_none()).filter(|&p| !procfs::is_alive(p)).collect();
@@ -627,6 +634,13 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     }
 
     drain(ring.get_mut(), &mut tracer, usize::MAX)?;
+    if child.is_some() {
+        // Stopping early (signal, --duration): a process we started may be held at a gate.
+        for &pid in &tracer.live {
+            // SAFETY: plain kill(2) on processes we started and gate.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        }
+    }
     if let Target::Run { .. } = config.target
         && tracer.hooked.is_empty()
         && tracer.tables.totals().allocs == 0

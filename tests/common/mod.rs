@@ -53,17 +53,36 @@ fn newer(src: &Path, out: &Path) -> bool {
 /// and returns the executable. Several tests may ask at once: each builds to a private
 /// name and renames into place.
 pub fn c_fixture_with(name: &str, variant: &str, flags: &[&str]) -> PathBuf {
-    let src = workspace().join(format!("tests/fixtures/{name}.c"));
-    let out = fixtures_out().join(format!("{name}{variant}"));
+    build_fixture(
+        "cc",
+        &format!("{name}.c"),
+        &format!("{name}{variant}"),
+        flags,
+    )
+}
+
+/// Builds `tests/fixtures/<name>.cpp` with the C++ compiler.
+pub fn cpp_fixture(name: &str, variant: &str, flags: &[&str]) -> PathBuf {
+    build_fixture(
+        "c++",
+        &format!("{name}.cpp"),
+        &format!("{name}{variant}"),
+        flags,
+    )
+}
+
+fn build_fixture(compiler: &str, source: &str, output: &str, flags: &[&str]) -> PathBuf {
+    let src = workspace().join("tests/fixtures").join(source);
+    let out = fixtures_out().join(output);
     if newer(&src, &out) {
         let tmp = out.with_extension(format!("tmp{}", std::process::id()));
-        let status = Command::new("cc")
+        let status = Command::new(compiler)
             .args(flags)
             .arg("-o")
             .arg(&tmp)
             .arg(&src)
             .status()
-            .expect("a C compiler (cargo xtask setup installs one)");
+            .expect("a C/C++ compiler (cargo xtask setup installs one)");
         assert!(status.success(), "building {} failed", src.display());
         std::fs::rename(&tmp, &out).unwrap();
     }

@@ -36,6 +36,12 @@ enum Task {
     },
     /// Set up, build, and trace the bundled leaking demo program.
     Demo,
+    /// Measure tracing overhead and tracer memory (a markdown table on stdout).
+    Bench {
+        /// Rounds per configuration, interleaved.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -53,8 +59,14 @@ fn main() -> Result<()> {
             setup()?;
             demo()
         }
+        Task::Bench { rounds } => {
+            setup()?;
+            bench::run(rounds)
+        }
     }
 }
+
+mod bench;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -111,10 +123,18 @@ fn setup() -> Result<()> {
         ]))?;
     }
     install_bpf_linker(&sysroot)?;
-    if output(Command::new("cc").arg("--version")).is_none() {
-        eprintln!("xtask: installing a C compiler for the test fixtures");
+    // The fixtures are C and C++ programs; valgrind is the oracle for "in use at exit".
+    let missing: Vec<&str> = [("cc", "gcc"), ("c++", "g++"), ("valgrind", "valgrind")]
+        .into_iter()
+        .filter(|(tool, _)| output(Command::new(tool).arg("--version")).is_none())
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {}", missing.join(", "));
         run(as_root("apt-get").args(["update", "-q"]))?;
-        run(as_root("apt-get").args(["install", "-yq", "gcc", "libc6-dev"]))?;
+        run(as_root("apt-get")
+            .args(["install", "-yq", "libc6-dev"])
+            .args(&missing))?;
     }
     mount_tracefs()
 }
@@ -217,16 +237,24 @@ fn test(args: &[String]) -> Result<()> {
     run(&mut cmd)
 }
 
-fn demo() -> Result<()> {
-    build_release()?;
+/// Builds `tests/fixtures/<name>.c` into `target/fixtures/<name>`.
+fn c_fixture(name: &str, flags: &[&str]) -> Result<PathBuf> {
     let root = workspace_root();
     let out = root.join("target/fixtures");
     fs::create_dir_all(&out)?;
-    let demo = out.join("demo");
+    let exe = out.join(name);
     run(Command::new("cc")
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
-        .arg(&demo)
-        .arg(root.join("tests/fixtures/demo.c")))?;
+        .args(flags)
+        .arg("-o")
+        .arg(&exe)
+        .arg(root.join(format!("tests/fixtures/{name}.c"))))?;
+    Ok(exe)
+}
+
+fn demo() -> Result<()> {
+    build_release()?;
+    let root = workspace_root();
+    let demo = c_fixture("demo", &["-O0", "-g", "-fno-omit-frame-pointer"])?;
     eprintln!(
         "xtask: tracing the demo: a toy service that handles requests for 4 s; its response cache never \
          evicts.\n       leaktrace run --interval 1s -- {}",
