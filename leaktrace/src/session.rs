@@ -9,7 +9,6 @@
 //! ```
 use std::{
     ffi::OsString,
-    fs,
     io::{self, Write as _},
     path::PathBuf,
     time::Duration,
@@ -142,11 +141,8 @@ impl Sink {
     fn emit(&self, report: &Report) -> Result<(), SessionError> {
         let text = write::render(report, self.format, self.weight);
         match &self.output {
-            // The file always holds one complete report: write beside it, then rename.
             Some(path) => {
-                let tmp = path.with_extension("leaktrace-tmp");
-                fs::write(&tmp, &text).map_err(|e| SessionError::Io("cannot write report", e))?;
-                fs::rename(&tmp, path).map_err(|e| SessionError::Io("cannot write report", e))
+                write::to_path(path, &text).map_err(|e| SessionError::Io("cannot write report", e))
             }
             None => {
                 let mut out = io::stdout().lock();

@@ -1,4 +1,6 @@
 //! Writers: one module per output format. Each takes a finished [`Report`] and returns text.
+use std::{fs, io, io::Write as _, path::Path};
+
 use crate::report::Report;
 
 pub mod folded;
@@ -26,12 +28,108 @@ pub enum FoldedWeight {
     Count,
 }
 
+/// Writes a rendered report to `path` so that it always holds one complete report: a
+/// regular file (or a new one) is replaced atomically through a temporary file beside it.
+/// Anything else is written in place and never replaced: a device such as `/dev/null`, a
+/// FIFO, or a symbolic link (written through).
+pub fn to_path(path: &Path, text: &str) -> io::Result<()> {
+    let in_place = fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_file());
+    if in_place {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)?;
+        return f.write_all(text.as_bytes());
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other("the output path names no file"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let result = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Renders a report in `format`.
 pub fn render(report: &Report, format: Format, weight: FoldedWeight) -> String {
     match format {
         Format::Table => table::render(report),
         Format::Json => json::render(report),
         Format::Folded => folded::render(report, weight),
+    }
+}
+
+#[cfg(test)]
+mod output_file {
+    use std::os::unix::fs::FileTypeExt as _;
+
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("leaktrace-out-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_regular_file_is_replaced_whole_and_no_temporary_is_left() {
+        let dir = scratch("regular");
+        let path = dir.join("report.json");
+        to_path(&path, "first, longer report\n").unwrap();
+        to_path(&path, "second\n").unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "second\n");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_is_written_through_not_replaced() {
+        let dir = scratch("symlink");
+        let target = dir.join("target.txt");
+        let link = dir.join("link.txt");
+        fs::write(&target, "old old old").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        to_path(&link, "new").unwrap();
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(fs::read_to_string(&target).unwrap(), "new");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_device_or_fifo_is_written_in_place() {
+        // A FIFO stands in for /dev/null: replacing either with a regular file would break
+        // every program on the machine that writes there.
+        let dir = scratch("fifo");
+        let fifo = dir.join("pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || fs::read_to_string(fifo).unwrap())
+        };
+        to_path(&fifo, "through the pipe").unwrap();
+        assert_eq!(reader.join().unwrap(), "through the pipe");
+        assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        to_path(Path::new("/dev/null"), "discarded").unwrap();
+        assert!(
+            fs::metadata("/dev/null")
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
+        fs::remove_dir_all(dir).unwrap();
     }
 }
 
