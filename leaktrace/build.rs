@@ -29,9 +29,6 @@ fn main() -> anyhow::Result<()> {
     // The nested eBPF build's progress lines would each become a cargo warning.
     // SAFETY: build scripts are single-threaded here.
     unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
-    // The nested cargo probes rustc with `rustc -`, which reads our standard input when it
-    // is inherited: whatever sits there (another build's output, seen in CI) fails the probe.
-    detach_stdin();
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -53,14 +50,6 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
-}
-
-fn detach_stdin() {
-    use std::os::fd::AsRawFd as _;
-    if let Ok(null) = fs::File::open("/dev/null") {
-        // SAFETY: replaces descriptor 0 of this (single-threaded) build script.
-        unsafe { libc::dup2(null.as_raw_fd(), 0) };
-    }
 }
 
 /// Checks for what the eBPF build needs, without installing anything.

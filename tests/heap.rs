@@ -315,3 +315,23 @@ fn folded_output_to_a_file_holds_root_first_stacks() {
         .to_owned();
     assert!(calloc.ends_with(" 5"), "{calloc}");
 }
+
+#[test]
+fn a_static_executable_is_hooked_in_itself() {
+    if !privileged() {
+        return;
+    }
+    let prog = c_fixture_with(
+        "heap_every_fn",
+        "-static",
+        &["-static", "-O0", "-g", "-fno-omit-frame-pointer"],
+    );
+    let (run, r) = trace_json(&prog, &[], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    r.assert_site("leak_malloc", 10, 1000);
+    r.assert_site("leak_realloc_grow", 3, 3 * 4096);
+    r.assert_site("leak_posix_memalign", 3, 600);
+    r.assert_site("leak_large", 2, 2 << 20);
+    r.assert_absent("churn");
+    r.assert_balanced();
+}
