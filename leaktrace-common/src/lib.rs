@@ -209,8 +209,110 @@ pub struct Inflight {
 }
 const _: () = assert!(size_of::<Inflight>() == 32);
 
+/// One row of a module's unwind table: how to find the caller from any instruction in
+/// `[pc, next row's pc)`, compiled from `.eh_frame`/`.debug_frame` by user space.
+///
+/// `pc` is a file offset in the module (so one table serves every process mapping it,
+/// wherever it is loaded). The caller's frame: `CFA = (rsp or rbp) + cfa_off`; the return
+/// address is at `CFA - 8`; the caller's `rbp` was saved at `CFA + 8 * rbp_off` or, when
+/// `rbp_off` is 0, is unchanged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnwindRow {
+    pub pc: u32,
+    pub cfa_off: u16,
+    pub rbp_off: i8,
+    /// One of [`unwind_kind`].
+    pub kind: u8,
+}
+const _: () = assert!(size_of::<UnwindRow>() == 8);
+
+/// How an [`UnwindRow`] finds the caller.
+pub mod unwind_kind {
+    /// CFA = rsp + cfa_off.
+    pub const CFA_RSP: u8 = 0;
+    /// CFA = rbp + cfa_off.
+    pub const CFA_RBP: u8 = 1;
+    /// A PLT stub: CFA = rsp + 8, plus 8 past the stub's push (its offset & 15 >= 11).
+    pub const PLT: u8 = 2;
+    /// The outermost frame (`_start`, a thread's start): the return address is undefined.
+    pub const END: u8 = 3;
+    /// No unwind information covers this code: fall back to the frame pointer.
+    pub const NO_INFO: u8 = 4;
+    /// The rule cannot be expressed here (a DWARF expression, a signal frame): fall back to
+    /// the frame pointer.
+    pub const UNSUPPORTED: u8 = 5;
+}
+
+/// One executable mapping of a traced process, as the stack walker sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodeMapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// Rows `[table_start, table_start + table_len)` of `UNWIND_ROWS`; `table_len` 0 means
+    /// no table (frame pointers only).
+    pub table_start: u32,
+    pub table_len: u32,
+}
+const _: () = assert!(size_of::<CodeMapping>() == 32);
+
+/// Most executable mappings a traced process can have in the walker's view.
+pub const MAX_CODE_MAPPINGS: usize = 250;
+
+/// The walker's view of one process: its executable mappings, sorted by `start`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessCode {
+    pub len: u32,
+    pub _pad: u32,
+    pub mappings: [CodeMapping; MAX_CODE_MAPPINGS],
+}
+const _: () = assert!(size_of::<ProcessCode>() == 8 + 32 * MAX_CODE_MAPPINGS);
+
+/// How stacks are walked ([`Config::unwind`]).
+pub mod unwind_mode {
+    /// Frame pointers only.
+    pub const FP: u32 = 0;
+    /// Unwind tables where a module has one, frame pointers elsewhere.
+    pub const AUTO: u32 = 1;
+    /// Unwind tables only: a frame without one ends the walk.
+    pub const DWARF: u32 = 2;
+}
+
+/// Settings user space writes into the kernel side's `CONFIG` map before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// One of [`unwind_mode`].
+    pub unwind: u32,
+    /// Non-zero: time every stack walk into `WALK_STATS` (for benchmarks).
+    pub measure: u32,
+}
+
+/// Per-CPU totals of stack walks, kept when [`Config::measure`] is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalkStats {
+    pub walks: u64,
+    pub frames: u64,
+    pub ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `#[repr(C)]` integers with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for super::Inflight {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnwindRow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CodeMapping {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProcessCode {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WalkStats {}
 }

@@ -1,18 +1,29 @@
 //! The privileged side: loading leaktrace's eBPF object, attaching its programs, and the maps
 //! user space reads or writes. Nothing else in the crate talks to the kernel's BPF interface.
-use std::{num::NonZeroU32, sync::Arc};
+use std::{
+    num::NonZeroU32,
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::Arc,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         ProgramError, TracePoint, UProbe,
         uprobe::{UProbeLink, UProbeScope},
     },
 };
-use leaktrace_common::{alloc_fn, drop_reason};
+use hashbrown::HashMap;
+use leaktrace_common::{
+    CodeMapping, Config, MAX_CODE_MAPPINGS, ProcessCode, UnwindRow, WalkStats, alloc_fn,
+    drop_reason,
+};
 
-use crate::modules::Module;
+use crate::{
+    modules::{AddressSpace, Module, ModuleKey},
+    unwind::{self, UnwindTable},
+};
 
 /// The eBPF object built from `leaktrace-ebpf` (empty when built without the toolchain).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
@@ -39,6 +50,8 @@ pub enum SourceError {
     },
     #[error("eBPF object lacks {0}")]
     Missing(&'static str),
+    #[error("cannot map the unwind table: {0}")]
+    Mmap(std::io::Error),
 }
 
 /// The entry program for each allocator function.
@@ -172,6 +185,18 @@ pub fn release_probes_after_exit() {
     unsafe { libc::close(fds[0]) };
 }
 
+/// How stacks are walked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unwind {
+    /// Frame pointers only.
+    Fp,
+    /// Unwind tables only: a frame without one ends the stack.
+    Dwarf,
+    /// Unwind tables where a module has them, frame pointers elsewhere.
+    #[default]
+    Auto,
+}
+
 /// Options for loading.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -179,6 +204,97 @@ pub struct LoadOptions {
     pub ring_buffer_bytes: u32,
     /// Attach the hooks that follow forked children.
     pub follow_forks: bool,
+    pub unwind: Unwind,
+    /// Capacity of the kernel-side unwind table, in rows (8 bytes each), for all modules.
+    pub unwind_rows: u32,
+    /// Time every stack walk (`Source::walk_stats`), for benchmarks.
+    pub measure_walks: bool,
+}
+
+/// The unwind rows of every module, in the kernel's `UNWIND_ROWS` array, written through a
+/// shared mapping of it. Each module's table is compiled and copied once, whichever
+/// processes map it.
+struct UnwindRows {
+    ptr: *mut UnwindRow,
+    capacity: usize,
+    used: usize,
+    /// Where each module's rows are (`None`: it has no usable table).
+    placed: HashMap<ModuleKey, Option<(u32, u32)>>,
+    _map: MapData,
+}
+
+impl UnwindRows {
+    fn new(map: MapData, capacity: u32) -> Result<Self, SourceError> {
+        let bytes = capacity as usize * size_of::<UnwindRow>();
+        // SAFETY: maps the array's own memory (BPF_F_MMAPABLE), shared with the kernel.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(SourceError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            capacity: capacity as usize,
+            used: 0,
+            placed: HashMap::new(),
+            _map: map,
+        })
+    }
+
+    /// The rows of `module`, compiled and copied in on first use.
+    fn place(&mut self, module: &Module) -> Option<(u32, u32)> {
+        if let Some(placed) = self.placed.get(&module.key) {
+            return *placed;
+        }
+        let table = match unwind::compile_path(&module.open_path()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::debug!("{}: no unwind table: {e}", module.path);
+                None
+            }
+        };
+        let placed = table.and_then(|t| self.copy_in(module, &t));
+        self.placed.insert(module.key, placed);
+        placed
+    }
+
+    fn copy_in(&mut self, module: &Module, table: &UnwindTable) -> Option<(u32, u32)> {
+        let n = table.rows.len();
+        if self.used + n > self.capacity {
+            tracing::warn!(
+                "{}: the unwind table is full ({} rows); its frames use frame pointers (raise --unwind-rows)",
+                module.path,
+                self.capacity
+            );
+            return None;
+        }
+        // SAFETY: `used + n <= capacity` rows lie inside the mapping; rows are plain data.
+        unsafe { std::ptr::copy_nonoverlapping(table.rows.as_ptr(), self.ptr.add(self.used), n) };
+        let placed = (self.used as u32, n as u32);
+        self.used += n;
+        tracing::debug!(
+            "{}: {} unwind rows from {} FDEs",
+            module.path,
+            n,
+            table.fdes
+        );
+        Some(placed)
+    }
+}
+
+impl Drop for UnwindRows {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; nothing else points into it.
+        unsafe { libc::munmap(self.ptr.cast(), self.capacity * size_of::<UnwindRow>()) };
+    }
 }
 
 /// The loaded kernel side.
@@ -186,6 +302,9 @@ pub struct Source {
     ebpf: Ebpf,
     traced: BpfHashMap<MapData, u32, u32>,
     drops: PerCpuArray<MapData, u64>,
+    proc_code: BpfHashMap<MapData, u32, ProcessCode>,
+    walk_stats: PerCpuArray<MapData, WalkStats>,
+    rows: UnwindRows,
 }
 
 impl std::fmt::Debug for Source {
@@ -205,8 +324,18 @@ impl Source {
         if OBJECT.is_empty() {
             return Err(SourceError::NoObject);
         }
+        let config = Config {
+            unwind: match opts.unwind {
+                Unwind::Fp => leaktrace_common::unwind_mode::FP,
+                Unwind::Auto => leaktrace_common::unwind_mode::AUTO,
+                Unwind::Dwarf => leaktrace_common::unwind_mode::DWARF,
+            },
+            measure: u32::from(opts.measure_walks),
+        };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .map_max_entries("UNWIND_ROWS", opts.unwind_rows)
+            .override_global("CONFIG", &config, true)
             .load(OBJECT)?;
         for &name in UPROBES {
             let prog: &mut UProbe = ebpf
@@ -238,14 +367,23 @@ impl Source {
         let traced =
             BpfHashMap::try_from(take(&mut ebpf, "TRACED")?).map_err(map_error("TRACED"))?;
         let drops = PerCpuArray::try_from(take(&mut ebpf, "DROPS")?).map_err(map_error("DROPS"))?;
-        Ok((
-            Self {
-                ebpf,
-                traced,
-                drops,
-            },
-            events,
-        ))
+        let proc_code =
+            BpfHashMap::try_from(take(&mut ebpf, "PROC_CODE")?).map_err(map_error("PROC_CODE"))?;
+        let walk_stats = PerCpuArray::try_from(take(&mut ebpf, "WALK_STATS")?)
+            .map_err(map_error("WALK_STATS"))?;
+        let Map::Array(rows) = take(&mut ebpf, "UNWIND_ROWS")? else {
+            return Err(SourceError::Missing("UNWIND_ROWS as an array"));
+        };
+        let rows = UnwindRows::new(rows, opts.unwind_rows)?;
+        let source = Self {
+            ebpf,
+            traced,
+            drops,
+            proc_code,
+            walk_stats,
+            rows,
+        };
+        Ok((source, events))
     }
 
     /// Marks a process as traced, with [`leaktrace_common::traced_flags`].
@@ -328,6 +466,69 @@ impl Source {
         self.attach_one(probes, "loader_state", module, offset, pid)?;
         probes.loader_modules.push(module.clone());
         Ok(())
+    }
+
+    /// Tells the stack walker where `space`'s code is and gives it the unwind tables of its
+    /// modules (compiled and loaded on first sight). Mappings beyond the walker's capacity
+    /// keep frame pointers only.
+    pub fn publish_code(&mut self, space: &AddressSpace) -> Result<(), SourceError> {
+        let mut code = ProcessCode {
+            len: 0,
+            _pad: 0,
+            mappings: [CodeMapping::default(); MAX_CODE_MAPPINGS],
+        };
+        for range in space.ranges() {
+            if code.len as usize == MAX_CODE_MAPPINGS {
+                tracing::debug!(
+                    "pid {}: more than {MAX_CODE_MAPPINGS} executable mappings",
+                    space.pid
+                );
+                break;
+            }
+            let (table_start, table_len) = range
+                .module
+                .as_ref()
+                .and_then(|m| self.rows.place(m))
+                .unwrap_or((0, 0));
+            code.mappings[code.len as usize] = CodeMapping {
+                start: range.start,
+                end: range.end,
+                offset: range.offset,
+                table_start,
+                table_len,
+            };
+            code.len += 1;
+        }
+        self.proc_code
+            .insert(space.pid, code, 0)
+            .map_err(|source| SourceError::Map {
+                name: "PROC_CODE",
+                source,
+            })
+    }
+
+    /// Forgets a process's code (it exited).
+    pub fn unpublish_code(&mut self, pid: u32) {
+        let _ = self.proc_code.remove(&pid);
+    }
+
+    /// Unwind rows in use, of the capacity.
+    pub fn unwind_rows_used(&self) -> (usize, usize) {
+        (self.rows.used, self.rows.capacity)
+    }
+
+    /// Stack walks so far, summed over CPUs (counted only with `measure_walks`).
+    pub fn walk_stats(&self) -> WalkStats {
+        let per_cpu = self
+            .walk_stats
+            .get(&0, 0)
+            .map(|v| v.iter().copied().collect::<Vec<_>>())
+            .unwrap_or_default();
+        per_cpu.iter().fold(WalkStats::default(), |a, s| WalkStats {
+            walks: a.walks + s.walks,
+            frames: a.frames + s.frames,
+            ns: a.ns + s.ns,
+        })
     }
 
     /// Lost events so far, by cause (summed over CPUs).

@@ -20,4 +20,5 @@ pub mod spawn;
 pub mod stacks;
 pub mod symbolize;
 pub mod table;
+pub mod unwind;
 pub mod write;

@@ -262,6 +262,11 @@ impl AddressSpace {
         Ok(Self { pid, ranges, exe })
     }
 
+    /// The executable ranges, sorted by address.
+    pub fn ranges(&self) -> &[CodeRange] {
+        &self.ranges
+    }
+
     /// The executable range holding `addr`.
     pub fn range(&self, addr: u64) -> Option<&CodeRange> {
         let i = self

@@ -25,7 +25,7 @@ use tokio::{
 
 use crate::{
     decode::{Event, decode},
-    ebpf::{Detacher, LoadOptions, ProcessProbes, Source, SourceError},
+    ebpf::{Detacher, LoadOptions, ProcessProbes, Source, SourceError, Unwind},
     modules::{AddressSpace, Modules},
     preflight::{self, PreflightError},
     procfs,
@@ -60,6 +60,9 @@ pub struct SessionConfig {
     pub weight: FoldedWeight,
     pub output: Option<PathBuf>,
     pub ring_buffer_bytes: u32,
+    pub unwind: Unwind,
+    /// Capacity of the kernel-side unwind table (rows of 8 bytes, all modules together).
+    pub unwind_rows: u32,
 }
 
 /// Why a session failed. Each variant maps to a documented exit code.
@@ -204,8 +207,12 @@ impl Tracer {
         }
     }
 
+    /// Reads where the process's code is, and hands the walker its unwind tables.
     fn read_space(&mut self, pid: u32) -> io::Result<()> {
         let space = AddressSpace::read(pid, &mut self.modules)?;
+        if let Err(e) = self.source.publish_code(&space) {
+            tracing::warn!("pid {pid}: stacks fall back to frame pointers: {e}");
+        }
         self.spaces.insert(pid, space);
         self.spaces_read.insert(pid, Instant::now());
         Ok(())
@@ -257,6 +264,7 @@ impl Tracer {
         self.spaces.remove(&pid);
         self.spaces_read.remove(&pid);
         self.source.untrace(pid);
+        self.source.unpublish_code(pid);
         self.live.remove(&pid);
         let snap_ids: HashSet<u64> = self
             .tables
@@ -464,6 +472,9 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     let (source, ring) = Source::load(&LoadOptions {
         ring_buffer_bytes: config.ring_buffer_bytes,
         follow_forks,
+        unwind: config.unwind,
+        unwind_rows: config.unwind_rows,
+        measure_walks: false,
     })?;
     let mut tracer = Tracer::new(source, config.report.clone());
     // Declared after the tracer so it runs first when `run` returns, on every path.

@@ -211,18 +211,49 @@ const RUNTIME_MODULE_PREFIXES: &[&str] = &[
     "libmimalloc.so",
 ];
 
+/// Where the sources of library code inlined into a program live: system headers (glibc's
+/// inline `getline`, libstdc++'s templates) and the Rust standard library.
+const LIBRARY_SOURCE_PREFIXES: &[&str] = &["/usr/include/", "/usr/local/include/", "/rustc/"];
+
 /// True when a frame belongs to a runtime or allocator rather than the program.
 pub fn is_runtime_frame(frame: &SymFrame) -> bool {
+    if frame.inlined
+        && frame
+            .file
+            .as_deref()
+            .is_some_and(|f| LIBRARY_SOURCE_PREFIXES.iter().any(|p| f.starts_with(p)))
+    {
+        return true;
+    }
     if let Some(module) = &frame.module {
         let name = module.rsplit('/').next().unwrap_or(module);
         if RUNTIME_MODULE_PREFIXES.iter().any(|p| name.starts_with(p)) {
             return true;
         }
     }
-    frame
-        .symbol
-        .as_deref()
-        .is_some_and(|s| RUNTIME_SYMBOL_PREFIXES.iter().any(|p| s.starts_with(p)))
+    frame.symbol.as_deref().is_some_and(|s| {
+        let name = qualified_name(s);
+        RUNTIME_SYMBOL_PREFIXES
+            .iter()
+            .any(|p| s.starts_with(p) || name.starts_with(p))
+    })
+}
+
+/// The qualified function name of a demangled C++ symbol, without its return type and
+/// parameters: `void std::vector<int>::push_back(int const&)` → `std::vector<int>::push_back`.
+pub fn qualified_name(symbol: &str) -> &str {
+    let mut depth = 0i32;
+    let mut name_start = 0;
+    for (i, c) in symbol.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            '(' if depth == 0 && i > 0 => return &symbol[name_start..i],
+            ' ' if depth == 0 && !symbol[..i].ends_with("operator") => name_start = i + 1,
+            _ => {}
+        }
+    }
+    &symbol[name_start..]
 }
 
 /// Functions of the C and C++ runtimes whose allocations the runtime owns and releases at exit
@@ -308,17 +339,32 @@ pub fn runtime_owned(frames: &[SymFrame]) -> bool {
     }) else {
         return false;
     };
-    let in_runtime = caller.module.as_deref().is_some_and(|m| {
-        let name = m.rsplit('/').next().unwrap_or(m);
-        ["libc.so", "libc-2.", "ld-linux", "libstdc++.so"]
+    let caller_module = caller
+        .module
+        .as_deref()
+        .map_or("", |m| m.rsplit('/').next().unwrap_or(m));
+    let in_runtime = ["libc.so", "libc-2.", "ld-linux", "libstdc++.so"]
+        .iter()
+        .any(|p| caller_module.starts_with(p));
+    if !in_runtime {
+        return false;
+    }
+    if caller
+        .symbol
+        .as_deref()
+        .is_some_and(|s| RUNTIME_OWNED_CALLERS.iter().any(|p| s.starts_with(p)))
+    {
+        return true;
+    }
+    // libstdc++'s own static initialisers (its exception pool, whose symbols the shipped
+    // library does not name): no program frame anywhere, and the loader running constructors.
+    caller_module.starts_with("libstdc++.so")
+        && frames
             .iter()
-            .any(|p| name.starts_with(p))
-    });
-    in_runtime
-        && caller
-            .symbol
-            .as_deref()
-            .is_some_and(|s| RUNTIME_OWNED_CALLERS.iter().any(|p| s.starts_with(p)))
+            .all(|f| f.module.is_none() || is_runtime_frame(f))
+        && frames
+            .iter()
+            .any(|f| f.symbol.as_deref() == Some("_dl_init"))
 }
 
 /// Drops the leading runtime frames so `frames[0]` is the program's code that (directly or
@@ -417,6 +463,56 @@ mod tests {
         // A program's own function with a runtime-like name is the program's.
         assert!(!runtime_owned(&[frame("_nl_mine", "/app")]));
         assert!(!runtime_owned(&[]));
+    }
+
+    #[test]
+    fn cpp_names_lose_return_types_and_parameters() {
+        let push = "void std::vector<int, std::allocator<int> >::_M_realloc_insert<int const&>(__gnu_cxx::__normal_iterator<int*, std::vector<int, std::allocator<int> > >, int const&)";
+        assert_eq!(
+            qualified_name(push),
+            "std::vector<int, std::allocator<int> >::_M_realloc_insert<int const&>"
+        );
+        assert_eq!(qualified_name("make_vector()"), "make_vector");
+        assert_eq!(
+            qualified_name("operator new(unsigned long)"),
+            "operator new"
+        );
+        assert_eq!(qualified_name("rust_leak::main"), "rust_leak::main");
+        assert_eq!(
+            qualified_name("std::map<int, int>::operator[](int const&)"),
+            "std::map<int, int>::operator[]"
+        );
+        assert!(is_runtime_frame(&frame(push, "/app")));
+        assert!(!is_runtime_frame(&frame("make_vector()", "/app")));
+    }
+
+    #[test]
+    fn library_code_inlined_from_system_headers_is_runtime() {
+        let mut getline = frame("getline", "/app");
+        getline.file = Some("/usr/include/x86_64-linux-gnu/bits/stdio.h".into());
+        assert!(!is_runtime_frame(&getline), "only when inlined");
+        getline.inlined = true;
+        assert!(is_runtime_frame(&getline));
+        let mut own = frame("helper", "/app");
+        own.inlined = true;
+        own.file = Some("/src/app/helper.h".into());
+        assert!(!is_runtime_frame(&own));
+    }
+
+    #[test]
+    fn libstdcxx_static_init_is_the_runtimes() {
+        let pool = SymFrame {
+            symbol: None,
+            ..frame("", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30")
+        };
+        let ld = "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+        assert!(runtime_owned(&[
+            pool.clone(),
+            frame("call_init", ld),
+            frame("_dl_init", ld)
+        ]));
+        // The same library allocating for the program (operator new called from main) is not.
+        assert!(!runtime_owned(&[pool, frame("main", "/app")]));
     }
 
     #[test]

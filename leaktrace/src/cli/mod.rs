@@ -3,6 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use leaktrace::{
+    ebpf::Unwind,
     report::ReportOptions,
     session::{SessionConfig, Target},
     write::{FoldedWeight, Format},
@@ -95,6 +96,16 @@ pub struct CommonArgs {
     #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_ring_buffer)]
     pub ring_buffer: u32,
 
+    /// How stacks are walked: unwind tables from .eh_frame where a module has them and frame
+    /// pointers elsewhere (auto), frame pointers only (fp), or tables only (dwarf).
+    #[arg(long, value_enum, default_value_t = Unwind::Auto)]
+    pub unwind: Unwind,
+
+    /// Capacity of the kernel-side unwind table, in rows of 8 bytes for all modules together
+    /// (glibc needs ~18k, a large C++ service a few hundred thousand).
+    #[arg(long, value_name = "ROWS", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=1 << 26))]
+    pub unwind_rows: u32,
+
     /// More log output on stderr (-v info, -vv debug, -vvv trace); LEAKTRACE_LOG overrides.
     #[arg(long, short, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -124,6 +135,8 @@ impl CommonArgs {
             weight: self.folded_weight,
             output: self.output.clone(),
             ring_buffer_bytes: self.ring_buffer,
+            unwind: self.unwind,
+            unwind_rows: self.unwind_rows,
         }
     }
 }

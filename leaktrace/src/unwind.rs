@@ -1,0 +1,498 @@
+//! Unwind tables: a module's `.eh_frame` (or `.debug_frame`) compiled into the compact rows
+//! the kernel-side stack walker binary-searches ([`UnwindRow`]), and [`walk`], the same walk
+//! in user space, which tests hold against glibc's own unwinder.
+//!
+//! Per code range, a row says where the caller's frame starts (the CFA, from `rsp` or `rbp`),
+//! that the return address sits just below it, and where `rbp` was saved. Anything the
+//! walker cannot express — DWARF expressions, signal frames, registers copied elsewhere — is
+//! marked so the walker falls back to the frame pointer there.
+use std::{fs::File, path::Path};
+
+use gimli::{
+    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, LittleEndian, RegisterRule,
+    UnwindContext, UnwindSection, X86_64,
+};
+use leaktrace_common::{UnwindRow, unwind_kind};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _, read::ReadCache};
+
+/// Why a module has no table.
+#[derive(Debug, thiserror::Error)]
+pub enum UnwindError {
+    #[error("cannot open: {0}")]
+    Open(#[from] std::io::Error),
+    #[error("cannot read ELF file: {0}")]
+    Elf(#[from] object::Error),
+    #[error("cannot parse unwind information: {0}")]
+    Dwarf(#[from] gimli::Error),
+    #[error("no .eh_frame or .debug_frame")]
+    NoUnwindInfo,
+    #[error("code beyond 4 GiB in the file")]
+    TooLarge,
+}
+
+/// A compiled table and how it was made.
+#[derive(Clone, Debug, Default)]
+pub struct UnwindTable {
+    /// Sorted by `pc` (a file offset); the last row covers everything after it.
+    pub rows: Vec<UnwindRow>,
+    /// Frame description entries read.
+    pub fdes: usize,
+    /// Rows whose rule could not be expressed (the walker falls back to frame pointers).
+    pub unsupported: usize,
+}
+
+impl UnwindTable {
+    /// The row covering file offset `pc`.
+    pub fn lookup(&self, pc: u64) -> Option<&UnwindRow> {
+        let pc = u32::try_from(pc).ok()?;
+        let i = self.rows.partition_point(|r| r.pc <= pc).checked_sub(1)?;
+        Some(&self.rows[i])
+    }
+
+    /// Bytes the rows take in the kernel.
+    pub fn bytes(&self) -> usize {
+        self.rows.len() * size_of::<UnwindRow>()
+    }
+}
+
+/// A rule for one address range, before it is turned into a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rule {
+    kind: u8,
+    cfa_off: u16,
+    rbp_off: i8,
+}
+
+const NO_INFO: Rule = Rule {
+    kind: unwind_kind::NO_INFO,
+    cfa_off: 0,
+    rbp_off: 0,
+};
+const UNSUPPORTED: Rule = Rule {
+    kind: unwind_kind::UNSUPPORTED,
+    cfa_off: 0,
+    rbp_off: 0,
+};
+
+fn rule<T: gimli::ReaderOffset>(row: &gimli::UnwindTableRow<T>, in_plt: bool) -> Rule {
+    // An undefined return address marks the outermost frame (_start, thread start).
+    if matches!(row.register(X86_64::RA), Some(RegisterRule::Undefined)) {
+        return Rule {
+            kind: unwind_kind::END,
+            cfa_off: 0,
+            rbp_off: 0,
+        };
+    }
+    let (kind, offset) = match row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => {
+            (unwind_kind::CFA_RSP, *offset)
+        }
+        CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => {
+            (unwind_kind::CFA_RBP, *offset)
+        }
+        // PLT stubs describe their CFA with a fixed expression on rip; we know its meaning.
+        CfaRule::Expression(_) if in_plt => {
+            return Rule {
+                kind: unwind_kind::PLT,
+                cfa_off: 8,
+                rbp_off: 0,
+            };
+        }
+        _ => return UNSUPPORTED,
+    };
+    let Ok(cfa_off) = u16::try_from(offset) else {
+        return UNSUPPORTED;
+    };
+    // The return address must be right below the CFA, as the x86-64 ABI has it.
+    match row.register(X86_64::RA) {
+        None | Some(RegisterRule::Offset(-8)) => {}
+        Some(_) => return UNSUPPORTED,
+    }
+    let rbp_off = match row.register(X86_64::RBP) {
+        None | Some(RegisterRule::SameValue) | Some(RegisterRule::Undefined) => 0,
+        Some(RegisterRule::Offset(off)) if off % 8 == 0 && off != 0 => {
+            match i8::try_from(off / 8) {
+                Ok(o) => o,
+                Err(_) => return UNSUPPORTED,
+            }
+        }
+        Some(_) => return UNSUPPORTED,
+    };
+    Rule {
+        kind,
+        cfa_off,
+        rbp_off,
+    }
+}
+
+/// Collects `(start, end, rule)` for every row of every FDE of a CFI section.
+fn collect<R, S>(
+    section: &S,
+    bases: &BaseAddresses,
+    plt: &[(u64, u64)],
+    out: &mut Vec<(u64, u64, Rule)>,
+) -> Result<usize, gimli::Error>
+where
+    R: gimli::Reader,
+    S: UnwindSection<R>,
+{
+    let mut ctx = UnwindContext::new();
+    let mut entries = section.entries(bases);
+    let mut fdes = 0;
+    while let Some(entry) = entries.next()? {
+        let CieOrFde::Fde(partial) = entry else {
+            continue;
+        };
+        // One malformed FDE (seen in hand-written assembly) must not cost the whole module.
+        let Ok(fde) = partial.parse(|s, b, o| s.cie_from_offset(b, o)) else {
+            continue;
+        };
+        fdes += 1;
+        let in_plt = plt
+            .iter()
+            .any(|&(s, e)| fde.initial_address() >= s && fde.initial_address() < e);
+        let Ok(mut table) = fde.rows(section, bases, &mut ctx) else {
+            continue;
+        };
+        while let Ok(Some(row)) = table.next_row() {
+            if row.start_address() < row.end_address() {
+                out.push((row.start_address(), row.end_address(), rule(row, in_plt)));
+            }
+        }
+    }
+    Ok(fdes)
+}
+
+/// Compiles the unwind table of the ELF file at `path`.
+pub fn compile_path(path: &Path) -> Result<UnwindTable, UnwindError> {
+    compile(&File::open(path)?)
+}
+
+/// Compiles the unwind table of an ELF file: `.eh_frame`, and `.debug_frame` for code that
+/// `.eh_frame` does not cover.
+pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
+    let cache = ReadCache::new(file);
+    let elf = object::File::parse(&cache)?;
+    let section = |name: &str| elf.section_by_name(name);
+    let mut bases = BaseAddresses::default();
+    if let Some(text) = section(".text") {
+        bases = bases.set_text(text.address());
+    }
+    if let Some(got) = section(".got") {
+        bases = bases.set_got(got.address());
+    }
+    let plt: Vec<(u64, u64)> = elf
+        .sections()
+        .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
+        .map(|s| (s.address(), s.address() + s.size()))
+        .collect();
+
+    let mut ranges = Vec::new();
+    let mut fdes = 0;
+    if let Some(eh) = section(".eh_frame")
+        && let Ok(data) = eh.data()
+    {
+        let bases = bases.clone().set_eh_frame(eh.address());
+        fdes += collect(&EhFrame::new(data, LittleEndian), &bases, &plt, &mut ranges)?;
+    }
+    let covered = ranges.len();
+    if let Some(df) = section(".debug_frame")
+        && let Ok(data) = df.data()
+    {
+        let mut debug = Vec::new();
+        let mut frame = DebugFrame::new(data, LittleEndian);
+        frame.set_address_size(8);
+        fdes += collect(&frame, &bases, &plt, &mut debug)?;
+        // Only where .eh_frame says nothing.
+        let mut eh: Vec<(u64, u64)> = ranges[..covered].iter().map(|&(s, e, _)| (s, e)).collect();
+        eh.sort_unstable();
+        ranges.extend(debug.into_iter().filter(|&(s, _, _)| {
+            let i = eh.partition_point(|&(es, _)| es <= s);
+            i == 0 || eh[i - 1].1 <= s
+        }));
+    }
+    if fdes == 0 {
+        return Err(UnwindError::NoUnwindInfo);
+    }
+
+    // Virtual addresses to file offsets, through the loadable segments.
+    let segments: Vec<(u64, u64, u64)> = elf
+        .segments()
+        .map(|s| (s.address(), s.file_range().0, s.file_range().1))
+        .collect();
+    let file_offset = |addr: u64| {
+        segments
+            .iter()
+            .find(|&&(vaddr, _, size)| addr >= vaddr && addr < vaddr + size)
+            .map(|&(vaddr, off, _)| addr - vaddr + off)
+    };
+
+    ranges.sort_by_key(|&(start, _, _)| start);
+    let mut rows: Vec<UnwindRow> = Vec::with_capacity(ranges.len());
+    let mut unsupported = 0;
+    let mut prev_end = 0u64;
+    let push = |rows: &mut Vec<UnwindRow>, offset: u64, r: Rule| -> Result<(), UnwindError> {
+        let pc = u32::try_from(offset).map_err(|_| UnwindError::TooLarge)?;
+        let row = UnwindRow {
+            pc,
+            cfa_off: r.cfa_off,
+            rbp_off: r.rbp_off,
+            kind: r.kind,
+        };
+        match rows.last_mut() {
+            // Equal neighbours merge; a later row at the same pc replaces an earlier one.
+            Some(last)
+                if (last.kind, last.cfa_off, last.rbp_off)
+                    == (row.kind, row.cfa_off, row.rbp_off) => {}
+            Some(last) if last.pc == row.pc => *last = row,
+            _ => rows.push(row),
+        }
+        Ok(())
+    };
+    for (start, end, r) in ranges {
+        let (Some(start_off), Some(end_off)) = (file_offset(start), file_offset(end - 1)) else {
+            continue;
+        };
+        if start > prev_end && prev_end != 0 {
+            // A gap between functions: no rule from the previous one may leak into it.
+            if let Some(gap) = file_offset(prev_end) {
+                push(&mut rows, gap, NO_INFO)?;
+            }
+        }
+        if r.kind == unwind_kind::UNSUPPORTED {
+            unsupported += 1;
+        }
+        push(&mut rows, start_off, r)?;
+        prev_end = prev_end.max(end);
+        let _ = end_off;
+    }
+    if let Some(end) = file_offset(prev_end.saturating_sub(1)) {
+        push(&mut rows, end + 1, NO_INFO)?;
+    }
+    Ok(UnwindTable {
+        rows,
+        fdes,
+        unsupported,
+    })
+}
+
+/// Registers at the start of a walk.
+#[derive(Clone, Copy, Debug)]
+pub struct Regs {
+    pub pc: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+/// Why a walk stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalkEnd {
+    /// The outermost frame was reached.
+    Complete,
+    /// `max` frames were collected.
+    Truncated,
+    /// A frame could not be unwound (no rule and no frame pointer, unreadable memory).
+    Broken,
+}
+
+/// The stack walk the kernel side does, in user space: from `regs` (where `pc` is a return
+/// address unless `first_is_pc`), find each caller with `table_for(pc)` → (table, file
+/// offset of pc) and `read(addr)` for stack memory. Mirrors `leaktrace-ebpf/src/stack.rs`.
+pub fn walk<'t>(
+    regs: Regs,
+    first_is_pc: bool,
+    max: usize,
+    table_for: impl Fn(u64) -> Option<(&'t UnwindTable, u64)>,
+    read: impl Fn(u64) -> Option<u64>,
+) -> (Vec<u64>, WalkEnd) {
+    let mut frames = vec![regs.pc];
+    let (mut pc, mut sp, mut bp) = (regs.pc, regs.sp, regs.bp);
+    let mut exact = first_is_pc;
+    loop {
+        if frames.len() >= max {
+            return (frames, WalkEnd::Truncated);
+        }
+        // A return address points after its call: look up the call itself.
+        let lookup = if exact { pc } else { pc - 1 };
+        exact = false;
+        let row = table_for(lookup)
+            .and_then(|(t, off)| t.lookup(off))
+            .copied();
+        let (cfa, next_bp) = match row.map(|r| r.kind) {
+            Some(unwind_kind::END) => return (frames, WalkEnd::Complete),
+            Some(unwind_kind::CFA_RSP | unwind_kind::CFA_RBP | unwind_kind::PLT) => {
+                let r = row.unwrap_or_default();
+                let base = if r.kind == unwind_kind::CFA_RBP {
+                    bp
+                } else {
+                    sp
+                };
+                let mut cfa = base + u64::from(r.cfa_off);
+                if r.kind == unwind_kind::PLT && (lookup & 15) >= 11 {
+                    cfa += 8;
+                }
+                let next_bp = if r.rbp_off == 0 {
+                    Some(bp)
+                } else {
+                    read(cfa.wrapping_add_signed(i64::from(r.rbp_off) * 8))
+                };
+                (cfa, next_bp)
+            }
+            // No usable rule: the frame pointer, if the frame has one.
+            _ => {
+                if bp == 0 || bp < sp {
+                    return (frames, WalkEnd::Broken);
+                }
+                (bp + 16, read(bp))
+            }
+        };
+        let (Some(ret), Some(next_bp)) = (read(cfa - 8), next_bp) else {
+            return (frames, WalkEnd::Broken);
+        };
+        // The stack only grows towards callers; anything else is garbage, and this also
+        // guarantees the walk ends.
+        if ret == 0 || cfa <= sp {
+            return (
+                frames,
+                if ret == 0 {
+                    WalkEnd::Complete
+                } else {
+                    WalkEnd::Broken
+                },
+            );
+        }
+        frames.push(ret);
+        (pc, sp, bp) = (ret, cfa, next_bp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procfs;
+
+    fn mapped(name: &str) -> Option<String> {
+        procfs::read_maps(std::process::id())
+            .ok()?
+            .into_iter()
+            .find(|m| m.path.contains(name))
+            .map(|m| m.path)
+    }
+
+    #[test]
+    fn glibc_compiles_into_a_compact_sorted_table() {
+        let Some(libc) = mapped("libc.so") else {
+            return;
+        };
+        let t = compile_path(Path::new(&libc)).unwrap();
+        assert!(t.fdes > 1000, "{} FDEs", t.fdes);
+        assert!(
+            t.rows.windows(2).all(|w| w[0].pc < w[1].pc),
+            "sorted, no duplicates"
+        );
+        assert!(
+            t.unsupported * 50 < t.rows.len(),
+            "{} of {} rows unsupported",
+            t.unsupported,
+            t.rows.len()
+        );
+        // malloc's first instruction: nothing pushed yet, the caller's frame is rsp + 8.
+        let info = crate::modules::inspect_elf(&File::open(&libc).unwrap()).unwrap();
+        let malloc = info
+            .allocator
+            .iter()
+            .find(|e| e.symbol == "malloc")
+            .unwrap()
+            .offset;
+        let row = t.lookup(malloc).unwrap();
+        assert_eq!(
+            (row.kind, row.cfa_off, row.rbp_off),
+            (unwind_kind::CFA_RSP, 8, 0)
+        );
+        // malloc pushes r12, rbp, rbx: deeper in, rbp is saved and the CFA is further up.
+        let later = t.lookup(malloc + 3).unwrap();
+        assert_eq!(
+            (later.kind, later.cfa_off, later.rbp_off),
+            (unwind_kind::CFA_RSP, 24, -3)
+        );
+    }
+
+    /// Reads 8 bytes of our own memory without ever faulting.
+    fn read_self(addr: u64) -> Option<u64> {
+        let mut value = 0u64;
+        let local = libc::iovec {
+            iov_base: (&raw mut value).cast(),
+            iov_len: 8,
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: 8,
+        };
+        // SAFETY: process_vm_readv checks the remote range; `local` is our own u64.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        (n == 8).then_some(value)
+    }
+
+    type Check<'a> = &'a dyn Fn(Regs, &[u64]);
+
+    /// Takes our registers and glibc's backtrace() at one point of one function and checks
+    /// them while this frame and its callers are still on the stack.
+    #[inline(never)]
+    fn at_the_bottom(check: Check<'_>) {
+        let (pc, sp, bp): (u64, u64, u64);
+        // SAFETY: reads rip, rsp and rbp; touches nothing.
+        unsafe {
+            std::arch::asm!("lea {}, [rip]", "mov {}, rsp", "mov {}, rbp", out(reg) pc, out(reg) sp, out(reg) bp)
+        };
+        let mut buf = [std::ptr::null_mut(); 64];
+        // SAFETY: buf has room for 64 frames.
+        let n = unsafe { libc::backtrace(buf.as_mut_ptr(), 64) } as usize;
+        let oracle: Vec<u64> = buf[..n].iter().map(|&p| p as u64).collect();
+        check(Regs { pc, sp, bp }, &oracle);
+    }
+
+    #[inline(never)]
+    fn nested(depth: usize, check: Check<'_>) {
+        if depth == 0 {
+            at_the_bottom(check)
+        } else {
+            nested(depth - 1, check)
+        }
+        std::hint::black_box(depth);
+    }
+
+    #[test]
+    fn the_walk_matches_glibcs_backtrace_frame_for_frame() {
+        // glibc's backtrace() is libgcc's .eh_frame unwinder: the oracle no one tunes.
+        let mut modules = crate::modules::Modules::default();
+        let space = crate::modules::AddressSpace::read(std::process::id(), &mut modules).unwrap();
+        let tables: hashbrown::HashMap<_, _> = space
+            .modules()
+            .iter()
+            .filter_map(|m| Some((m.key, compile(&File::open(&m.path).ok()?).ok()?)))
+            .collect();
+        let table_for = |pc: u64| {
+            let (m, off) = space.lookup(pc)?;
+            Some((tables.get(&m.key)?, off))
+        };
+        let checked = std::cell::Cell::new(false);
+        nested(6, &|regs, oracle| {
+            let (frames, end) = walk(regs, true, 127, table_for, read_self);
+            // frames[0] is our pc inside at_the_bottom(); backtrace()'s is its return address
+            // into it. From there on both list the same return addresses.
+            assert!(oracle.len() > 8, "{oracle:x?}");
+            assert_eq!(
+                frames[1..],
+                oracle[1..],
+                "ours {frames:x?}\noracle {oracle:x?}"
+            );
+            assert_eq!(
+                end,
+                WalkEnd::Complete,
+                "the walk reaches the thread's start"
+            );
+            checked.set(true);
+        });
+        assert!(checked.get());
+    }
+}
