@@ -42,6 +42,15 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("leaktrace-ebpf has no directory"))?;
+    // The eBPF crate's dependency on the contract is invisible to cargo from here.
+    if let Some(common) = metadata
+        .packages
+        .iter()
+        .find(|p| p.name.as_str() == "leaktrace-common")
+        && let Some(dir) = common.manifest_path.parent()
+    {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

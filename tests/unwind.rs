@@ -28,7 +28,7 @@ fn matches_backtrace(flags: &[&str], variant: &str) {
             (size, words.map(hex).collect())
         })
         .collect();
-    assert_eq!(oracles.len(), 3, "{}", run.stderr);
+    assert_eq!(oracles.len(), 4, "{}", run.stderr);
     for (size, oracle) in oracles {
         let leak = r
             .site("record_and_alloc")

@@ -239,9 +239,15 @@ pub mod unwind_kind {
     pub const END: u8 = 3;
     /// No unwind information covers this code: fall back to the frame pointer.
     pub const NO_INFO: u8 = 4;
-    /// The rule cannot be expressed here (a DWARF expression, a signal frame): fall back to
-    /// the frame pointer.
+    /// The rule cannot be expressed here (a DWARF expression): fall back to the frame pointer.
     pub const UNSUPPORTED: u8 = 5;
+    /// A signal trampoline (`__restore_rt`): the interrupted registers are in the
+    /// `ucontext_t` at the stack pointer, and the interrupted pc is exact.
+    pub const SIGNAL: u8 = 6;
+    /// Offsets in `ucontext_t` (x86-64) of the interrupted rbp, rsp and rip.
+    pub const UC_RBP: u64 = 120;
+    pub const UC_RSP: u64 = 160;
+    pub const UC_RIP: u64 = 168;
 }
 
 /// One executable mapping of a traced process, as the stack walker sees it.
@@ -256,8 +262,16 @@ pub struct CodeMapping {
     /// no table (frame pointers only).
     pub table_start: u32,
     pub table_len: u32,
+    /// Entries `[index_start, index_start + index_len)` of `UNWIND_INDEX`: for each
+    /// [`UNWIND_PAGE`]-byte page of the file, the (table-relative) row covering its start,
+    /// so a lookup searches only the rows of one page.
+    pub index_start: u32,
+    pub index_len: u32,
 }
-const _: () = assert!(size_of::<CodeMapping>() == 32);
+const _: () = assert!(size_of::<CodeMapping>() == 40);
+
+/// Page size of the unwind index ([`CodeMapping::index_start`]), as a shift.
+pub const UNWIND_PAGE_SHIFT: u32 = 8;
 
 /// Most executable mappings a traced process can have in the walker's view.
 pub const MAX_CODE_MAPPINGS: usize = 250;
@@ -267,10 +281,12 @@ pub const MAX_CODE_MAPPINGS: usize = 250;
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessCode {
     pub len: u32,
-    pub _pad: u32,
+    /// Changes whenever user space rewrites the value, so the walker knows when mappings it
+    /// cached from an earlier walk are stale.
+    pub generation: u32,
     pub mappings: [CodeMapping; MAX_CODE_MAPPINGS],
 }
-const _: () = assert!(size_of::<ProcessCode>() == 8 + 32 * MAX_CODE_MAPPINGS);
+const _: () = assert!(size_of::<ProcessCode>() == 8 + 40 * MAX_CODE_MAPPINGS);
 
 /// How stacks are walked ([`Config::unwind`]).
 pub mod unwind_mode {

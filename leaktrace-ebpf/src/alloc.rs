@@ -148,9 +148,10 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     if addr == 0 && (old_addr == 0 || size != 0) {
         return 0;
     }
-    let stack_id = stack::capture(ctx.as_ptr().cast(), false, false);
+    let hdr = header(kind::ALLOC);
+    let stack_id = stack::capture(ctx.as_ptr().cast(), &hdr, false, false);
     let event = AllocEvent {
-        hdr: header(kind::ALLOC),
+        hdr,
         addr,
         size,
         old_addr,

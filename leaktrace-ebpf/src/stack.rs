@@ -8,6 +8,13 @@
 //!
 //! The same walk, in user space and tested against glibc's `backtrace()`, is
 //! `leaktrace::unwind::walk`.
+//!
+//! Verifier notes. The walk runs one frame per `bpf_loop` step, and its state lives in a
+//! per-CPU map value, not on the BPF stack: values loaded from a map are opaque to the
+//! verifier, so indexes derived from them (into the frame buffer, the stack copy, the
+//! mappings) need no precision tracking across steps, and the step verifies once instead of
+//! once per frame. Binary searches index map values too, so they run in `bpf_loop`s of their
+//! own for the same reason.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -17,11 +24,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use leaktrace_common::{
-    Config, MAX_CODE_MAPPINGS, MAX_FRAMES, ProcessCode, StackEvent, UnwindRow, WalkStats,
-    drop_reason, kind, stack_flags, unwind_kind, unwind_mode,
+    CodeMapping, Config, Header, MAX_CODE_MAPPINGS, MAX_FRAMES, ProcessCode, StackEvent,
+    UNWIND_PAGE_SHIFT, UnwindRow, WalkStats, drop_reason, kind, stack_flags, unwind_kind,
+    unwind_mode,
 };
 
-use crate::maps::{EVENTS, count_drop, header};
+use crate::maps::{EVENTS, count_drop};
 
 /// Settings from user space, fixed at load time (the verifier prunes what they turn off).
 #[unsafe(no_mangle)]
@@ -44,6 +52,11 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 #[map]
 static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 20, BPF_F_MMAPABLE);
 
+/// Every module's page index into its rows (see `CodeMapping::index_start`). Entries are
+/// u64 because array elements are 8-byte aligned in the memory user space maps.
+#[map]
+static UNWIND_INDEX: Array<u64> = Array::with_max_entries(1 << 19, BPF_F_MMAPABLE);
+
 /// Per traced process: its executable mappings and their tables.
 #[map]
 static PROC_CODE: HashMap<u32, ProcessCode> = HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
@@ -52,46 +65,93 @@ static PROC_CODE: HashMap<u32, ProcessCode> = HashMap::with_max_entries(4096, BP
 #[map]
 static WALK_STATS: PerCpuArray<WalkStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// Frames being collected, one buffer per CPU (too large for the 512-byte BPF stack).
-///
-/// Uprobe programs run with migration disabled but may be preempted on kernels with full
-/// preemption, so another task's walk can reuse this CPU's buffer midway. `users` counts
-/// walks started here; a walk that finds it changed at the end knows its frames were
-/// overwritten and does not send them (its id, hashed privately, is still right).
-#[repr(C)]
-pub struct Scratch {
-    users: u64,
-    frames: [u64; MAX_FRAMES],
-}
-
-#[map]
-static STACK_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-
 /// Stack ids already sent to user space. When one is evicted it is simply sent again.
 #[map]
 static STACKS_SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 
-/// Where a walk is: lives on the caller's stack and is handed to each `bpf_loop` step.
+/// Where a walk is.
 #[repr(C)]
 struct Walk {
     /// The frame being unwound: its pc (a return address unless `exact`), sp and rbp.
     pc: u64,
     sp: u64,
     bp: u64,
-    /// The process's code mappings (null: frame pointers only).
-    code: *const ProcessCode,
     hash: u64,
+    /// The stack pointer the walk started from, and the chunk holding it: `STACK_COPY`
+    /// mirrors `[base, base + COPY_CHUNKS chunks)`.
+    start_sp: u64,
+    base: u64,
     /// `Scratch::users` when this walk started.
     ticket: u64,
+    pid: u32,
     nr: u32,
     flags: u32,
     /// `pc` is an exact instruction address (the first frame at a probe or tracepoint).
     exact: u32,
     /// `pc` is a function's first instruction: nothing pushed yet.
     entry: u32,
+    /// Unwind tables are in use for this process.
+    tables: u32,
+    /// Chunks of `STACK_COPY` copied (bit per chunk), and chunks that could not be read.
+    copied: u32,
+    failed: u32,
+    /// The code mapping the previous frame was in, and the one before that (copies: callers
+    /// are often in the same module, or back in the one before).
+    last: CodeMapping,
+    prev: CodeMapping,
 }
 
+/// A walk's state and the frames it collected, one per CPU (too large for the BPF stack).
+///
+/// Uprobe programs run with migration disabled but may be preempted on kernels with full
+/// preemption, so another task's walk can reuse this CPU's scratch midway. `users` counts
+/// walks started here; a walk that finds it changed at the end knows its frames were
+/// overwritten and does not send them.
+#[repr(C)]
+pub struct Scratch {
+    users: u64,
+    walk: Walk,
+    /// `ProcessCode::generation` of `walk.pid` when `walk.last`/`walk.prev` were found.
+    generation: u32,
+    _pad: u32,
+    frames: [u64; MAX_FRAMES],
+}
+
+#[map]
+static STACK_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The stack is copied in chunks of this many bytes, on demand, from the chunk holding the
+/// starting sp upwards: 32 chunks, 32 KiB, the most a per-CPU map value may hold. Smaller
+/// chunks copy less of what no frame needs; each is one helper call.
+const CHUNK: u64 = 1024;
+const COPY_CHUNKS: u64 = 32;
+
+/// A per-CPU copy of the top of the stack being walked.
+///
+/// Each `bpf_probe_read_user` is a helper call (~65 ns on this kind of VM); a walk reads one
+/// or two words per frame. Copying the stack a chunk at a time, on demand, then reading
+/// frames from the copy costs a call per chunk instead. The memory above the starting sp
+/// holds the live frames of the callers, so it is resident; a chunk that cannot be read
+/// (the end of the stack mapping) falls back to reading words one by one.
+#[repr(C)]
+pub struct StackCopy {
+    bytes: [u8; (COPY_CHUNKS * CHUNK) as usize],
+}
+
+#[map]
+static STACK_COPY: PerCpuArray<StackCopy> = PerCpuArray::with_max_entries(1, 0);
+
 const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+const NO_MAPPING: CodeMapping = CodeMapping {
+    start: 0,
+    end: 0,
+    offset: 0,
+    table_start: 0,
+    table_len: 0,
+    index_start: 0,
+    index_len: 0,
+};
 
 #[inline(always)]
 fn mix(hash: u64, value: u64) -> u64 {
@@ -109,178 +169,303 @@ fn finish(mut h: u64) -> u64 {
 }
 
 #[inline(always)]
-fn push(walk: &mut Walk, frame: u64) -> bool {
-    let nr = walk.nr as usize;
+fn push(s: &mut Scratch, frame: u64) -> bool {
+    let nr = s.walk.nr as usize;
     if nr >= MAX_FRAMES {
-        walk.flags |= stack_flags::TRUNCATED;
+        s.walk.flags |= stack_flags::TRUNCATED;
         return false;
     }
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
-        walk.flags |= stack_flags::BROKEN;
-        return false;
-    };
-    // SAFETY: per-CPU scratch, `nr` checked against the array length above.
-    unsafe { (*scratch).frames[nr] = frame };
-    walk.nr += 1;
-    walk.hash = mix(walk.hash, frame);
+    s.frames[nr] = frame;
+    s.walk.nr += 1;
+    s.walk.hash = mix(s.walk.hash, frame);
     true
+}
+
+/// State of a binary search, run by `bpf_loop` (see the module notes).
+#[repr(C)]
+struct Search {
+    /// The answer lies in `[lo, hi)`; at the end `lo` is one past the last element `<= key`.
+    lo: u32,
+    hi: u32,
+    key: u64,
+    code: *const ProcessCode,
+}
+
+/// One step of the search for the last mapping starting at or below `key`.
+#[inline(never)]
+extern "C" fn mapping_step(_index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Search` that `row_for` passed to bpf_loop.
+    let s = unsafe { &mut *ctx.cast::<Search>() };
+    if s.lo >= s.hi || s.code.is_null() {
+        return 1;
+    }
+    let mid = s.lo + (s.hi - s.lo) / 2;
+    if mid as usize >= MAX_CODE_MAPPINGS {
+        return 1;
+    }
+    // SAFETY: `code` is a PROC_CODE value; `mid` is checked against the array length.
+    if unsafe { (*s.code).mappings[mid as usize].start } <= s.key {
+        s.lo = mid + 1;
+    } else {
+        s.hi = mid;
+    }
+    0
+}
+
+/// One step of the search for the last unwind row at or below `key`.
+#[inline(never)]
+extern "C" fn row_step(_index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Search` that `row_for` passed to bpf_loop.
+    let s = unsafe { &mut *ctx.cast::<Search>() };
+    if s.lo >= s.hi {
+        return 1;
+    }
+    let mid = s.lo + (s.hi - s.lo) / 2;
+    let Some(row) = UNWIND_ROWS.get(mid) else {
+        return 1;
+    };
+    if u64::from(row.pc) <= s.key {
+        s.lo = mid + 1;
+    } else {
+        s.hi = mid;
+    }
+    0
 }
 
 /// The unwind row for `pc`, if a table covers it.
 #[inline(always)]
-fn row_for(code: *const ProcessCode, pc: u64) -> Option<UnwindRow> {
-    if code.is_null() {
+fn row_for(w: &mut Walk, pc: u64) -> Option<UnwindRow> {
+    if w.tables == 0 {
         return None;
     }
-    // SAFETY: `code` points at a PROC_CODE value, looked up by `capture`.
-    let len = unsafe { (*code).len } as usize;
-    // The last mapping starting at or below pc (mappings are sorted by start).
-    let (mut lo, mut hi) = (
-        0usize,
-        if len < MAX_CODE_MAPPINGS {
-            len
+    if !(w.last.start <= pc && pc < w.last.end) {
+        if w.prev.start <= pc && pc < w.prev.end {
+            // Back to the module before (stacks alternate between the program and libc).
+            core::mem::swap(&mut w.last, &mut w.prev);
         } else {
-            MAX_CODE_MAPPINGS
-        },
-    );
-    for _ in 0..8 {
-        if lo >= hi {
-            break;
+            let code = PROC_CODE.get_ptr(w.pid)?;
+            // SAFETY: a PROC_CODE value.
+            let len = unsafe { (*code).len }.min(MAX_CODE_MAPPINGS as u32);
+            let mut search = Search {
+                lo: 0,
+                hi: len,
+                key: pc,
+                code,
+            };
+            // SAFETY: the callback has the bpf_loop signature; `search` outlives the call.
+            unsafe { bpf_loop(9, mapping_step as *mut c_void, (&raw mut search).cast(), 0) };
+            let i = search.lo.checked_sub(1)? as usize;
+            if i >= MAX_CODE_MAPPINGS {
+                return None;
+            }
+            w.prev = w.last;
+            // SAFETY: as above; `i` is checked against the array length.
+            w.last = unsafe { (*code).mappings[i] };
         }
-        let mid = (lo + hi) / 2;
-        if mid >= MAX_CODE_MAPPINGS {
+        if !(w.last.start <= pc && pc < w.last.end) {
             return None;
         }
-        // SAFETY: index checked against the array length.
-        if unsafe { (*code).mappings[mid].start } <= pc {
-            lo = mid + 1
-        } else {
-            hi = mid
-        }
     }
-    let i = lo.checked_sub(1)?;
-    if i >= MAX_CODE_MAPPINGS {
+    if w.last.table_len == 0 {
         return None;
     }
-    // SAFETY: as above.
-    let m = unsafe { &(*code).mappings[i] };
-    if pc >= m.end || m.table_len == 0 {
-        return None;
+    let rel = pc - w.last.start + w.last.offset;
+    let start = w.last.table_start;
+    // The page index narrows the search to the rows of rel's page: the row covering the
+    // page's start through the one covering the next page's start.
+    let page = (rel >> UNWIND_PAGE_SHIFT) as u32;
+    let (mut lo, mut hi) = (start, start + w.last.table_len);
+    if page + 1 < w.last.index_len
+        && let (Some(&first), Some(&next)) = (
+            UNWIND_INDEX.get(w.last.index_start + page),
+            UNWIND_INDEX.get(w.last.index_start + page + 1),
+        )
+    {
+        lo = start + first as u32;
+        hi = hi.min(start + next as u32 + 1);
     }
-    let rel = pc - m.start + m.offset;
-    // The last row with row.pc <= rel.
-    let (mut lo, mut hi) = (m.table_start, m.table_start + m.table_len);
-    for _ in 0..24 {
-        if lo >= hi {
+    let (first, mut l, mut h) = (lo, lo, hi);
+    for _ in 0..12 {
+        if l >= h {
             break;
         }
-        let mid = lo + (hi - lo) / 2;
+        let mid = l + (h - l) / 2;
         let row = UNWIND_ROWS.get(mid)?;
         if u64::from(row.pc) <= rel {
-            lo = mid + 1
+            l = mid + 1
         } else {
-            hi = mid
+            h = mid
         }
     }
-    if lo <= m.table_start {
+    if l < h {
+        // The page holds more rows than 12 halvings cover: finish in a loop of its own.
+        let mut search = Search {
+            lo: l,
+            hi: h,
+            key: rel,
+            code: core::ptr::null(),
+        };
+        // SAFETY: as above.
+        unsafe { bpf_loop(32, row_step as *mut c_void, (&raw mut search).cast(), 0) };
+        l = search.lo;
+    }
+    if l <= first || l <= start {
         return None;
     }
-    UNWIND_ROWS.get(lo - 1).copied()
+    UNWIND_ROWS.get(l - 1).copied()
 }
 
+/// Makes chunk `chunk` of the copy (relative to `w.base`) available. False: read directly.
 #[inline(always)]
-fn read_u64(addr: u64) -> Option<u64> {
+fn copy_chunk(w: &mut Walk, chunk: u64) -> bool {
+    if chunk >= COPY_CHUNKS {
+        return false;
+    }
+    let bit = 1u32 << chunk;
+    if w.copied & bit != 0 {
+        return true;
+    }
+    if w.failed & bit != 0 {
+        return false;
+    }
+    let Some(copy) = STACK_COPY.get_ptr_mut(0) else {
+        return false;
+    };
+    // Whole chunks, the first included: the part of it below sp is in the same mapped page,
+    // and a fixed size keeps the verifier's bounds simple.
+    let at = chunk * CHUNK;
+    // SAFETY: `chunk < COPY_CHUNKS`, so `at + CHUNK` is within the per-CPU buffer; the helper
+    // checks the user range and never faults the target.
+    let r = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            (copy as *mut u8).add(at as usize).cast(),
+            CHUNK as u32,
+            (w.base + at) as *const c_void,
+        )
+    };
+    if r == 0 {
+        w.copied |= bit;
+        true
+    } else {
+        w.failed |= bit;
+        false
+    }
+}
+
+/// Reads a word of the stack being walked: from the copy when it covers `addr`.
+#[inline(always)]
+fn read(w: &mut Walk, addr: u64) -> Option<u64> {
+    if addr >= w.start_sp && addr - w.base <= COPY_CHUNKS * CHUNK - 8 {
+        let rel = addr - w.base;
+        if copy_chunk(w, rel / CHUNK) && copy_chunk(w, (rel + 7) / CHUNK) {
+            let copy = STACK_COPY.get_ptr(0)?;
+            let rel = rel as usize;
+            if rel <= (COPY_CHUNKS * CHUNK - 8) as usize {
+                // SAFETY: `rel + 8` is within the buffer, checked above.
+                return Some(unsafe {
+                    core::ptr::read_unaligned((copy as *const u8).add(rel).cast::<u64>())
+                });
+            }
+        }
+    }
     // SAFETY: bpf_probe_read_user checks the address and never faults the target.
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
-/// One step of the walk: finds the caller of `walk.pc` and pushes its return address.
-/// Returns 1 to stop the loop.
+/// One step of the walk: finds the caller of the current frame and pushes its return
+/// address. Returns 1 to stop the loop.
 #[inline(never)]
-extern "C" fn step(_index: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `Walk` that `capture` passed to bpf_loop.
-    let walk = unsafe { &mut *ctx.cast::<Walk>() };
-    if walk.nr as usize >= MAX_FRAMES {
-        walk.flags |= stack_flags::TRUNCATED;
+extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
+    let Some(s) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch, set up by `capture`.
+    let s = unsafe { &mut *s };
+    if s.walk.nr as usize >= MAX_FRAMES {
+        s.walk.flags |= stack_flags::TRUNCATED;
         return 1;
     }
+    let w = &mut s.walk;
     // A return address points after its call: look the call itself up.
-    let lookup = if walk.exact != 0 {
-        walk.pc
+    let lookup = if w.exact != 0 {
+        w.pc
     } else {
-        walk.pc.wrapping_sub(1)
+        w.pc.wrapping_sub(1)
     };
-    let entry = walk.entry != 0;
-    walk.exact = 0;
-    walk.entry = 0;
+    let entry = w.entry != 0;
+    w.exact = 0;
+    w.entry = 0;
 
-    let (cfa, ret, next_bp) = match row_for(walk.code, lookup) {
+    // Where the caller's frame starts (its CFA), and where its rbp was saved (0: unchanged).
+    let (cfa, saved_bp) = match row_for(w, lookup) {
         Some(row) if row.kind == unwind_kind::END => return 1,
+        Some(row) if row.kind == unwind_kind::SIGNAL => {
+            // Back into the code the signal interrupted, at its exact instruction. A handler
+            // may run on another stack, so sp need not grow here (the loop bound still ends
+            // the walk).
+            let uc = w.sp;
+            let (Some(pc), Some(sp), Some(bp)) = (
+                read(w, uc + unwind_kind::UC_RIP),
+                read(w, uc + unwind_kind::UC_RSP),
+                read(w, uc + unwind_kind::UC_RBP),
+            ) else {
+                w.flags |= stack_flags::BROKEN;
+                return 1;
+            };
+            w.pc = pc;
+            w.sp = sp;
+            w.bp = bp;
+            w.exact = 1;
+            return if push(s, pc) { 0 } else { 1 };
+        }
         Some(row) if row.kind <= unwind_kind::PLT => {
             let base = if row.kind == unwind_kind::CFA_RBP {
-                walk.bp
+                w.bp
             } else {
-                walk.sp
+                w.sp
             };
             let mut cfa = base.wrapping_add(u64::from(row.cfa_off));
             if row.kind == unwind_kind::PLT && lookup & 15 >= 11 {
                 cfa += 8;
             }
-            if row.rbp_off == -2 {
-                // The usual frame: saved rbp right below the return address, one read.
-                // SAFETY: as in `read_u64`.
-                let Ok([bp, ret]) = (unsafe { bpf_probe_read_user((cfa - 16) as *const [u64; 2]) })
-                else {
-                    walk.flags |= stack_flags::BROKEN;
-                    return 1;
-                };
-                (cfa, ret, bp)
+            let saved = if row.rbp_off == 0 {
+                0
             } else {
-                let Some(ret) = read_u64(cfa - 8) else {
-                    walk.flags |= stack_flags::BROKEN;
-                    return 1;
-                };
-                let bp = if row.rbp_off == 0 {
-                    walk.bp
-                } else {
-                    match read_u64(cfa.wrapping_add_signed(i64::from(row.rbp_off) * 8)) {
-                        Some(bp) => bp,
-                        None => {
-                            walk.flags |= stack_flags::BROKEN;
-                            return 1;
-                        }
-                    }
-                };
-                (cfa, ret, bp)
-            }
+                cfa.wrapping_add_signed(i64::from(row.rbp_off) * 8)
+            };
+            (cfa, saved)
         }
         // No usable rule here: with --unwind dwarf the stack ends; at a function's first
         // instruction the return address is at [sp]; elsewhere follow the frame pointer.
-        _ if config().unwind == unwind_mode::DWARF && !walk.code.is_null() => {
-            walk.flags |= stack_flags::BROKEN;
+        _ if config().unwind == unwind_mode::DWARF && w.tables != 0 => {
+            w.flags |= stack_flags::BROKEN;
             return 1;
         }
-        _ if entry => {
-            let Some(ret) = read_u64(walk.sp) else {
-                walk.flags |= stack_flags::BROKEN;
-                return 1;
-            };
-            (walk.sp + 8, ret, walk.bp)
-        }
+        _ if entry => (w.sp + 8, 0),
         _ => {
-            if walk.bp == 0 {
+            if w.bp == 0 {
                 return 1;
             }
-            if walk.bp < walk.sp {
-                walk.flags |= stack_flags::BROKEN;
+            if w.bp < w.sp {
+                w.flags |= stack_flags::BROKEN;
                 return 1;
             }
-            // SAFETY: as in `read_u64`.
-            let Ok([bp, ret]) = (unsafe { bpf_probe_read_user(walk.bp as *const [u64; 2]) }) else {
-                walk.flags |= stack_flags::BROKEN;
+            (w.bp + 16, w.bp)
+        }
+    };
+    let Some(ret) = read(w, cfa - 8) else {
+        w.flags |= stack_flags::BROKEN;
+        return 1;
+    };
+    let next_bp = if saved_bp == 0 {
+        w.bp
+    } else {
+        match read(w, saved_bp) {
+            Some(bp) => bp,
+            None => {
+                w.flags |= stack_flags::BROKEN;
                 return 1;
-            };
-            (walk.bp + 16, ret, bp)
+            }
         }
     };
     // The stack only grows towards callers; anything else is garbage, and this also
@@ -288,26 +473,24 @@ extern "C" fn step(_index: u32, ctx: *mut c_void) -> i64 {
     if ret == 0 {
         return 1;
     }
-    if cfa <= walk.sp {
-        walk.flags |= stack_flags::BROKEN;
+    if cfa <= w.sp {
+        w.flags |= stack_flags::BROKEN;
         return 1;
     }
-    if !push(walk, ret) {
-        return 1;
-    }
-    walk.pc = ret;
-    walk.sp = cfa;
-    walk.bp = next_bp;
-    0
+    w.pc = ret;
+    w.sp = cfa;
+    w.bp = next_bp;
+    if push(s, ret) { 0 } else { 1 }
 }
 
-/// Captures the user stack of the current task from `regs` and returns its id (never 0).
+/// Captures the user stack of the current task from `regs` for the event with header
+/// `event`, and returns its id (0 only if the per-CPU scratch is missing).
 ///
 /// `exact`: `regs.rip` is the instruction about to run (an entry probe, a tracepoint)
 /// rather than a return address (a return probe). `at_entry`: it is a function's first
 /// instruction.
 #[inline(always)]
-pub fn capture(regs: *const pt_regs, exact: bool, at_entry: bool) -> u64 {
+pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool) -> u64 {
     let cfg = config();
     let started = if cfg.measure != 0 {
         // SAFETY: no preconditions.
@@ -315,54 +498,88 @@ pub fn capture(regs: *const pt_regs, exact: bool, at_entry: bool) -> u64 {
     } else {
         0
     };
+    let Some(s) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
     // SAFETY: `regs` is the program's context.
     let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
-    let hdr = header(kind::STACK);
-    let code = if cfg.unwind != unwind_mode::FP {
-        PROC_CODE.get_ptr(hdr.pid).unwrap_or(core::ptr::null())
+    // The event's own header serves the stack record too: no extra helper calls.
+    let hdr = Header {
+        kind: kind::STACK,
+        ..*event
+    };
+    // The mappings the previous walk on this CPU found stay valid for the next walk of the
+    // same process, until user space republishes its code.
+    let generation = if cfg.unwind == unwind_mode::FP {
+        None
     } else {
-        core::ptr::null()
+        // SAFETY: a PROC_CODE value.
+        PROC_CODE
+            .get_ptr(hdr.pid)
+            .map(|code| unsafe { (*code).generation })
     };
-    let mut walk = Walk {
-        pc: ip,
-        sp,
-        bp,
-        code,
-        hash: SEED ^ u64::from(hdr.pid),
-        ticket: 0,
-        nr: 0,
-        flags: 0,
-        exact: u32::from(exact),
-        entry: u32::from(at_entry),
+    // SAFETY: this CPU's scratch; see `Scratch` for how a preempting walk is detected.
+    let ticket = unsafe {
+        let reuse = generation.is_some_and(|g| (*s).walk.pid == hdr.pid && (*s).generation == g);
+        let (last, prev) = if reuse {
+            ((*s).walk.last, (*s).walk.prev)
+        } else {
+            (NO_MAPPING, NO_MAPPING)
+        };
+        (*s).generation = generation.unwrap_or(0);
+        (*s).users = (*s).users.wrapping_add(1);
+        (*s).walk = Walk {
+            pc: ip,
+            sp,
+            bp,
+            hash: SEED ^ u64::from(hdr.pid),
+            start_sp: sp,
+            base: sp & !(CHUNK - 1),
+            ticket: (*s).users,
+            pid: hdr.pid,
+            nr: 0,
+            flags: if exact { stack_flags::FIRST_IS_PC } else { 0 },
+            exact: u32::from(exact),
+            entry: u32::from(at_entry),
+            tables: u32::from(generation.is_some()),
+            copied: 0,
+            failed: 0,
+            last,
+            prev,
+        };
+        push(&mut *s, ip);
+        (*s).users
     };
-    if let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) {
-        // SAFETY: per-CPU value; see `Scratch` for why it is checked again at the end.
-        unsafe {
-            (*scratch).users = (*scratch).users.wrapping_add(1);
-            walk.ticket = (*scratch).users;
-        }
-    }
-    if exact {
-        walk.flags |= stack_flags::FIRST_IS_PC;
-    }
-    push(&mut walk, ip);
-    // SAFETY: `step` has the callback signature; `walk` outlives the call.
+    // SAFETY: `step` has the callback signature; it finds its state in the scratch.
     unsafe {
         bpf_loop(
             MAX_FRAMES as u32,
             step as *mut c_void,
-            (&raw mut walk).cast(),
+            core::ptr::null_mut(),
             0,
         )
     };
 
-    let id = match finish(walk.hash ^ u64::from(walk.nr)) {
+    // SAFETY: as above.
+    let (nr, flags, hash, intact) = unsafe {
+        (
+            (*s).walk.nr,
+            (*s).walk.flags,
+            (*s).walk.hash,
+            (*s).users == ticket,
+        )
+    };
+    let id = match finish(hash ^ u64::from(nr)) {
         0 => 1,
         id => id,
     };
     // SAFETY: read-only presence check.
     if unsafe { STACKS_SEEN.get(&id) }.is_none() {
-        send_frames(hdr, id, &walk);
+        if intact {
+            send_frames(hdr, id, nr, flags);
+        } else {
+            count_drop(drop_reason::STACK_RACE);
+        }
     }
     if cfg.measure != 0
         && let Some(stats) = WALK_STATS.get_ptr_mut(0)
@@ -370,7 +587,7 @@ pub fn capture(regs: *const pt_regs, exact: bool, at_entry: bool) -> u64 {
         // SAFETY: per-CPU value; bpf_ktime_get_ns has no preconditions.
         unsafe {
             (*stats).walks += 1;
-            (*stats).frames += u64::from(walk.nr);
+            (*stats).frames += u64::from(nr);
             (*stats).ns += bpf_ktime_get_ns() - started;
         }
     }
@@ -378,27 +595,21 @@ pub fn capture(regs: *const pt_regs, exact: bool, at_entry: bool) -> u64 {
 }
 
 #[inline(always)]
-fn send_frames(mut hdr: leaktrace_common::Header, id: u64, walk: &Walk) {
+fn send_frames(hdr: Header, id: u64, nr: u32, flags: u32) {
     let Some(scratch) = STACK_SCRATCH.get_ptr(0) else {
         return;
     };
-    // SAFETY: per-CPU value.
-    if unsafe { (*scratch).users } != walk.ticket {
-        count_drop(drop_reason::STACK_RACE);
-        return;
-    }
     let Some(mut entry) = EVENTS.reserve::<StackEvent>(0) else {
         count_drop(drop_reason::STACK_RINGBUF);
         return;
     };
-    hdr.kind = kind::STACK;
     let record = entry.as_mut_ptr();
     // SAFETY: `record` points to a reserved, writable StackEvent; `frames` to the scratch.
     unsafe {
         (*record).hdr = hdr;
         (*record).stack_id = id;
-        (*record).nr = walk.nr;
-        (*record).flags = walk.flags;
+        (*record).nr = nr;
+        (*record).flags = flags;
         core::ptr::copy_nonoverlapping(&raw const (*scratch).frames, &raw mut (*record).frames, 1);
     }
     // Stacks precede the event that refers to them; that event's wakeup covers both.

@@ -211,22 +211,19 @@ pub struct LoadOptions {
     pub measure_walks: bool,
 }
 
-/// The unwind rows of every module, in the kernel's `UNWIND_ROWS` array, written through a
-/// shared mapping of it. Each module's table is compiled and copied once, whichever
-/// processes map it.
-struct UnwindRows {
-    ptr: *mut UnwindRow,
+/// A BPF array created with `BPF_F_MMAPABLE`, mapped into our memory and filled from the
+/// front: the cheapest way to hand the kernel side large tables.
+struct SharedArray<T: Copy> {
+    ptr: *mut T,
     capacity: usize,
     used: usize,
-    /// Where each module's rows are (`None`: it has no usable table).
-    placed: HashMap<ModuleKey, Option<(u32, u32)>>,
     _map: MapData,
 }
 
-impl UnwindRows {
+impl<T: Copy> SharedArray<T> {
     fn new(map: MapData, capacity: u32) -> Result<Self, SourceError> {
-        let bytes = capacity as usize * size_of::<UnwindRow>();
-        // SAFETY: maps the array's own memory (BPF_F_MMAPABLE), shared with the kernel.
+        let bytes = capacity as usize * size_of::<T>();
+        // SAFETY: maps the array's own memory, shared with the kernel.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -244,56 +241,116 @@ impl UnwindRows {
             ptr: ptr.cast(),
             capacity: capacity as usize,
             used: 0,
-            placed: HashMap::new(),
             _map: map,
         })
     }
 
-    /// The rows of `module`, compiled and copied in on first use.
-    fn place(&mut self, module: &Module) -> Option<(u32, u32)> {
+    /// Appends `items`, returning where they start; `None` when they do not fit.
+    fn append(&mut self, items: &[T]) -> Option<u32> {
+        if self.used + items.len() > self.capacity {
+            return None;
+        }
+        // SAFETY: `used + len <= capacity` elements lie inside the mapping; T is plain data.
+        unsafe {
+            std::ptr::copy_nonoverlapping(items.as_ptr(), self.ptr.add(self.used), items.len())
+        };
+        let start = self.used as u32;
+        self.used += items.len();
+        Some(start)
+    }
+}
+
+impl<T: Copy> Drop for SharedArray<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; nothing else points into it.
+        unsafe { libc::munmap(self.ptr.cast(), self.capacity * size_of::<T>()) };
+    }
+}
+
+/// Kernel memory held by this process's BPF maps: the sum of `memlock` over its map fds.
+pub fn map_memory_bytes() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter(|info| info.contains("map_type:"))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Entries of the page index for a row capacity: a page of code has ~30 rows, so half the
+/// row count leaves ample room.
+fn index_capacity(rows: u32) -> u32 {
+    (rows / 2).max(1 << 16)
+}
+
+/// Where a module's table sits in the kernel's arrays.
+#[derive(Clone, Copy, Debug)]
+struct Placement {
+    table_start: u32,
+    table_len: u32,
+    index_start: u32,
+    index_len: u32,
+}
+
+/// Every module's unwind rows (`UNWIND_ROWS`) and page index (`UNWIND_INDEX`). Each
+/// module's table is compiled and copied once, whichever processes map it.
+struct UnwindTables {
+    rows: SharedArray<UnwindRow>,
+    /// u64 entries: elements of a mmap'ed BPF array are 8-byte aligned.
+    index: SharedArray<u64>,
+    /// Where each module's table is (`None`: it has no usable table).
+    placed: HashMap<ModuleKey, Option<Placement>>,
+}
+
+impl UnwindTables {
+    /// The table of `module`, compiled and copied in on first use.
+    fn place(&mut self, module: &Module) -> Option<Placement> {
         if let Some(placed) = self.placed.get(&module.key) {
             return *placed;
         }
-        let table = match unwind::compile_path(&module.open_path()) {
-            Ok(t) => Some(t),
+        let placed = match unwind::compile_path(&module.open_path()) {
+            Ok(table) => self.copy_in(module, &table),
             Err(e) => {
                 tracing::debug!("{}: no unwind table: {e}", module.path);
                 None
             }
         };
-        let placed = table.and_then(|t| self.copy_in(module, &t));
         self.placed.insert(module.key, placed);
         placed
     }
 
-    fn copy_in(&mut self, module: &Module, table: &UnwindTable) -> Option<(u32, u32)> {
-        let n = table.rows.len();
-        if self.used + n > self.capacity {
+    fn copy_in(&mut self, module: &Module, table: &UnwindTable) -> Option<Placement> {
+        let mut index: Vec<u64> = table.page_index().into_iter().map(u64::from).collect();
+        if self.index.used + index.len() > self.index.capacity {
+            // Lookups in this module search all its rows instead of one page's.
+            index.clear();
+        }
+        if self.rows.used + table.rows.len() > self.rows.capacity {
             tracing::warn!(
                 "{}: the unwind table is full ({} rows); its frames use frame pointers (raise --unwind-rows)",
                 module.path,
-                self.capacity
+                self.rows.capacity
             );
             return None;
         }
-        // SAFETY: `used + n <= capacity` rows lie inside the mapping; rows are plain data.
-        unsafe { std::ptr::copy_nonoverlapping(table.rows.as_ptr(), self.ptr.add(self.used), n) };
-        let placed = (self.used as u32, n as u32);
-        self.used += n;
+        let placement = Placement {
+            table_start: self.rows.append(&table.rows)?,
+            table_len: table.rows.len() as u32,
+            index_start: self.index.append(&index).unwrap_or(0),
+            index_len: index.len() as u32,
+        };
         tracing::debug!(
             "{}: {} unwind rows from {} FDEs",
             module.path,
-            n,
+            table.rows.len(),
             table.fdes
         );
-        Some(placed)
-    }
-}
-
-impl Drop for UnwindRows {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped; nothing else points into it.
-        unsafe { libc::munmap(self.ptr.cast(), self.capacity * size_of::<UnwindRow>()) };
+        Some(placement)
     }
 }
 
@@ -304,7 +361,9 @@ pub struct Source {
     drops: PerCpuArray<MapData, u64>,
     proc_code: BpfHashMap<MapData, u32, ProcessCode>,
     walk_stats: PerCpuArray<MapData, WalkStats>,
-    rows: UnwindRows,
+    tables: UnwindTables,
+    /// Stamped on every PROC_CODE value written.
+    generation: u32,
 }
 
 impl std::fmt::Debug for Source {
@@ -335,6 +394,7 @@ impl Source {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("UNWIND_ROWS", opts.unwind_rows)
+            .map_max_entries("UNWIND_INDEX", index_capacity(opts.unwind_rows))
             .override_global("CONFIG", &config, true)
             .load(OBJECT)?;
         for &name in UPROBES {
@@ -371,17 +431,23 @@ impl Source {
             BpfHashMap::try_from(take(&mut ebpf, "PROC_CODE")?).map_err(map_error("PROC_CODE"))?;
         let walk_stats = PerCpuArray::try_from(take(&mut ebpf, "WALK_STATS")?)
             .map_err(map_error("WALK_STATS"))?;
-        let Map::Array(rows) = take(&mut ebpf, "UNWIND_ROWS")? else {
-            return Err(SourceError::Missing("UNWIND_ROWS as an array"));
+        let mut array = |name: &'static str| match take(&mut ebpf, name)? {
+            Map::Array(data) => Ok(data),
+            _ => Err(SourceError::Missing(name)),
         };
-        let rows = UnwindRows::new(rows, opts.unwind_rows)?;
+        let tables = UnwindTables {
+            rows: SharedArray::new(array("UNWIND_ROWS")?, opts.unwind_rows)?,
+            index: SharedArray::new(array("UNWIND_INDEX")?, index_capacity(opts.unwind_rows))?,
+            placed: HashMap::new(),
+        };
         let source = Self {
             ebpf,
             traced,
             drops,
             proc_code,
             walk_stats,
-            rows,
+            tables,
+            generation: 0,
         };
         Ok((source, events))
     }
@@ -472,9 +538,10 @@ impl Source {
     /// modules (compiled and loaded on first sight). Mappings beyond the walker's capacity
     /// keep frame pointers only.
     pub fn publish_code(&mut self, space: &AddressSpace) -> Result<(), SourceError> {
+        self.generation = self.generation.wrapping_add(1);
         let mut code = ProcessCode {
             len: 0,
-            _pad: 0,
+            generation: self.generation,
             mappings: [CodeMapping::default(); MAX_CODE_MAPPINGS],
         };
         for range in space.ranges() {
@@ -485,17 +552,21 @@ impl Source {
                 );
                 break;
             }
-            let (table_start, table_len) = range
-                .module
-                .as_ref()
-                .and_then(|m| self.rows.place(m))
-                .unwrap_or((0, 0));
+            let placed = range.module.as_ref().and_then(|m| self.tables.place(m));
+            let p = placed.unwrap_or(Placement {
+                table_start: 0,
+                table_len: 0,
+                index_start: 0,
+                index_len: 0,
+            });
             code.mappings[code.len as usize] = CodeMapping {
                 start: range.start,
                 end: range.end,
                 offset: range.offset,
-                table_start,
-                table_len,
+                table_start: p.table_start,
+                table_len: p.table_len,
+                index_start: p.index_start,
+                index_len: p.index_len,
             };
             code.len += 1;
         }
@@ -514,7 +585,7 @@ impl Source {
 
     /// Unwind rows in use, of the capacity.
     pub fn unwind_rows_used(&self) -> (usize, usize) {
-        (self.rows.used, self.rows.capacity)
+        (self.tables.rows.used, self.tables.rows.capacity)
     }
 
     /// Stack walks so far, summed over CPUs (counted only with `measure_walks`).

@@ -22,8 +22,34 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// `leaktrace unwind-info`: one JSON line per file with what its unwind table costs.
+fn unwind_info(files: &[std::path::PathBuf]) -> ExitCode {
+    for path in files {
+        let started = std::time::Instant::now();
+        match leaktrace::unwind::compile_path(path) {
+            Ok(t) => {
+                let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+                let index = t.page_index().len() * 8;
+                let line = serde_json::json!({
+                    "path": path, "fdes": t.fdes, "rows": t.rows.len(), "unsupported": t.unsupported,
+                    "row_bytes": t.bytes(), "index_bytes": index, "compile_ms": compile_ms,
+                });
+                println!("{line}");
+            }
+            Err(e) => {
+                eprintln!("leaktrace: error: {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
-    let (config, verbose) = cli::Cli::parse().into_session();
+    let (config, verbose) = match cli::Cli::parse().into_action() {
+        cli::Action::Trace(config, verbose) => (config, verbose),
+        cli::Action::UnwindInfo(files) => return unwind_info(&files),
+    };
     init_logging(verbose);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

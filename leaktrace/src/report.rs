@@ -46,6 +46,25 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// Blocks younger than this are not counted in `leaks`.
     pub min_age_s: f64,
+    /// Distinct stacks whose walk hit the depth limit, and whose walk broke off early (a
+    /// frame without unwind information or frame pointer, unreadable stack memory).
+    pub stacks_truncated: u64,
+    pub stacks_broken: u64,
+    /// Stack walking cost, measured in the kernel (`--measure-walks` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub walks: Option<WalkSummary>,
+}
+
+/// Stack walks timed in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct WalkSummary {
+    pub walks: u64,
+    pub frames_per_walk: f64,
+    pub ns_per_walk: f64,
+    /// Unwind rows loaded, for all modules together.
+    pub unwind_rows: u64,
+    /// Kernel memory of all of leaktrace's BPF maps (their `memlock`).
+    pub bpf_map_bytes: u64,
 }
 
 /// One frame as reports show it (the JSON `frames` entries).
@@ -179,6 +198,7 @@ pub struct ReportInput<'a> {
     pub lost: &'a [(&'static str, u64)],
     pub comm: &'a dyn Fn(u32) -> String,
     pub is_final: bool,
+    pub walks: Option<WalkSummary>,
 }
 
 struct Merged {
@@ -234,6 +254,9 @@ pub fn build(
         lost_by_cause: input.lost.iter().copied().filter(|(_, n)| *n > 0).collect(),
         elapsed_s: f64::from(snap.now_ms) / 1e3,
         min_age_s: opts.min_age_ns as f64 / 1e9,
+        stacks_truncated: input.stacks.count(|s| s.truncated()),
+        stacks_broken: input.stacks.count(|s| s.broken() && !s.truncated()),
+        walks: input.walks,
         ..Default::default()
     };
     let (mut runtime_allocs, mut runtime_frees) = (0, 0);

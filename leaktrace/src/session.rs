@@ -63,6 +63,8 @@ pub struct SessionConfig {
     pub unwind: Unwind,
     /// Capacity of the kernel-side unwind table (rows of 8 bytes, all modules together).
     pub unwind_rows: u32,
+    /// Time every stack walk in the kernel and report it (for benchmarks).
+    pub measure_walks: bool,
 }
 
 /// Why a session failed. Each variant maps to a documented exit code.
@@ -183,6 +185,7 @@ struct Tracer {
     options: ReportOptions,
     /// The process the user named (pid mode) or started (run mode).
     root: u32,
+    measure_walks: bool,
 }
 
 impl Tracer {
@@ -204,6 +207,7 @@ impl Tracer {
             decode_errors: 0,
             options,
             root: 0,
+            measure_walks: false,
         }
     }
 
@@ -428,6 +432,23 @@ impl Tracer {
                 lost: &lost,
                 comm: &comm,
                 is_final,
+                walks: self.measure_walks.then(|| {
+                    let w = self.source.walk_stats();
+                    let per = |x: u64| {
+                        if w.walks == 0 {
+                            0.0
+                        } else {
+                            x as f64 / w.walks as f64
+                        }
+                    };
+                    report::WalkSummary {
+                        walks: w.walks,
+                        frames_per_walk: per(w.frames),
+                        ns_per_walk: per(w.ns),
+                        unwind_rows: self.source.unwind_rows_used().0 as u64,
+                        bpf_map_bytes: crate::ebpf::map_memory_bytes(),
+                    }
+                }),
             },
             &self.options,
             &mut self.symbols,
@@ -474,9 +495,10 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
         follow_forks,
         unwind: config.unwind,
         unwind_rows: config.unwind_rows,
-        measure_walks: false,
+        measure_walks: config.measure_walks,
     })?;
     let mut tracer = Tracer::new(source, config.report.clone());
+    tracer.measure_walks = config.measure_walks;
     // Declared after the tracer so it runs first when `run` returns, on every path.
     let _fast_exit = FastExit;
     // SAFETY: the ring buffer owns its descriptor and is never closed while registered.

@@ -99,6 +99,11 @@ impl StackStore {
         self.stacks.len()
     }
 
+    /// How many stacks satisfy `pred`.
+    pub fn count(&self, pred: impl Fn(&Stack) -> bool) -> u64 {
+        self.stacks.values().filter(|s| pred(s)).count() as u64
+    }
+
     pub fn is_empty(&self) -> bool {
         self.stacks.is_empty()
     }

@@ -12,7 +12,7 @@ use gimli::{
     BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, LittleEndian, RegisterRule,
     UnwindContext, UnwindSection, X86_64,
 };
-use leaktrace_common::{UnwindRow, unwind_kind};
+use leaktrace_common::{UNWIND_PAGE_SHIFT, UnwindRow, unwind_kind};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, read::ReadCache};
 
 /// Why a module has no table.
@@ -42,6 +42,23 @@ pub struct UnwindTable {
 }
 
 impl UnwindTable {
+    /// For each page (`1 << UNWIND_PAGE_SHIFT` bytes) of the file from offset 0 through the
+    /// last row, the index of the row covering the page's first byte (0 before the first).
+    pub fn page_index(&self) -> Vec<u32> {
+        let Some(last) = self.rows.last() else {
+            return Vec::new();
+        };
+        let pages = (last.pc >> UNWIND_PAGE_SHIFT) as usize + 2;
+        (0..pages)
+            .map(|p| {
+                let start = (p as u64) << UNWIND_PAGE_SHIFT;
+                self.rows
+                    .partition_point(|r| u64::from(r.pc) <= start)
+                    .saturating_sub(1) as u32
+            })
+            .collect()
+    }
+
     /// The row covering file offset `pc`.
     pub fn lookup(&self, pc: u64) -> Option<&UnwindRow> {
         let pc = u32::try_from(pc).ok()?;
@@ -151,6 +168,15 @@ where
         let in_plt = plt
             .iter()
             .any(|&(s, e)| fde.initial_address() >= s && fde.initial_address() < e);
+        if fde.is_signal_trampoline() {
+            let signal = Rule {
+                kind: unwind_kind::SIGNAL,
+                cfa_off: 0,
+                rbp_off: 0,
+            };
+            out.push((fde.initial_address(), fde.end_address(), signal));
+            continue;
+        }
         let Ok(mut table) = fde.rows(section, bases, &mut ctx) else {
             continue;
         };
@@ -318,6 +344,22 @@ pub fn walk<'t>(
         let row = table_for(lookup)
             .and_then(|(t, off)| t.lookup(off))
             .copied();
+        if row.map(|r| r.kind) == Some(unwind_kind::SIGNAL) {
+            // Back into the code the signal interrupted, at its exact instruction. A handler
+            // may run on another stack, so sp need not grow here.
+            let next = (
+                read(sp + unwind_kind::UC_RIP),
+                read(sp + unwind_kind::UC_RSP),
+                read(sp + unwind_kind::UC_RBP),
+            );
+            let (Some(next_pc), Some(next_sp), Some(next_bp)) = next else {
+                return (frames, WalkEnd::Broken);
+            };
+            frames.push(next_pc);
+            (pc, sp, bp) = (next_pc, next_sp, next_bp);
+            exact = true;
+            continue;
+        }
         let (cfa, next_bp) = match row.map(|r| r.kind) {
             Some(unwind_kind::END) => return (frames, WalkEnd::Complete),
             Some(unwind_kind::CFA_RSP | unwind_kind::CFA_RBP | unwind_kind::PLT) => {
@@ -404,6 +446,19 @@ mod tests {
             .find(|e| e.symbol == "malloc")
             .unwrap()
             .offset;
+        // The page index narrows every lookup to the rows of one page.
+        let index = t.page_index();
+        let every_row = t
+            .rows
+            .iter()
+            .flat_map(|r| [u64::from(r.pc), u64::from(r.pc) + 1]);
+        for off in [malloc, malloc + 3, 0x30000].into_iter().chain(every_row) {
+            let page = (off >> UNWIND_PAGE_SHIFT) as usize;
+            let (lo, hi) = (index[page] as usize, index[page + 1] as usize + 1);
+            let narrowed = &t.rows[lo..hi.min(t.rows.len())];
+            let i = narrowed.partition_point(|r| u64::from(r.pc) <= off) - 1;
+            assert_eq!(Some(&narrowed[i]), t.lookup(off), "at {off:#x}");
+        }
         let row = t.lookup(malloc).unwrap();
         assert_eq!(
             (row.kind, row.cfa_off, row.rbp_off),

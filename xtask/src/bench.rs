@@ -131,3 +131,177 @@ pub fn run(rounds: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// Libraries the table-memory figure loads into one process (the first 20 found).
+const LIBRARIES: &[&str] = &[
+    "libm.so.6",
+    "libz.so.1",
+    "libcrypto.so.3",
+    "libssl.so.3",
+    "libstdc++.so.6",
+    "libgcc_s.so.1",
+    "libexpat.so.1",
+    "libffi.so.8",
+    "liblzma.so.5",
+    "libbz2.so.1.0",
+    "libzstd.so.1",
+    "libuuid.so.1",
+    "libselinux.so.1",
+    "libpcre2-8.so.0",
+    "libcap.so.2",
+    "libsqlite3.so.0",
+    "libgmp.so.10",
+    "libreadline.so.8",
+    "libncursesw.so.6",
+    "libtinfo.so.6",
+    "libsystemd.so.0",
+    "libkeyutils.so.1",
+    "libmd.so.0",
+    "libblkid.so.1",
+    "libmount.so.1",
+];
+
+fn json_line(out: &str) -> Result<serde_json::Value> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("no JSON report")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// Stack walking: ns per walk measured in the kernel, tables against frame pointers, at three
+/// depths, interleaved; unwind table sizes and build times; BPF map memory with 20 modules.
+pub fn unwind(rounds: usize) -> Result<()> {
+    build_release()?;
+    let prog = c_fixture("bench_unwind", &["-O2", "-g", "-fno-omit-frame-pointer"])?;
+    let leaktrace = workspace_root().join("target/release/leaktrace");
+    let lt = leaktrace.to_str().context("path")?;
+    let walk = |depth: u32, unwind: &str| -> Result<(f64, f64)> {
+        let (out, _) = run_measured(
+            as_root(lt)
+                .args([
+                    "run",
+                    "--format",
+                    "json",
+                    "--measure-walks",
+                    "--unwind",
+                    unwind,
+                    "--",
+                ])
+                .arg(&prog)
+                .args([&depth.to_string(), "20000"]),
+        )?;
+        let w = &json_line(&out)?["summary"]["walks"];
+        Ok((
+            w["ns_per_walk"].as_f64().unwrap_or(0.0),
+            w["frames_per_walk"].as_f64().unwrap_or(0.0),
+        ))
+    };
+    println!(
+        "| stack (frames with tables) | walk | median ns per walk | min–max | frames | ns per frame |"
+    );
+    println!("|---|---|---|---|---|---|");
+    // Depth d gives d + 6 frames with tables (through glibc to _start), d + 4 with frame
+    // pointers (glibc has none, so the chain ends in __libc_start_call_main).
+    for depth in [4u32, 24, 94] {
+        let (mut fp, mut dw) = (Vec::new(), Vec::new());
+        let (mut fp_frames, mut dw_frames) = (0.0, 0.0);
+        for round in 0..rounds {
+            eprintln!("bench: unwind depth {depth}, round {}/{rounds}", round + 1);
+            let (ns, frames) = walk(depth, "fp")?;
+            fp.push(ns);
+            fp_frames = frames;
+            let (ns, frames) = walk(depth, "auto")?;
+            dw.push(ns);
+            dw_frames = frames;
+        }
+        for (name, v, frames) in [
+            (".eh_frame tables", &dw, dw_frames),
+            ("frame pointers", &fp, fp_frames),
+        ] {
+            let m = median(&mut v.clone());
+            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = v.iter().copied().fold(0.0, f64::max);
+            println!(
+                "| ~{} | {name} | {m:.0} | {min:.0}–{max:.0} | {frames:.0} | {:.1} |",
+                depth + 6,
+                m / frames
+            );
+        }
+    }
+
+    println!();
+    println!(
+        "| module | FDEs | rows | unsupported rows | table bytes (rows + page index) | build ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut modules = vec![
+        "/usr/lib/x86_64-linux-gnu/libc.so.6".to_owned(),
+        "/usr/lib/x86_64-linux-gnu/libstdc++.so.6".to_owned(),
+    ];
+    // A large binary: the nightly compiler's driver library, else leaktrace itself.
+    let sysroot = std::process::Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()?;
+    let lib = std::path::PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
+    let large = std::fs::read_dir(&lib)
+        .ok()
+        .and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().contains("librustc_driver"))
+        })
+        .unwrap_or_else(|| leaktrace.clone());
+    modules.push(large.to_string_lossy().into_owned());
+    let (out, _) = run_measured(
+        std::process::Command::new(lt)
+            .arg("unwind-info")
+            .args(&modules),
+    )?;
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let bytes = v["row_bytes"].as_u64().unwrap_or(0) + v["index_bytes"].as_u64().unwrap_or(0);
+        println!(
+            "| {} | {} | {} | {} | {:.1} KiB | {:.1} |",
+            v["path"]
+                .as_str()
+                .unwrap_or("?")
+                .rsplit('/')
+                .next()
+                .unwrap_or("?"),
+            v["fdes"],
+            v["rows"],
+            v["unsupported"],
+            bytes as f64 / 1024.0,
+            v["compile_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+
+    let host = c_fixture("dlopen_many", &["-O2", "-g"])?;
+    let libs: Vec<String> = LIBRARIES
+        .iter()
+        .map(|l| format!("/usr/lib/x86_64-linux-gnu/{l}"))
+        .filter(|p| std::path::Path::new(p).exists())
+        .take(20)
+        .collect();
+    let (out, _) = run_measured(
+        as_root(lt)
+            .args(["run", "--format", "json", "--measure-walks", "--"])
+            .arg(&host)
+            .args(&libs),
+    )?;
+    let w = &json_line(&out)?["summary"]["walks"];
+    println!();
+    println!(
+        "| with {} libraries dlopen'ed (plus the program, libc, the loader) | value |",
+        libs.len()
+    );
+    println!("|---|---|");
+    println!("| unwind rows loaded | {} |", w["unwind_rows"]);
+    println!(
+        "| kernel memory of all BPF maps (memlock; unwind arrays and ring buffer are preallocated) | {:.1} MiB |",
+        w["bpf_map_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
+    );
+    Ok(())
+}

@@ -36,11 +36,15 @@ enum Task {
     },
     /// Set up, build, and trace the bundled leaking demo program.
     Demo,
-    /// Measure tracing overhead and tracer memory (a markdown table on stdout).
+    /// Measure tracing overhead and tracer memory (markdown tables on stdout).
     Bench {
         /// Rounds per configuration, interleaved.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Which benchmark: `alloc` (per-call overhead, tracer memory) or `unwind` (stack
+        /// walking cost, unwind table sizes).
+        #[arg(long, default_value = "alloc")]
+        only: String,
     },
 }
 
@@ -59,9 +63,12 @@ fn main() -> Result<()> {
             setup()?;
             demo()
         }
-        Task::Bench { rounds } => {
+        Task::Bench { rounds, only } => {
             setup()?;
-            bench::run(rounds)
+            match only.as_str() {
+                "unwind" => bench::unwind(rounds),
+                _ => bench::run(rounds),
+            }
         }
     }
 }

@@ -57,6 +57,20 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Run(run::RunArgs),
+    /// Compile the unwind tables of ELF files and print what they cost (for benchmarks).
+    #[command(hide = true)]
+    UnwindInfo {
+        /// ELF files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Action {
+    Trace(SessionConfig, u8),
+    UnwindInfo(Vec<PathBuf>),
 }
 
 /// Options shared by `--pid` and `run`.
@@ -106,6 +120,10 @@ pub struct CommonArgs {
     #[arg(long, value_name = "ROWS", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=1 << 26))]
     pub unwind_rows: u32,
 
+    /// Time every stack walk in the kernel and add the figures to the summary (benchmarks).
+    #[arg(long, hide = true)]
+    pub measure_walks: bool,
+
     /// More log output on stderr (-v info, -vv debug, -vvv trace); LEAKTRACE_LOG overrides.
     #[arg(long, short, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -137,14 +155,27 @@ impl CommonArgs {
             ring_buffer_bytes: self.ring_buffer,
             unwind: self.unwind,
             unwind_rows: self.unwind_rows,
+            measure_walks: self.measure_walks,
         }
     }
 }
 
 impl Cli {
+    /// What the command line asks for.
+    pub fn into_action(self) -> Action {
+        match self.command {
+            Some(Command::UnwindInfo { files }) => Action::UnwindInfo(files),
+            _ => {
+                let (config, verbose) = self.into_session();
+                Action::Trace(config, verbose)
+            }
+        }
+    }
+
     /// The session the command line asks for, and the verbosity.
     pub fn into_session(self) -> (SessionConfig, u8) {
         match self.command {
+            Some(Command::UnwindInfo { .. }) => unreachable!("not a session"),
             Some(Command::Run(run)) => {
                 let target = Target::Run {
                     argv: run.cmd,
