@@ -185,3 +185,82 @@ fn a_recursion_deeper_than_the_limit_is_truncated_cleanly() {
     assert_eq!(leak["truncated"], true);
     assert_eq!(leak["frames"].as_array().unwrap().len(), 127);
 }
+
+/// Built without .eh_frame for its own code (as some embedded and kernel-adjacent builds
+/// are): .debug_frame from -g is the only unwind information.
+const DEBUG_FRAME_ONLY: &[&str] = &[
+    "-O2",
+    "-g",
+    "-fomit-frame-pointer",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-unwind-tables",
+];
+
+fn assert_every_fn_sites(r: &common::Report) {
+    r.assert_site("leak_malloc", 10, 1000);
+    r.assert_site("leak_realloc_grow", 3, 3 * 4096);
+    r.assert_site("leak_posix_memalign", 3, 600);
+    r.assert_absent("churn");
+    for site in ["leak_malloc", "leak_calloc", "leak_large"] {
+        assert_eq!(
+            r.site(site)[0]["frames"][1]["symbol"],
+            "main",
+            "{site}:\n{}",
+            r.pretty()
+        );
+    }
+}
+
+#[test]
+fn debug_frame_stands_in_for_a_missing_eh_frame() {
+    if !privileged() {
+        return;
+    }
+    let prog = c_fixture_with("heap_every_fn", "-debug-frame", DEBUG_FRAME_ONLY);
+    let (_, r) = trace_json(&prog, &[], &[]);
+    assert_every_fn_sites(&r);
+}
+
+#[test]
+fn a_separate_debug_file_found_by_build_id_is_used() {
+    if !privileged() {
+        return;
+    }
+    let built = c_fixture_with("heap_every_fn", "-debug-frame", DEBUG_FRAME_ONLY);
+    let dir = std::env::temp_dir().join(format!("leaktrace-debuglink-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prog = dir.join("heap_every_fn");
+    let debug = dir.join("heap_every_fn.debug");
+    let run = |cmd: &mut std::process::Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+    run(std::process::Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&built)
+        .arg(&debug));
+    run(std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(&built)
+        .arg(&prog));
+    // The build id names the debug file: /usr/lib/debug/.build-id/ab/cdef….debug
+    let out = std::process::Command::new("readelf")
+        .arg("-n")
+        .arg(&prog)
+        .output()
+        .unwrap();
+    let notes = String::from_utf8_lossy(&out.stdout);
+    let id = notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .expect("a build id")
+        .to_owned();
+    let installed = std::path::PathBuf::from(format!(
+        "/usr/lib/debug/.build-id/{}/{}.debug",
+        &id[..2],
+        &id[2..]
+    ));
+    std::fs::create_dir_all(installed.parent().unwrap()).unwrap();
+    std::fs::copy(&debug, &installed).unwrap();
+    let (_, r) = trace_json(&prog, &[], &[]);
+    std::fs::remove_file(&installed).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_every_fn_sites(&r);
+}

@@ -189,6 +189,39 @@ where
     Ok(fdes)
 }
 
+/// Reads the `.debug_frame` of `elf`, if it has one.
+fn debug_frame<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    bases: &BaseAddresses,
+    plt: &[(u64, u64)],
+    out: &mut Vec<(u64, u64, Rule)>,
+) -> Result<usize, gimli::Error> {
+    let Some(data) = elf
+        .section_by_name(".debug_frame")
+        .and_then(|s| s.data().ok())
+    else {
+        return Ok(0);
+    };
+    let mut frame = DebugFrame::new(data, LittleEndian);
+    frame.set_address_size(8);
+    collect(&frame, bases, plt, out)
+}
+
+/// Where distributions install separate debug files, keyed by build id.
+pub const DEBUG_DIRS: &[&str] = &["/usr/lib/debug"];
+
+/// The separate debug file of `elf` (`.build-id/xx/rest.debug` under a debug directory).
+fn debug_file<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>) -> Option<File> {
+    let id = elf.build_id().ok()??;
+    if id.len() < 2 {
+        return None;
+    }
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    DEBUG_DIRS.iter().find_map(|dir| {
+        File::open(format!("{dir}/.build-id/{}/{}.debug", &hex[..2], &hex[2..])).ok()
+    })
+}
+
 /// Compiles the unwind table of the ELF file at `path`.
 pub fn compile_path(path: &Path) -> Result<UnwindTable, UnwindError> {
     compile(&File::open(path)?)
@@ -222,21 +255,25 @@ pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
         fdes += collect(&EhFrame::new(data, LittleEndian), &bases, &plt, &mut ranges)?;
     }
     let covered = ranges.len();
-    if let Some(df) = section(".debug_frame")
-        && let Ok(data) = df.data()
-    {
-        let mut debug = Vec::new();
-        let mut frame = DebugFrame::new(data, LittleEndian);
-        frame.set_address_size(8);
-        fdes += collect(&frame, &bases, &plt, &mut debug)?;
-        // Only where .eh_frame says nothing.
-        let mut eh: Vec<(u64, u64)> = ranges[..covered].iter().map(|&(s, e, _)| (s, e)).collect();
-        eh.sort_unstable();
-        ranges.extend(debug.into_iter().filter(|&(s, _, _)| {
-            let i = eh.partition_point(|&(es, _)| es <= s);
-            i == 0 || eh[i - 1].1 <= s
-        }));
+    let mut debug = Vec::new();
+    let own = debug_frame(&elf, &bases, &plt, &mut debug)?;
+    fdes += own;
+    if own == 0 {
+        // Stripped of its debug info: a separate debug file, found by build id, may hold a
+        // .debug_frame. Its addresses are the same; file offsets still come from this file.
+        if let Some(file) = debug_file(&elf)
+            && let Ok(dbg) = object::File::parse(&ReadCache::new(&file))
+        {
+            fdes += debug_frame(&dbg, &bases, &plt, &mut debug)?;
+        }
     }
+    // .debug_frame only where .eh_frame says nothing.
+    let mut eh: Vec<(u64, u64)> = ranges[..covered].iter().map(|&(s, e, _)| (s, e)).collect();
+    eh.sort_unstable();
+    ranges.extend(debug.into_iter().filter(|&(s, _, _)| {
+        let i = eh.partition_point(|&(es, _)| es <= s);
+        i == 0 || eh[i - 1].1 <= s
+    }));
     if fdes == 0 {
         return Err(UnwindError::NoUnwindInfo);
     }
@@ -419,6 +456,26 @@ mod tests {
             .into_iter()
             .find(|m| m.path.contains(name))
             .map(|m| m.path)
+    }
+
+    #[test]
+    fn plt_stubs_get_their_own_rule() {
+        let Some(libc) = mapped("libc.so") else {
+            return;
+        };
+        let t = compile_path(Path::new(&libc)).unwrap();
+        assert!(
+            t.rows.iter().any(|r| r.kind == unwind_kind::PLT),
+            "libc's .plt has an expression CFA"
+        );
+        assert!(
+            t.rows.iter().any(|r| r.kind == unwind_kind::SIGNAL),
+            "__restore_rt is a signal trampoline"
+        );
+        assert!(
+            t.rows.iter().any(|r| r.kind == unwind_kind::END),
+            "clone/start_thread end the stack"
+        );
     }
 
     #[test]

@@ -75,7 +75,7 @@ fn build_fixture(compiler: &str, source: &str, output: &str, flags: &[&str]) -> 
     let src = workspace().join("tests/fixtures").join(source);
     let out = fixtures_out().join(output);
     if newer(&src, &out) {
-        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = out.with_extension(unique_tmp());
         let status = Command::new(compiler)
             .args(flags)
             .arg("-o")
@@ -87,6 +87,13 @@ fn build_fixture(compiler: &str, source: &str, output: &str, flags: &[&str]) -> 
         std::fs::rename(&tmp, &out).unwrap();
     }
     out
+}
+
+/// A file extension no other build, in this process or another, is using.
+fn unique_tmp() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("tmp{}-{n}", std::process::id())
 }
 
 /// The standard build of C fixtures: `-O0 -g -fno-omit-frame-pointer`, with threads.
@@ -103,7 +110,7 @@ pub fn rust_fixture(name: &str, variant: &str, extra: &[&str]) -> PathBuf {
     let src = workspace().join(format!("tests/fixtures/{name}.rs"));
     let out = fixtures_out().join(format!("{name}{variant}"));
     if newer(&src, &out) {
-        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = out.with_extension(unique_tmp());
         let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
         let status = Command::new(rustc)
             .args(["--edition", "2021", "-g"])
