@@ -72,21 +72,34 @@ pub enum ModuleError {
     Elf { path: String, source: object::Error },
 }
 
+/// Turns an ELF file's virtual addresses into file offsets (what uprobes attach to and what
+/// process mappings are keyed by), through the loadable segment holding each address.
+pub struct FileOffsets(Vec<(u64, u64, u64)>);
+
+impl FileOffsets {
+    pub fn of<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>) -> Self {
+        Self(
+            elf.segments()
+                .map(|s| (s.address(), s.file_range().0, s.file_range().1))
+                .collect(),
+        )
+    }
+
+    /// The file offset of virtual address `addr`, if a segment's file bytes hold it.
+    pub fn get(&self, addr: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|&&(vaddr, _, filesz)| addr >= vaddr && addr < vaddr + filesz)
+            .map(|&(vaddr, off, _)| addr - vaddr + off)
+    }
+}
+
 /// Reads allocator and loader symbols from an ELF file.
 pub fn inspect_elf(file: &File) -> Result<ElfInfo, object::Error> {
     let cache = ReadCache::new(file);
     let elf = object::File::parse(&cache)?;
-    let segments: Vec<(u64, u64, u64)> = elf
-        .segments()
-        .map(|s| (s.address(), s.file_range().0, s.file_range().1))
-        .collect();
-    // Virtual address → file offset, through the PT_LOAD segment holding it.
-    let file_offset = |addr: u64| {
-        segments
-            .iter()
-            .find(|&&(vaddr, _, filesz)| addr >= vaddr && addr < vaddr + filesz)
-            .map(|&(vaddr, off, _)| addr - vaddr + off)
-    };
+    let offsets = FileOffsets::of(&elf);
+    let file_offset = |addr| offsets.get(addr);
 
     let mut info = ElfInfo::default();
     let mut found: Vec<AllocatorEntry> = Vec::new();

@@ -13,7 +13,7 @@ use gimli::{
     UnwindContext, UnwindSection, X86_64,
 };
 use leaktrace_common::{UNWIND_PAGE_SHIFT, UnwindRow, unwind_kind};
-use object::{Object as _, ObjectSection as _, ObjectSegment as _, read::ReadCache};
+use object::{Object as _, ObjectSection as _, read::ReadCache};
 
 /// Why a module has no table.
 #[derive(Debug, thiserror::Error)]
@@ -278,17 +278,8 @@ pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
         return Err(UnwindError::NoUnwindInfo);
     }
 
-    // Virtual addresses to file offsets, through the loadable segments.
-    let segments: Vec<(u64, u64, u64)> = elf
-        .segments()
-        .map(|s| (s.address(), s.file_range().0, s.file_range().1))
-        .collect();
-    let file_offset = |addr: u64| {
-        segments
-            .iter()
-            .find(|&&(vaddr, _, size)| addr >= vaddr && addr < vaddr + size)
-            .map(|&(vaddr, off, _)| addr - vaddr + off)
-    };
+    let offsets = crate::modules::FileOffsets::of(&elf);
+    let file_offset = |addr| offsets.get(addr);
 
     ranges.sort_by_key(|&(start, _, _)| start);
     let mut rows: Vec<UnwindRow> = Vec::with_capacity(ranges.len());

@@ -157,42 +157,6 @@ impl Run {
     }
 }
 
-/// Waits for a child, killing it after `limit`.
-pub fn finish(mut child: Child, limit: Duration) -> Run {
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).unwrap();
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).unwrap();
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "leaktrace did not finish within {limit:?}; stderr:\n{}",
-                err_reader.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Run {
-        status,
-        stdout: reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-    }
-}
-
 /// A leaktrace running in the background, its stderr watched line by line.
 pub struct Background {
     child: Child,
@@ -286,14 +250,7 @@ impl Background {
 
 /// Runs `leaktrace <args>` to completion (within a minute).
 pub fn run(args: &[&str]) -> Run {
-    let child = leaktrace()
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    finish(child, Duration::from_secs(60))
+    Background::start(args).finish(Duration::from_secs(60))
 }
 
 /// Runs `leaktrace run --format json [extra] -- prog [prog_args]` and returns its report.
