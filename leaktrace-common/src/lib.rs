@@ -27,6 +27,12 @@ pub mod kind {
     /// The dynamic loader of a traced process changed its list of loaded objects
     /// (`_dl_debug_state`, called around `dlopen`/`dlclose` and at start-up) ([`super::ProcEvent`]).
     pub const LOADER: u16 = 7;
+    /// A descriptor was created, closed or failed to be created ([`super::FdEvent`]).
+    pub const FD: u16 = 8;
+    /// The same, with a path: opens of files, unlinks, renames ([`super::FdPathEvent`]).
+    pub const FD_PATH: u16 = 9;
+    /// The OOM killer chose a victim, traced or not ([`super::OomEvent`]).
+    pub const OOM: u16 = 10;
 }
 
 /// Bits of [`Header::flags`].
@@ -157,6 +163,153 @@ pub struct ProcEvent {
 }
 const _: () = assert!(size_of::<ProcEvent>() == 32);
 
+/// What happened to a descriptor ([`FdEvent::op`]).
+pub mod fd_op {
+    /// `fd` was created (by `syscall`; `fd2` is the second end of a pipe or socket pair, or
+    /// the descriptor duplicated by dup*/F_DUPFD; `flags` holds the open/creation flags).
+    pub const OPEN: u16 = 1;
+    /// `fd` was closed.
+    pub const CLOSE: u16 = 2;
+    /// `close_range(fd, fd2, flags)` succeeded.
+    pub const CLOSE_RANGE: u16 = 3;
+    /// `fcntl(fd, F_SETFD, flags)` set or cleared close-on-exec.
+    pub const SET_CLOEXEC: u16 = 4;
+    /// Creating a descriptor failed with `errno` (EMFILE or ENFILE: the table is full).
+    pub const FAIL: u16 = 5;
+    /// The path was unlinked.
+    pub const UNLINK: u16 = 6;
+    /// The path was renamed away (it no longer names the file).
+    pub const RENAME_FROM: u16 = 7;
+    /// The path was renamed onto (a file it named is gone).
+    pub const RENAME_TO: u16 = 8;
+    /// `setrlimit`/`prlimit64` set the soft `RLIMIT_NOFILE` of process `fd2` (0: the caller)
+    /// to `value`. Kept so an `EMFILE` can name the limit after the process is gone.
+    pub const NOFILE_LIMIT: u16 = 9;
+}
+
+/// The system calls behind descriptor events ([`FdEvent::syscall`]).
+pub mod fd_call {
+    pub const OPEN: u16 = 1;
+    pub const OPENAT: u16 = 2;
+    pub const OPENAT2: u16 = 3;
+    pub const CREAT: u16 = 4;
+    pub const SOCKET: u16 = 5;
+    pub const SOCKETPAIR: u16 = 6;
+    pub const ACCEPT: u16 = 7;
+    pub const ACCEPT4: u16 = 8;
+    pub const PIPE: u16 = 9;
+    pub const PIPE2: u16 = 10;
+    pub const DUP: u16 = 11;
+    pub const DUP2: u16 = 12;
+    pub const DUP3: u16 = 13;
+    pub const FCNTL: u16 = 14;
+    pub const EVENTFD: u16 = 15;
+    pub const EPOLL_CREATE: u16 = 16;
+    pub const TIMERFD_CREATE: u16 = 17;
+    pub const SIGNALFD: u16 = 18;
+    pub const MEMFD_CREATE: u16 = 19;
+    pub const INOTIFY_INIT: u16 = 20;
+    pub const CLOSE: u16 = 21;
+    pub const CLOSE_RANGE: u16 = 22;
+    pub const UNLINK: u16 = 23;
+    pub const UNLINKAT: u16 = 24;
+    pub const RENAME: u16 = 25;
+    pub const RENAMEAT: u16 = 26;
+    pub const RENAMEAT2: u16 = 27;
+    pub const SETRLIMIT: u16 = 28;
+    pub const PRLIMIT64: u16 = 29;
+
+    /// The call's name, or `"?"`.
+    pub const fn name(call: u16) -> &'static str {
+        match call {
+            OPEN => "open",
+            OPENAT => "openat",
+            OPENAT2 => "openat2",
+            CREAT => "creat",
+            SOCKET => "socket",
+            SOCKETPAIR => "socketpair",
+            ACCEPT => "accept",
+            ACCEPT4 => "accept4",
+            PIPE => "pipe",
+            PIPE2 => "pipe2",
+            DUP => "dup",
+            DUP2 => "dup2",
+            DUP3 => "dup3",
+            FCNTL => "fcntl",
+            EVENTFD => "eventfd",
+            EPOLL_CREATE => "epoll_create",
+            TIMERFD_CREATE => "timerfd_create",
+            SIGNALFD => "signalfd",
+            MEMFD_CREATE => "memfd_create",
+            INOTIFY_INIT => "inotify_init",
+            CLOSE => "close",
+            CLOSE_RANGE => "close_range",
+            UNLINK => "unlink",
+            UNLINKAT => "unlinkat",
+            RENAME => "rename",
+            RENAMEAT => "renameat",
+            RENAMEAT2 => "renameat2",
+            SETRLIMIT => "setrlimit",
+            PRLIMIT64 => "prlimit64",
+            _ => "?",
+        }
+    }
+}
+
+/// A descriptor event (kind [`kind::FD`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdEvent {
+    pub hdr: Header,
+    /// One of [`fd_op`].
+    pub op: u16,
+    /// One of [`fd_call`].
+    pub syscall: u16,
+    pub fd: i32,
+    pub fd2: i32,
+    /// Open flags (`O_CLOEXEC`, `O_CREAT`, `O_EXCL`, `O_TMPFILE`, ...), socket type flags,
+    /// `FD_CLOEXEC` for SET_CLOEXEC, close_range flags.
+    pub flags: u32,
+    /// For FAIL: the positive errno.
+    pub errno: i32,
+    /// For opens relative to a directory: the directory descriptor (`AT_FDCWD` = -100).
+    pub dirfd: i32,
+    /// The creating (or failing) stack, 0 for closes.
+    pub stack_id: u64,
+    /// For NOFILE_LIMIT: the new soft limit.
+    pub value: u64,
+}
+const _: () = assert!(size_of::<FdEvent>() == 64);
+
+/// Bytes of a path carried by [`FdPathEvent`], NUL included; longer paths are cut.
+pub const FD_PATH_LEN: usize = 256;
+
+/// A descriptor event with a path (kind [`kind::FD_PATH`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FdPathEvent {
+    pub fd: FdEvent,
+    /// NUL-terminated, as the process passed it (absolute or relative to `fd.dirfd`).
+    pub path: [u8; FD_PATH_LEN],
+}
+const _: () = assert!(size_of::<FdPathEvent>() == size_of::<FdEvent>() + FD_PATH_LEN);
+
+/// The OOM killer chose a victim (kind [`kind::OOM`]). The header's pid is the task that
+/// ran the OOM killer; the victim is `victim`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OomEvent {
+    pub hdr: Header,
+    pub victim: u32,
+    pub oom_score_adj: i32,
+    pub total_vm_kb: u64,
+    pub anon_rss_kb: u64,
+    pub file_rss_kb: u64,
+    pub shmem_rss_kb: u64,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<OomEvent>() == 24 + 8 + 32 + 16);
+
 /// Why an event was lost: indices of the per-CPU `DROPS` counters.
 pub mod drop_reason {
     /// An allocation or free record found the ring buffer full.
@@ -170,8 +323,12 @@ pub mod drop_reason {
     /// A stack's frames were overwritten by a walk preempting it on the same CPU, so they
     /// were not sent (they will be the next time the stack is seen).
     pub const STACK_RACE: u32 = 4;
+    /// A descriptor record found the ring buffer full.
+    pub const FD_RINGBUF: u32 = 5;
+    /// An OOM-kill record found the ring buffer full.
+    pub const OOM_RINGBUF: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
     /// A short name per counter, for reports.
     pub const NAMES: [&str; COUNT as usize] = [
         "heap_ringbuf",
@@ -179,6 +336,8 @@ pub mod drop_reason {
         "proc_ringbuf",
         "inflight_full",
         "stack_race",
+        "fd_ringbuf",
+        "oom_ringbuf",
     ];
 }
 
@@ -306,6 +465,17 @@ pub struct Config {
     pub unwind: u32,
     /// Non-zero: time every stack walk into `WALK_STATS` (for benchmarks).
     pub measure: u32,
+    /// Bits of [`features`]: what the descriptor hooks report.
+    pub features: u32,
+    pub _pad: u32,
+}
+
+/// What is traced besides the heap ([`Config::features`]).
+pub mod features {
+    /// Every descriptor's creation and release.
+    pub const FD: u32 = 1 << 0;
+    /// Files created (and unlinked or renamed): temp-file leaks.
+    pub const TMP: u32 = 1 << 1;
 }
 
 /// Per-CPU totals of stack walks, kept when [`Config::measure`] is set.

@@ -8,7 +8,9 @@
 #![no_main]
 
 mod alloc;
+mod fd;
 mod maps;
+mod oom;
 mod proc;
 mod stack;
 

@@ -36,12 +36,20 @@ use crate::maps::{EVENTS, count_drop};
 static CONFIG: Config = Config {
     unwind: unwind_mode::AUTO,
     measure: 0,
+    features: 0,
+    _pad: 0,
 };
 
 #[inline(always)]
 fn config() -> Config {
     // SAFETY: a plain read of a global user space may patch before loading.
     unsafe { core::ptr::read_volatile(&raw const CONFIG) }
+}
+
+/// Bits of `leaktrace_common::features` this session traces.
+#[inline(always)]
+pub fn features() -> u32 {
+    config().features
 }
 
 const BPF_F_NO_PREALLOC: u32 = 1;

@@ -2,7 +2,10 @@
 //!
 //! Records are read field by field from little-endian bytes, never cast in place, so a short
 //! or misaligned buffer is an error and not undefined behaviour.
-use leaktrace_common::{AllocEvent, FreeEvent, Header, MAX_FRAMES, ProcEvent, StackEvent, kind};
+use leaktrace_common::{
+    AllocEvent, FD_PATH_LEN, FdEvent, FdPathEvent, FreeEvent, Header, MAX_FRAMES, OomEvent,
+    ProcEvent, StackEvent, kind,
+};
 use std::mem::size_of;
 
 /// A decoded record. `Stack` borrows its frames from the ring buffer.
@@ -15,6 +18,16 @@ pub enum Event<'a> {
     Exit(ProcEvent),
     Fork(ProcEvent),
     Loader(ProcEvent),
+    Fd(FdRecord<'a>),
+    Oom(OomEvent),
+}
+
+/// A descriptor event, with its path when it carries one (borrowed from the ring buffer,
+/// without the NUL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdRecord<'a> {
+    pub event: FdEvent,
+    pub path: Option<&'a [u8]>,
 }
 
 impl Event<'_> {
@@ -25,6 +38,8 @@ impl Event<'_> {
             Event::Free(e) => &e.hdr,
             Event::Stack(s) => &s.hdr,
             Event::Exec(e) | Event::Exit(e) | Event::Fork(e) | Event::Loader(e) => &e.hdr,
+            Event::Fd(f) => &f.event.hdr,
+            Event::Oom(e) => &e.hdr,
         }
     }
 }
@@ -150,6 +165,46 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 bytes: &bytes[start..start + 8 * nr as usize],
             })
         }
+        kind::FD | kind::FD_PATH => {
+            let size = if kind == kind::FD {
+                size_of::<FdEvent>()
+            } else {
+                size_of::<FdPathEvent>()
+            };
+            let mut f = need(bytes, "descriptor record", size)?;
+            let event = FdEvent {
+                hdr: f.header(),
+                op: f.u16(),
+                syscall: f.u16(),
+                fd: f.u32() as i32,
+                fd2: f.u32() as i32,
+                flags: f.u32(),
+                errno: f.u32() as i32,
+                dirfd: f.u32() as i32,
+                stack_id: f.u64(),
+                value: f.u64(),
+            };
+            let path = (kind == kind::FD_PATH).then(|| {
+                let raw = &bytes[f.at..f.at + FD_PATH_LEN];
+                &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]
+            });
+            Event::Fd(FdRecord { event, path })
+        }
+        kind::OOM => {
+            let mut f = need(bytes, "OOM record", size_of::<OomEvent>())?;
+            let mut e = OomEvent {
+                hdr: f.header(),
+                victim: f.u32(),
+                oom_score_adj: f.u32() as i32,
+                total_vm_kb: f.u64(),
+                anon_rss_kb: f.u64(),
+                file_rss_kb: f.u64(),
+                shmem_rss_kb: f.u64(),
+                comm: [0; 16],
+            };
+            e.comm.copy_from_slice(&bytes[f.at..f.at + 16]);
+            Event::Oom(e)
+        }
         kind::EXEC | kind::EXIT | kind::FORK | kind::LOADER => {
             let mut f = need(bytes, "process record", size_of::<ProcEvent>())?;
             let e = ProcEvent {
@@ -212,6 +267,35 @@ pub mod encode {
             out.extend_from_slice(&f.to_le_bytes());
         }
         out.resize(size_of::<StackEvent>(), 0);
+        out
+    }
+
+    /// The bytes of an [`FdEvent`], with `path` as an [`FdPathEvent`].
+    pub fn fd(e: &FdEvent, path: Option<&[u8]>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(size_of::<FdPathEvent>());
+        let mut hdr = e.hdr;
+        hdr.kind = if path.is_some() {
+            kind::FD_PATH
+        } else {
+            kind::FD
+        };
+        header(&mut out, &hdr);
+        out.extend_from_slice(&e.op.to_le_bytes());
+        out.extend_from_slice(&e.syscall.to_le_bytes());
+        for v in [e.fd, e.fd2] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&e.flags.to_le_bytes());
+        for v in [e.errno, e.dirfd] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&e.stack_id.to_le_bytes());
+        out.extend_from_slice(&e.value.to_le_bytes());
+        if let Some(p) = path {
+            let mut buf = [0u8; FD_PATH_LEN];
+            buf[..p.len()].copy_from_slice(p);
+            out.extend_from_slice(&buf);
+        }
         out
     }
 
@@ -289,6 +373,50 @@ mod tests {
         assert_eq!(decode(&unknown), Err(DecodeError::UnknownKind(99)));
         unknown.truncate(0);
         assert!(decode(&unknown).is_err());
+    }
+
+    #[test]
+    fn fd_records_with_and_without_paths() {
+        let e = FdEvent {
+            hdr: hdr(kind::FD),
+            op: 1,
+            syscall: 2,
+            fd: 7,
+            fd2: -1,
+            flags: 0o2000100,
+            errno: 0,
+            dirfd: -100,
+            stack_id: 9,
+            value: 77,
+        };
+        let bytes = encode::fd(&e, None);
+        assert_eq!(bytes.len(), 64);
+        assert_eq!(
+            decode(&bytes),
+            Ok(Event::Fd(FdRecord {
+                event: e,
+                path: None
+            }))
+        );
+        let bytes = encode::fd(&e, Some(b"/tmp/x"));
+        let Ok(Event::Fd(r)) = decode(&bytes) else {
+            panic!()
+        };
+        assert_eq!(r.event.hdr.kind, kind::FD_PATH);
+        assert_eq!(
+            (
+                r.event.fd,
+                r.event.dirfd,
+                r.event.stack_id,
+                r.event.value,
+                r.path
+            ),
+            (7, -100, 9, 77, Some(&b"/tmp/x"[..]))
+        );
+        assert!(
+            decode(&bytes[..100]).is_err(),
+            "a path record must be whole"
+        );
     }
 
     #[test]

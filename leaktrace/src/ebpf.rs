@@ -17,7 +17,7 @@ use aya::{
 use hashbrown::HashMap;
 use leaktrace_common::{
     CodeMapping, Config, MAX_CODE_MAPPINGS, ProcessCode, UnwindRow, WalkStats, alloc_fn,
-    drop_reason,
+    drop_reason, features,
 };
 
 use crate::{
@@ -88,6 +88,50 @@ const UPROBES: &[&str] = &[
 const LIFECYCLE: &[(&str, &str, &str)] = &[
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("sched_process_exit", "sched", "sched_process_exit"),
+    // OOM kills anywhere on the node, traced or not.
+    ("mark_victim", "oom", "mark_victim"),
+];
+
+/// Descriptor creation and release (also needed for temp files: opens with O_CREAT, and
+/// closes of unnamed temp files).
+const DESCRIPTORS: &[&str] = &[
+    "sys_exit_open",
+    "sys_exit_openat",
+    "sys_exit_openat2",
+    "sys_exit_creat",
+    "sys_exit_socket",
+    "sys_exit_socketpair",
+    "sys_exit_accept",
+    "sys_exit_accept4",
+    "sys_exit_pipe",
+    "sys_exit_pipe2",
+    "sys_exit_dup",
+    "sys_exit_dup2",
+    "sys_exit_dup3",
+    "sys_exit_fcntl",
+    "sys_exit_eventfd",
+    "sys_exit_eventfd2",
+    "sys_exit_epoll_create",
+    "sys_exit_epoll_create1",
+    "sys_exit_timerfd_create",
+    "sys_exit_signalfd",
+    "sys_exit_signalfd4",
+    "sys_exit_memfd_create",
+    "sys_exit_inotify_init",
+    "sys_exit_inotify_init1",
+    "sys_exit_close",
+    "sys_exit_close_range",
+    "sys_exit_setrlimit",
+    "sys_exit_prlimit64",
+];
+
+/// Paths going away, for temp files.
+const UNLINKS: &[&str] = &[
+    "sys_exit_unlink",
+    "sys_exit_unlinkat",
+    "sys_exit_rename",
+    "sys_exit_renameat",
+    "sys_exit_renameat2",
 ];
 
 const FORK_FOLLOWING: &[(&str, &str, &str)] = &[
@@ -209,6 +253,8 @@ pub struct LoadOptions {
     pub unwind_rows: u32,
     /// Time every stack walk (`Source::walk_stats`), for benchmarks.
     pub measure_walks: bool,
+    /// Bits of [`leaktrace_common::features`]: descriptors, temp files.
+    pub features: u32,
 }
 
 /// A BPF array created with `BPF_F_MMAPABLE`, mapped into our memory and filled from the
@@ -390,6 +436,8 @@ impl Source {
                 Unwind::Dwarf => leaktrace_common::unwind_mode::DWARF,
             },
             measure: u32::from(opts.measure_walks),
+            features: opts.features,
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
@@ -405,12 +453,27 @@ impl Source {
                 .map_err(program_error(name))?;
             prog.load().map_err(program_error(name))?;
         }
-        let tracepoints = LIFECYCLE.iter().chain(if opts.follow_forks {
-            FORK_FOLLOWING
-        } else {
-            &[]
-        });
-        for &(name, category, event) in tracepoints {
+        let fds = opts.features & (features::FD | features::TMP) != 0;
+        let tmp = opts.features & features::TMP != 0;
+        let syscalls = DESCRIPTORS
+            .iter()
+            .filter(|_| fds)
+            .chain(UNLINKS.iter().filter(|_| tmp))
+            .map(|&name| (name, "syscalls", name));
+        let tracepoints = LIFECYCLE
+            .iter()
+            .copied()
+            .chain(
+                if opts.follow_forks {
+                    FORK_FOLLOWING
+                } else {
+                    &[]
+                }
+                .iter()
+                .copied(),
+            )
+            .chain(syscalls);
+        for (name, category, event) in tracepoints {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .ok_or(SourceError::Missing(name))?

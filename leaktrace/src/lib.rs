@@ -9,9 +9,13 @@
 //!
 //! [`session`] ties it together; everything but [`ebpf`], [`preflight`] and [`spawn`] is pure
 //! and runs in unit tests without privileges.
+pub mod cgroup;
 pub mod decode;
 pub mod ebpf;
+pub mod fdtable;
+pub mod fdtrack;
 pub mod modules;
+pub mod oomwatch;
 pub mod preflight;
 pub mod procfs;
 pub mod report;
@@ -20,5 +24,6 @@ pub mod spawn;
 pub mod stacks;
 pub mod symbolize;
 pub mod table;
+pub mod tmpfiles;
 pub mod unwind;
 pub mod write;

@@ -120,6 +120,20 @@ pub fn is_stopped(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The soft limit on open files of `pid` (`Max open files` in `/proc/PID/limits`).
+pub fn open_files_limit(pid: u32) -> Option<u64> {
+    parse_open_files_limit(&fs::read_to_string(path(pid, "limits")).ok()?)
+}
+
+fn parse_open_files_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The effective capability mask of this process (`CapEff` in `/proc/self/status`).
 pub fn effective_capabilities() -> io::Result<u64> {
     let status = fs::read_to_string("/proc/self/status")?;
@@ -179,6 +193,15 @@ mod tests {
         // glibc: makedev(8, 1) == 0x801, makedev(259, 2) == 0x10302
         assert_eq!(makedev(8, 1), 0x801);
         assert_eq!(makedev(259, 2), 0x10302);
+    }
+
+    #[test]
+    fn open_files_limit_is_the_soft_limit() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+Max cpu time              unlimited            unlimited            seconds   \n\
+Max open files            1024                 524288               files     \n";
+        assert_eq!(parse_open_files_limit(limits), Some(1024));
+        assert!(open_files_limit(std::process::id()).is_some());
     }
 
     #[test]

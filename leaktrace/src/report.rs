@@ -6,8 +6,10 @@ use hashbrown::HashMap;
 use serde::Serialize;
 
 use crate::{
+    fdtable::{FdKind, FdSnapshot},
     stacks::StackStore,
     symbolize::{SymFrame, Symbols, runtime_owned, trim},
+    table::StackId,
     table::{Snapshot, StackRow},
 };
 
@@ -53,6 +55,15 @@ pub struct Summary {
     /// Stack walking cost, measured in the kernel (`--measure-walks` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub walks: Option<WalkSummary>,
+    /// Descriptors created, closed, and still open (or open at exit), among those we saw
+    /// created; closes of others (inherited, opened before tracing).
+    pub fds_opened: u64,
+    pub fds_closed: u64,
+    pub fds_outstanding: u64,
+    pub fds_unmatched_closes: u64,
+    /// Temp files created, and those still on disk.
+    pub tmp_files_created: u64,
+    pub tmp_files_outstanding: u64,
 }
 
 /// Stack walks timed in the kernel.
@@ -123,6 +134,111 @@ pub struct Leak {
     pub frames: Vec<Frame>,
 }
 
+/// Descriptors still open, per creating stack (the JSON `fd_leaks` entries).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdLeak {
+    pub pid: u32,
+    pub comm: String,
+    /// Descriptors this stack created that are still open (or were open at exit).
+    pub outstanding: u64,
+    pub fd_kind: &'static str,
+    /// Example paths, for files.
+    pub paths: Vec<String>,
+    pub opened: u64,
+    pub closed: u64,
+    pub oldest_age_s: f64,
+    pub at_exit: bool,
+    pub truncated: bool,
+    /// `frames[0]` is the code that called the libc wrapper (open, socket, fopen, ...).
+    pub frames: Vec<Frame>,
+}
+
+/// A stack holding descriptors (in [`FdExhaustion::top_holders`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdHolder {
+    pub outstanding: u64,
+    pub fd_kind: &'static str,
+    pub frames: Vec<Frame>,
+}
+
+/// A process that ran out of descriptors (the JSON `fd_exhaustion` entries).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdExhaustion {
+    pub pid: u32,
+    pub comm: String,
+    /// `EMFILE` (the process's limit) or `ENFILE` (the system's).
+    pub errno: &'static str,
+    /// The process's soft `RLIMIT_NOFILE`.
+    pub limit: Option<u64>,
+    /// Descriptors it had open (that we saw created) when the call failed.
+    pub open: u64,
+    /// Failures at this stack.
+    pub count: u64,
+    /// Seconds since tracing started, of the first failure.
+    pub at_s: f64,
+    /// The call that failed.
+    pub frames: Vec<Frame>,
+    /// The stacks holding the most descriptors at that moment.
+    pub top_holders: Vec<FdHolder>,
+}
+
+/// Temp files a stack created that still exist (the JSON `tmp_leaks` entries).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TmpLeak {
+    pub pid: u32,
+    pub comm: String,
+    pub files: u64,
+    /// Their current size on disk.
+    pub bytes: u64,
+    pub paths: Vec<String>,
+    pub oldest_age_s: f64,
+    pub truncated: bool,
+    pub frames: Vec<Frame>,
+}
+
+/// Outstanding heap bytes of a process some time before an event.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct GrowthSample {
+    /// Seconds before the event (negative).
+    pub t_s: f64,
+    pub outstanding_bytes: u64,
+}
+
+/// A heap stack in an OOM record.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HeapHolder {
+    pub outstanding_bytes: u64,
+    pub outstanding_count: u64,
+    pub frames: Vec<Frame>,
+}
+
+/// An OOM kill (the JSON `oom_kills` entries), written out as soon as it happens.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OomKill {
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    /// Resident memory when chosen (anonymous + file + shared).
+    pub rss_bytes: u64,
+    pub anon_rss_bytes: u64,
+    /// The memory limit of its cgroup, when it has one.
+    pub limit_bytes: Option<u64>,
+    pub oom_score_adj: i32,
+    /// Whether leaktrace was tracing it (then the stacks below are filled in).
+    pub traced: bool,
+    /// Wall-clock time of the kill (RFC 3339, UTC).
+    pub time: String,
+    /// The heap stack holding the most bytes.
+    pub frames_top: Vec<Frame>,
+    pub heap_top: Vec<HeapHolder>,
+    pub fd_top: Vec<FdHolder>,
+    /// Its outstanding heap bytes over the minutes before the kill.
+    pub growth: Vec<GrowthSample>,
+    pub growth_bytes_per_s: Option<f64>,
+}
+
 /// A complete report.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Report {
@@ -131,6 +247,12 @@ pub struct Report {
     pub leaks: Vec<Leak>,
     /// Blocks the C/C++ runtime holds for itself, ranked the same way (not leaks).
     pub runtime: Vec<Leak>,
+    /// Ranked by descriptors held, most first.
+    pub fd_leaks: Vec<FdLeak>,
+    pub fd_exhaustion: Vec<FdExhaustion>,
+    /// Ranked by bytes on disk.
+    pub tmp_leaks: Vec<TmpLeak>,
+    pub oom_kills: Vec<OomKill>,
     /// Set on the last report of a session.
     #[serde(rename = "final")]
     pub is_final: bool,
@@ -199,6 +321,136 @@ pub struct ReportInput<'a> {
     pub comm: &'a dyn Fn(u32) -> String,
     pub is_final: bool,
     pub walks: Option<WalkSummary>,
+    pub fds: &'a FdSnapshot,
+    /// Temp files still watched, with their size on disk (gone ones left out).
+    pub tmp: &'a [TmpRow],
+    pub tmp_created: u64,
+    pub fd_exhaustion: &'a [FdExhaustion],
+    pub oom_kills: &'a [OomKill],
+}
+
+/// A temp file as a report sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TmpRow {
+    pub pid: u32,
+    pub stack_id: StackId,
+    pub path: String,
+    pub bytes: u64,
+    pub created_ms: u32,
+}
+
+/// The symbolized, trimmed frames of a stack, and whether the walk was incomplete.
+pub fn stack_frames(
+    stacks: &StackStore,
+    symbols: &mut Symbols,
+    id: StackId,
+) -> (Vec<SymFrame>, bool) {
+    match stacks.get(id) {
+        Some(stack) => {
+            let mut frames = symbols.frames(stack);
+            trim(&mut frames, |_| false);
+            (frames, stack.truncated() || stack.broken())
+        }
+        None => (Vec::new(), true),
+    }
+}
+
+fn merge_paths(into: &mut Vec<String>, from: &[String]) {
+    for p in from {
+        if into.len() < crate::fdtable::PATH_SAMPLES && !into.contains(p) {
+            into.push(p.clone());
+        }
+    }
+}
+
+/// Descriptors still open, merged per (process, trimmed stack), most first.
+fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, now_ms: u32) -> Vec<FdLeak> {
+    let fds = input.fds;
+    let rows = fds
+        .live
+        .iter()
+        .flat_map(|p| p.stacks.iter().map(move |s| (p.pid, false, now_ms, s)))
+        .chain(
+            fds.exited
+                .iter()
+                .flat_map(|e| e.stacks.iter().map(move |s| (e.pid, true, e.at_ms, s))),
+        )
+        .filter(|(_, _, _, s)| s.outstanding > 0);
+    let mut merged: HashMap<LeakKey, FdLeak> = HashMap::new();
+    for (pid, at_exit, at_ms, s) in rows {
+        let (frames, truncated) = stack_frames(input.stacks, symbols, s.stack_id);
+        let key: LeakKey = (pid, at_exit, frames.iter().map(|f| f.addr).collect());
+        let age = f64::from(at_ms.saturating_sub(s.oldest_born_ms.unwrap_or(at_ms))) / 1e3;
+        let leak = merged.entry(key).or_insert_with(|| FdLeak {
+            pid,
+            comm: (input.comm)(pid),
+            outstanding: 0,
+            fd_kind: s.kind.map_or("other", FdKind::name),
+            paths: Vec::new(),
+            opened: 0,
+            closed: 0,
+            oldest_age_s: 0.0,
+            at_exit,
+            truncated,
+            frames: frames.iter().map(Frame::from).collect(),
+        });
+        leak.outstanding += s.outstanding;
+        leak.opened += s.opened;
+        leak.closed += s.closed;
+        leak.oldest_age_s = leak.oldest_age_s.max(age);
+        merge_paths(&mut leak.paths, &s.paths);
+    }
+    let mut leaks: Vec<FdLeak> = merged.into_values().collect();
+    leaks.sort_by(|a, b| {
+        b.outstanding
+            .cmp(&a.outstanding)
+            .then(a.pid.cmp(&b.pid))
+            .then_with(|| {
+                a.frames
+                    .iter()
+                    .map(|f| &f.addr)
+                    .cmp(b.frames.iter().map(|f| &f.addr))
+            })
+    });
+    leaks
+}
+
+/// Temp files still on disk, merged per (process, trimmed stack), largest first.
+fn tmp_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, now_ms: u32) -> Vec<TmpLeak> {
+    let mut merged: HashMap<LeakKey, TmpLeak> = HashMap::new();
+    for row in input.tmp {
+        let (frames, truncated) = stack_frames(input.stacks, symbols, row.stack_id);
+        let key: LeakKey = (row.pid, false, frames.iter().map(|f| f.addr).collect());
+        let leak = merged.entry(key).or_insert_with(|| TmpLeak {
+            pid: row.pid,
+            comm: (input.comm)(row.pid),
+            files: 0,
+            bytes: 0,
+            paths: Vec::new(),
+            oldest_age_s: 0.0,
+            truncated,
+            frames: frames.iter().map(Frame::from).collect(),
+        });
+        leak.files += 1;
+        leak.bytes += row.bytes;
+        leak.oldest_age_s = leak
+            .oldest_age_s
+            .max(f64::from(now_ms.saturating_sub(row.created_ms)) / 1e3);
+        merge_paths(&mut leak.paths, std::slice::from_ref(&row.path));
+    }
+    let mut leaks: Vec<TmpLeak> = merged.into_values().collect();
+    leaks.sort_by(|a, b| {
+        (b.bytes, b.files)
+            .cmp(&(a.bytes, a.files))
+            .then(a.pid.cmp(&b.pid))
+            .then_with(|| {
+                a.frames
+                    .iter()
+                    .map(|f| &f.addr)
+                    .cmp(b.frames.iter().map(|f| &f.addr))
+            })
+    });
+    leaks
 }
 
 struct Merged {
@@ -346,10 +598,28 @@ pub fn build(
             list.truncate(top);
         }
     }
+
+    let mut fd_leaks = fd_leaks(&input, symbols, snap.now_ms);
+    let mut tmp_leaks = tmp_leaks(&input, symbols, snap.now_ms);
+    let fd_totals = input.fds.totals;
+    summary.fds_opened = fd_totals.opened;
+    summary.fds_closed = fd_totals.closed;
+    summary.fds_unmatched_closes = fd_totals.unmatched_closes;
+    summary.fds_outstanding = fd_leaks.iter().map(|l| l.outstanding).sum();
+    summary.tmp_files_created = input.tmp_created;
+    summary.tmp_files_outstanding = tmp_leaks.iter().map(|l| l.files).sum();
+    if let Some(top) = opts.top {
+        fd_leaks.truncate(top);
+        tmp_leaks.truncate(top);
+    }
     Report {
         summary,
         leaks,
         runtime,
+        fd_leaks,
+        fd_exhaustion: input.fd_exhaustion.to_vec(),
+        tmp_leaks,
+        oom_kills: input.oom_kills.to_vec(),
         is_final: input.is_final,
     }
 }

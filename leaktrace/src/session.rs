@@ -26,15 +26,20 @@ use tokio::{
 use crate::{
     decode::{Event, decode},
     ebpf::{Detacher, LoadOptions, ProcessProbes, Source, SourceError, Unwind},
+    fdtrack::{Exhausted, FdTracker},
     modules::{AddressSpace, Modules},
+    oomwatch::{self, OomWatch},
     preflight::{self, PreflightError},
     procfs,
-    report::{self, Growth, Report, ReportInput, ReportOptions},
+    report::{
+        self, FdExhaustion, FdHolder, Growth, HeapHolder, OomKill, Report, ReportInput,
+        ReportOptions,
+    },
     spawn::{self, Child, SpawnError},
     stacks::{Stack, StackStore, normalize},
     symbolize::Symbols,
     table::HeapTables,
-    write::{self, FoldedWeight, Format},
+    write::{self, FoldedKind, FoldedWeight, Format},
 };
 
 /// What to trace.
@@ -65,6 +70,14 @@ pub struct SessionConfig {
     pub unwind_rows: u32,
     /// Time every stack walk in the kernel and report it (for benchmarks).
     pub measure_walks: bool,
+    /// Trace the heap (allocator probes).
+    pub heap: bool,
+    /// Bits of [`leaktrace_common::features`]: descriptors, temp files.
+    pub features: u32,
+    /// Append each OOM-kill record here, as one JSON line, the moment it happens.
+    pub oom_log: Option<PathBuf>,
+    /// Which stacks folded output shows.
+    pub folded_kind: FoldedKind,
 }
 
 /// Why a session failed. Each variant maps to a documented exit code.
@@ -139,12 +152,13 @@ impl Drop for FastExit {
 struct Sink {
     format: Format,
     weight: FoldedWeight,
+    folded_kind: FoldedKind,
     output: Option<PathBuf>,
 }
 
 impl Sink {
     fn emit(&self, report: &Report) -> Result<(), SessionError> {
-        let text = write::render(report, self.format, self.weight);
+        let text = write::render(report, self.format, self.weight, self.folded_kind);
         match &self.output {
             Some(path) => {
                 write::to_path(path, &text).map_err(|e| SessionError::Io("cannot write report", e))
@@ -181,15 +195,26 @@ struct Tracer {
     live: HashSet<u32>,
     /// Processes that ever had an allocator hooked.
     hooked: HashSet<u32>,
+    /// A command we started, not yet exec'd: what it does with descriptors is our own
+    /// spawning code's doing (stdout redirection), not the program's.
+    before_exec: Option<u32>,
     decode_errors: u64,
     options: ReportOptions,
     /// The process the user named (pid mode) or started (run mode).
     root: u32,
     measure_walks: bool,
+    /// Allocator probes are attached.
+    heap: bool,
+    fd: FdTracker,
+    oom: OomWatch,
+    /// Full descriptor tables, one record per (pid, failing stack).
+    exhaustion: Vec<Exhaustion>,
+    /// Where reports go; also written at once when an OOM kill happens.
+    sink: Sink,
 }
 
 impl Tracer {
-    fn new(source: Source, options: ReportOptions) -> Self {
+    fn new(source: Source, options: ReportOptions, sink: Sink) -> Self {
         Self {
             source,
             modules: Modules::default(),
@@ -204,10 +229,16 @@ impl Tracer {
             comms: HashMap::new(),
             live: HashSet::new(),
             hooked: HashSet::new(),
+            before_exec: None,
             decode_errors: 0,
             options,
             root: 0,
             measure_walks: false,
+            heap: true,
+            fd: FdTracker::default(),
+            oom: OomWatch::default(),
+            exhaustion: Vec::new(),
+            sink,
         }
     }
 
@@ -239,7 +270,7 @@ impl Tracer {
             .unwrap_or_default();
         let probes = self.probes.entry(pid).or_default();
         for module in &modules {
-            if module.elf.is_allocator() {
+            if self.heap && module.elf.is_allocator() {
                 self.source.attach_allocator(probes, pid, module)?;
                 tracing::debug!("pid {pid}: hooked the allocator in {}", module.path);
             }
@@ -251,17 +282,22 @@ impl Tracer {
         if n > 0 {
             self.hooked.insert(pid);
         }
-        Ok(n)
+        // Without heap tracing, any module will do: nothing is hooked, nothing is missing.
+        Ok(if self.heap { n } else { modules.len() })
     }
 
     fn start_tracking(&mut self, pid: u32) {
         self.comms.insert(pid, procfs::comm(pid));
+        self.fd.note_process(pid);
         self.live.insert(pid);
+        self.oom.track(pid);
     }
 
     /// Forgets a process: detaches its probes, keeps what it held at exit.
     fn retire(&mut self, pid: u32, ts_ns: u64) {
         self.tables.exit(pid, ts_ns);
+        self.fd.exit(pid, self.tables.ms_since_epoch(ts_ns));
+        self.oom.forget(pid);
         if let Some(probes) = self.probes.remove(&pid) {
             self.detacher.detach(probes);
         }
@@ -278,7 +314,25 @@ impl Tracer {
             .filter(|e| e.pid == pid)
             .flat_map(|e| e.stacks.iter().map(|r| r.counters.stack_id))
             .collect();
-        self.stacks.forget_pid(pid, |id| snap_ids.contains(&id));
+        // Stacks that still hold descriptors or temp files, or are named in a record, stay.
+        let fd_ids: HashSet<u64> = self
+            .fd
+            .fds
+            .snapshot()
+            .exited
+            .iter()
+            .filter(|e| e.pid == pid)
+            .flat_map(|e| e.stacks.iter().map(|s| s.stack_id))
+            .chain(
+                self.fd
+                    .tmp
+                    .files()
+                    .filter(|f| f.pid == pid)
+                    .map(|f| f.stack_id),
+            )
+            .collect();
+        self.stacks
+            .forget_pid(pid, |id| snap_ids.contains(&id) || fd_ids.contains(&id));
     }
 
     fn on_stack(&mut self, s: &crate::decode::StackRecord<'_>) {
@@ -348,6 +402,18 @@ impl Tracer {
                 self.retire(e.hdr.pid, e.hdr.ts_ns);
                 Ok(())
             }
+            Event::Fd(r) if self.before_exec == Some(r.event.hdr.pid) => Ok(()),
+            Event::Fd(r) => {
+                let at_ms = self.tables.ms_since_epoch(r.event.hdr.ts_ns);
+                if let Some(x) = self.fd.on_record(&r, at_ms) {
+                    self.on_exhausted(x, at_ms);
+                }
+                Ok(())
+            }
+            Event::Oom(e) => {
+                self.on_oom(&e);
+                Ok(())
+            }
         };
         if hdr.flags & header_flags::STOPPED != 0 {
             // The kernel side stopped this process for us. A command we cannot trace at all
@@ -368,10 +434,15 @@ impl Tracer {
         // The old image is gone: its probes (scoped to the pid, not the image) must not fire
         // in the new one, and what it held is kept as in use at exit of that image.
         self.tables.exec(pid, ts_ns);
+        self.fd.exec(pid);
+        if self.before_exec == Some(pid) {
+            self.before_exec = None;
+        }
         if let Some(probes) = self.probes.remove(&pid) {
             self.detacher.detach(probes);
         }
         self.comms.insert(pid, procfs::comm(pid));
+        self.fd.note_process(pid);
         let hooked = self.hook(pid)?;
         let has_loader = self
             .probes
@@ -398,11 +469,133 @@ impl Tracer {
 
     fn on_fork(&mut self, child: u32, parent: u32) -> Result<(), SessionError> {
         self.start_tracking(child);
+        self.fd.fork(parent, child);
         match self.hook(child) {
             Ok(_) => {}
             Err(e) => tracing::warn!("pid {child} (forked by {parent}) cannot be traced: {e}"),
         }
         Ok(())
+    }
+
+    /// Notes every traced process's outstanding heap bytes, for OOM records.
+    fn sample_growth(&mut self) {
+        let at_ms = self.tables.ms_since_epoch(monotonic_ns());
+        for &pid in &self.live {
+            self.oom
+                .sample(pid, at_ms, self.tables.outstanding_of(pid).1);
+        }
+    }
+
+    /// Symbolized, trimmed frames of a stack, for records written at once.
+    fn frames(&mut self, id: u64) -> Vec<report::Frame> {
+        report::stack_frames(&self.stacks, &mut self.symbols, id)
+            .0
+            .iter()
+            .map(report::Frame::from)
+            .collect()
+    }
+
+    fn holders(&mut self, pid: u32) -> Vec<FdHolder> {
+        let top = self.fd.fds.top_holders(pid, 5);
+        top.into_iter()
+            .map(|h| FdHolder {
+                outstanding: h.outstanding,
+                fd_kind: h.kind.map_or("other", |k| k.name()),
+                frames: self.frames(h.stack_id),
+            })
+            .collect()
+    }
+
+    /// A call failed because the descriptor table is full: reported at once, with the stacks
+    /// holding the most descriptors right now.
+    fn on_exhausted(&mut self, x: Exhausted, at_ms: u32) {
+        if let Some(seen) = self
+            .exhaustion
+            .iter_mut()
+            .find(|r| r.pid == x.pid && r.stack_id == x.stack_id)
+        {
+            seen.record.count += 1;
+            return;
+        }
+        // The process may be gone already; then the last limit we saw it set.
+        let limit = procfs::open_files_limit(x.pid).or_else(|| self.fd.limit(x.pid));
+        let record = FdExhaustion {
+            pid: x.pid,
+            comm: self.comm(x.pid),
+            errno: if x.errno == libc::ENFILE {
+                "ENFILE"
+            } else {
+                "EMFILE"
+            },
+            limit,
+            open: self.fd.fds.open_count(x.pid),
+            count: 1,
+            at_s: f64::from(at_ms) / 1e3,
+            frames: self.frames(x.stack_id),
+            top_holders: self.holders(x.pid),
+        };
+        eprint!("{}", write::table::exhaustion_notice(&record));
+        self.exhaustion.push(Exhaustion {
+            pid: x.pid,
+            stack_id: x.stack_id,
+            record,
+        });
+    }
+
+    /// The OOM killer chose a victim: the record is made and written out now, while the
+    /// victim's tables are still here.
+    fn on_oom(&mut self, e: &leaktrace_common::OomEvent) {
+        let pid = e.victim;
+        let traced = self.live.contains(&pid);
+        let at_ms = self.tables.ms_since_epoch(e.hdr.ts_ns);
+        let comm = String::from_utf8_lossy(e.comm.split(|&b| b == 0).next().unwrap_or_default())
+            .into_owned();
+        let placement = self.oom.placement(pid);
+        let (mut heap_top, mut fd_top, mut growth, mut rate) =
+            (Vec::new(), Vec::new(), Vec::new(), None);
+        if traced {
+            let (_, bytes) = self.tables.outstanding_of(pid);
+            (growth, rate) = self.oom.growth(pid, at_ms, bytes);
+            for c in self.tables.top_stacks(pid, 5) {
+                let frames = self.frames(c.stack_id);
+                heap_top.push(HeapHolder {
+                    outstanding_bytes: c.outstanding_bytes,
+                    outstanding_count: c.outstanding_count,
+                    frames,
+                });
+            }
+            fd_top = self.holders(pid);
+        }
+        let kill = OomKill {
+            pid,
+            comm,
+            cgroup: placement.as_ref().map(|p| p.cgroup.clone()),
+            container_id: placement.as_ref().and_then(|p| p.container_id.clone()),
+            pod_uid: placement.as_ref().and_then(|p| p.pod_uid.clone()),
+            rss_bytes: (e.anon_rss_kb + e.file_rss_kb + e.shmem_rss_kb) * 1024,
+            anon_rss_bytes: e.anon_rss_kb * 1024,
+            limit_bytes: placement.and_then(|p| p.limit_bytes),
+            oom_score_adj: e.oom_score_adj,
+            traced,
+            time: oomwatch::utc_now(),
+            frames_top: heap_top
+                .first()
+                .map(|h| h.frames.clone())
+                .unwrap_or_default(),
+            heap_top,
+            fd_top,
+            growth,
+            growth_bytes_per_s: rate,
+        };
+        eprint!("{}", write::table::oom_notice(&kill));
+        self.oom.record(kill);
+        // A report file always shows the kill, even if leaktrace dies next.
+        if self.sink.output.is_some() {
+            let report = self.report(false);
+            if let Err(err) = self.sink.emit(&report) {
+                tracing::error!("{err}");
+            }
+        }
     }
 
     fn comm(&self, pid: u32) -> String {
@@ -418,6 +611,10 @@ impl Tracer {
             .snapshot(monotonic_ns(), self.options.min_age_ns);
         let mut lost = self.source.drops();
         lost.push(("undecodable", self.decode_errors));
+        let fds = self.fd.fds.snapshot();
+        let tmp = self.fd.tmp_rows();
+        let exhaustion: Vec<FdExhaustion> =
+            self.exhaustion.iter().map(|x| x.record.clone()).collect();
         let comms = &self.comms;
         let comm = |pid: u32| {
             comms
@@ -449,12 +646,24 @@ impl Tracer {
                         bpf_map_bytes: crate::ebpf::map_memory_bytes(),
                     }
                 }),
+                fds: &fds,
+                tmp: &tmp,
+                tmp_created: self.fd.tmp.created,
+                fd_exhaustion: &exhaustion,
+                oom_kills: &self.oom.records,
             },
             &self.options,
             &mut self.symbols,
             &mut self.growth,
         )
     }
+}
+
+/// A full descriptor table, reported once per (process, failing stack).
+struct Exhaustion {
+    pid: u32,
+    stack_id: u64,
+    record: FdExhaustion,
 }
 
 /// Drains what the ring buffer holds, at most `budget` records. Returns how many were read.
@@ -496,19 +705,24 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
         unwind: config.unwind,
         unwind_rows: config.unwind_rows,
         measure_walks: config.measure_walks,
+        features: config.features,
     })?;
-    let mut tracer = Tracer::new(source, config.report.clone());
+    let sink = Sink {
+        format: config.format,
+        weight: config.weight,
+        folded_kind: config.folded_kind,
+        output: config.output.clone(),
+    };
+    let mut tracer = Tracer::new(source, config.report.clone(), sink);
     tracer.measure_walks = config.measure_walks;
+    tracer.heap = config.heap;
+    tracer.fd = FdTracker::new(config.features);
+    tracer.oom = OomWatch::new(config.oom_log.clone());
     // Declared after the tracer so it runs first when `run` returns, on every path.
     let _fast_exit = FastExit;
     // SAFETY: the ring buffer owns its descriptor and is never closed while registered.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| SessionError::Io("ring buffer", e.into()))?;
-    let sink = Sink {
-        format: config.format,
-        weight: config.weight,
-        output: config.output.clone(),
-    };
 
     let child = match &config.target {
         Target::Pid(pid) => {
@@ -547,6 +761,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
             }
             let pid = held.pid;
             tracer.root = pid;
+            tracer.before_exec = Some(pid);
             let child = Child::watch(pid).map_err(|e| SessionError::Io("pidfd_open", e))?;
             held.release()?;
             tracer.live.insert(pid);
@@ -619,6 +834,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
                 drain(ring.get_mut(), &mut tracer, BUDGET)?;
             }
             _ = liveness.tick() => {
+                tracer.sample_growth();
                 let dead: Vec<u32> = tracer.live.iter().copied().filter(|&p| p != root || child.is_none()).filter(|&p| !procfs::is_alive(p)).collect();
                 if !dead.is_empty() {
                     drain(ring.get_mut(), &mut tracer, usize::MAX)?;
@@ -651,7 +867,8 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
                     && now >= at
                 {
                     drain(ring.get_mut(), &mut tracer, usize::MAX)?;
-                    sink.emit(&tracer.report(false))?;
+                    let report = tracer.report(false);
+                    tracer.sink.emit(&report)?;
                     next_report = Some(at + every);
                 }
             }
@@ -671,6 +888,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
         }
     }
     if let Target::Run { .. } = config.target
+        && tracer.heap
         && tracer.hooked.is_empty()
         && tracer.tables.totals().allocs == 0
     {
@@ -680,6 +898,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
             detail: "it never mapped an object defining malloc and free".into(),
         });
     }
-    sink.emit(&tracer.report(true))?;
+    let report = tracer.report(true);
+    tracer.sink.emit(&report)?;
     Ok(Outcome { exit_code })
 }

@@ -279,6 +279,37 @@ impl HeapTables {
     }
 
     /// The tables as of `now_ns`; rows also count the blocks at least `min_age_ns` old.
+    /// Outstanding (count, bytes) of one live process.
+    pub fn outstanding_of(&self, pid: u32) -> (u64, u64) {
+        self.procs.get(&pid).map_or((0, 0), |h| {
+            h.stacks.iter().fold((0, 0), |(c, b), s| {
+                (c + s.outstanding_count, b + s.outstanding_bytes)
+            })
+        })
+    }
+
+    /// The stacks of a live process holding the most bytes, most first.
+    pub fn top_stacks(&self, pid: u32, n: usize) -> Vec<StackCounters> {
+        let mut top: Vec<StackCounters> = self
+            .procs
+            .get(&pid)
+            .map(|h| {
+                h.stacks
+                    .iter()
+                    .filter(|s| s.outstanding_count > 0)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        top.sort_by(|a, b| {
+            b.outstanding_bytes
+                .cmp(&a.outstanding_bytes)
+                .then(a.stack_id.cmp(&b.stack_id))
+        });
+        top.truncate(n);
+        top
+    }
+
     pub fn snapshot(&self, now_ns: u64, min_age_ns: u64) -> Snapshot {
         let now_ms = self.ms_since_epoch(now_ns);
         let min_age_ms = (min_age_ns / 1_000_000).min(u64::from(u32::MAX)) as u32;
@@ -579,6 +610,22 @@ mod tests {
             "the new image's block is not a replacement"
         );
         invariant(&t);
+    }
+
+    #[test]
+    fn per_process_totals_and_top_stacks() {
+        let mut t = HeapTables::new(0);
+        t.alloc(&alloc(1, 0x1000, 10, 1));
+        t.alloc(&alloc(1, 0x2000, 300, 2));
+        t.alloc(&alloc(1, 0x3000, 20, 1));
+        t.alloc(&alloc(2, 0x1000, 5, 3));
+        assert_eq!(t.outstanding_of(1), (3, 330));
+        let top = t.top_stacks(1, 1);
+        assert_eq!(
+            (top.len(), top[0].stack_id, top[0].outstanding_bytes),
+            (1, 2, 300)
+        );
+        assert_eq!(t.outstanding_of(9), (0, 0));
     }
 
     #[test]

@@ -141,6 +141,15 @@ pub struct Run {
 
 impl Run {
     /// The last JSON report on stdout.
+    /// Every JSON report on stdout, first first.
+    pub fn reports(&self) -> Vec<Report> {
+        self.stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| Report(serde_json::from_str(l).unwrap()))
+            .collect()
+    }
+
     pub fn report(&self) -> Report {
         let line = self
             .stdout
@@ -166,6 +175,11 @@ pub struct Background {
 }
 
 impl Background {
+    /// The leaktrace process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `leaktrace <args>`.
     pub fn start(args: &[&str]) -> Self {
         let mut child = leaktrace()
@@ -331,14 +345,73 @@ impl Report {
         );
     }
 
+    /// Entries of `list` (`fd_leaks`, `tmp_leaks`, ...) whose first frame is `site`.
+    pub fn entries(&self, list: &str, site: &str) -> Vec<&Value> {
+        self.0[list]
+            .as_array()
+            .unwrap_or_else(|| panic!("{list} missing: {}", self.0))
+            .iter()
+            .filter(|l| l["frames"][0]["symbol"].as_str() == Some(site))
+            .collect()
+    }
+
+    /// Outstanding descriptors created at `site`, summed, and their kinds.
+    pub fn fds_at(&self, site: &str) -> (u64, Vec<String>) {
+        let rows = self.entries("fd_leaks", site);
+        let mut kinds: Vec<String> = rows
+            .iter()
+            .map(|l| l["fd_kind"].as_str().unwrap().to_owned())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        let n = rows
+            .iter()
+            .map(|l| l["outstanding"].as_u64().unwrap())
+            .sum();
+        (n, kinds)
+    }
+
+    /// Asserts the exact number of descriptors `site` holds, all of `kind`.
+    #[track_caller]
+    pub fn assert_fds(&self, site: &str, outstanding: u64, kind: &str) {
+        assert_eq!(
+            self.fds_at(site),
+            (outstanding, vec![kind.to_owned()]),
+            "descriptors at {site} in report:\n{}",
+            self.pretty()
+        );
+    }
+
+    /// Asserts that `site` holds no descriptor.
+    #[track_caller]
+    pub fn assert_no_fds(&self, site: &str) {
+        assert!(
+            self.entries("fd_leaks", site).is_empty(),
+            "{site} must not hold descriptors:\n{}",
+            self.pretty()
+        );
+    }
+
+    /// Temp files (count, bytes) left by `site`.
+    pub fn tmp_at(&self, site: &str) -> (u64, u64) {
+        self.entries("tmp_leaks", site)
+            .iter()
+            .fold((0, 0), |(n, b), l| {
+                (
+                    n + l["files"].as_u64().unwrap(),
+                    b + l["bytes"].as_u64().unwrap(),
+                )
+            })
+    }
+
     pub fn pretty(&self) -> String {
         let mut short = self.0.clone();
-        for list in ["leaks", "runtime"] {
+        for list in ["leaks", "runtime", "fd_leaks", "tmp_leaks"] {
             if let Some(leaks) = short[list].as_array_mut() {
                 for l in leaks {
                     let frames: Vec<String> = l["frames"]
                         .as_array()
-                        .unwrap()
+                        .unwrap_or(&Vec::new())
                         .iter()
                         .map(|f| f["symbol"].as_str().unwrap_or("?").to_owned())
                         .collect();

@@ -6,8 +6,9 @@ use leaktrace::{
     ebpf::Unwind,
     report::ReportOptions,
     session::{SessionConfig, Target},
-    write::{FoldedWeight, Format},
+    write::{FoldedKind, FoldedWeight, Format},
 };
+use leaktrace_common::features;
 
 mod run;
 
@@ -26,14 +27,19 @@ Exit codes:
 Examples:
   sudo leaktrace --pid 4242 --interval 10s --min-age 5s
   sudo leaktrace run --format json -- ./service --port 8080
-  sudo leaktrace --pid 4242 --format folded --duration 60s | inferno-flamegraph > leaks.svg";
+  sudo leaktrace --pid 4242 --format folded --duration 60s | inferno-flamegraph > leaks.svg
+  sudo leaktrace --pid 4242 --only fd --format folded --folded-kind fd > fds.folded
+  sudo leaktrace --pid 4242 --oom-log /var/log/leaktrace-oom.jsonl";
 
-/// Find the call stacks that leak memory, in a live process, with eBPF.
+/// Find the call stacks that leak memory, descriptors and temp files, in a live process, with
+/// eBPF.
 ///
 /// leaktrace hooks the allocator (malloc, calloc, realloc, free, posix_memalign, ...) of one
 /// process with uprobes, keeps every block that is allocated and not yet freed, and reports
-/// the call stacks holding the most memory, with how fast they grow. No restart, no
-/// recompilation; only the traced process pays for the probes.
+/// the call stacks holding the most memory, with how fast they grow. From syscall
+/// tracepoints it also reports the stacks holding open descriptors and temp files never
+/// unlinked, descriptor exhaustion (EMFILE) the moment it happens, and every OOM kill on the
+/// node. No restart, no recompilation; only the traced process pays for the probes.
 #[derive(Debug, Parser)]
 #[command(
     name = "leaktrace",
@@ -101,6 +107,18 @@ pub struct CommonArgs {
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
+    /// Trace only these kinds of leak (comma-separated) [default: all].
+    #[arg(long, value_enum, value_name = "KIND", value_delimiter = ',')]
+    pub only: Vec<Kind>,
+
+    /// Which stacks folded output shows: heap blocks, open descriptors or temp files.
+    #[arg(long, value_enum, default_value_t = FoldedKind::Heap)]
+    pub folded_kind: FoldedKind,
+
+    /// Also append every OOM-kill record to FILE, one JSON line each, the moment it happens.
+    #[arg(long, value_name = "FILE")]
+    pub oom_log: Option<PathBuf>,
+
     /// What folded stacks are weighted by.
     #[arg(long, value_enum, default_value_t = FoldedWeight::Bytes)]
     pub folded_weight: FoldedWeight,
@@ -127,6 +145,17 @@ pub struct CommonArgs {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); LEAKTRACE_LOG overrides.
     #[arg(long, short, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// A kind of leak `--only` can select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// Heap blocks (allocator uprobes).
+    Heap,
+    /// File descriptors (syscall tracepoints).
+    Fd,
+    /// Temp files created and never unlinked.
+    Tmp,
 }
 
 impl CommonArgs {
@@ -156,7 +185,18 @@ impl CommonArgs {
             unwind: self.unwind,
             unwind_rows: self.unwind_rows,
             measure_walks: self.measure_walks,
+            heap: self.traces(Kind::Heap),
+            features: [(Kind::Fd, features::FD), (Kind::Tmp, features::TMP)]
+                .into_iter()
+                .filter(|&(kind, _)| self.traces(kind))
+                .fold(0, |bits, (_, bit)| bits | bit),
+            oom_log: self.oom_log.clone(),
+            folded_kind: self.folded_kind,
         }
+    }
+
+    fn traces(&self, kind: Kind) -> bool {
+        self.only.is_empty() || self.only.contains(&kind)
     }
 }
 
@@ -307,6 +347,21 @@ mod tests {
         assert!(follow_forks);
         assert_eq!(cfg.interval, None);
         assert_eq!(cfg.report.top, Some(3));
+        assert!(cfg.heap);
+        assert_eq!(cfg.features, features::FD | features::TMP);
+    }
+
+    #[test]
+    fn only_narrows_what_is_traced() {
+        let cli = Cli::try_parse_from(["leaktrace", "--pid", "7", "--only", "fd,tmp"]).unwrap();
+        let (cfg, _) = cli.into_session();
+        assert!(!cfg.heap);
+        assert_eq!(cfg.features, features::FD | features::TMP);
+        let cli = Cli::try_parse_from(["leaktrace", "--pid", "7", "--only", "heap"]).unwrap();
+        let (cfg, _) = cli.into_session();
+        assert!(cfg.heap);
+        assert_eq!(cfg.features, 0);
+        assert!(Cli::try_parse_from(["leaktrace", "--pid", "7", "--only", "disk"]).is_err());
     }
 
     #[test]

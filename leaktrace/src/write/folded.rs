@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
     report::{Frame, Report},
-    write::FoldedWeight,
+    write::{FoldedKind, FoldedWeight},
 };
 
 fn name(f: &Frame) -> String {
@@ -19,23 +19,47 @@ fn name(f: &Frame) -> String {
     text.replace(';', ":").replace(' ', "\u{a0}")
 }
 
-pub fn render(report: &Report, weight: FoldedWeight) -> String {
+fn stack(frames: &[Frame]) -> String {
+    if frames.is_empty() {
+        return "[lost stack]".to_owned();
+    }
+    frames.iter().rev().map(name).collect::<Vec<_>>().join(";")
+}
+
+/// Folded lines of the stacks of `kind`: heap leaks weighted by bytes or blocks, descriptor
+/// leaks by descriptors, temp files by bytes on disk or files.
+pub fn render(report: &Report, weight: FoldedWeight, kind: FoldedKind) -> String {
+    let rows: Vec<(String, u64)> = match kind {
+        FoldedKind::Heap => report
+            .leaks
+            .iter()
+            .map(|l| {
+                let w = match weight {
+                    FoldedWeight::Bytes => l.outstanding_bytes,
+                    FoldedWeight::Count => l.outstanding_count,
+                };
+                (stack(&l.frames), w)
+            })
+            .collect(),
+        FoldedKind::Fd => report
+            .fd_leaks
+            .iter()
+            .map(|l| (stack(&l.frames), l.outstanding))
+            .collect(),
+        FoldedKind::Tmp => report
+            .tmp_leaks
+            .iter()
+            .map(|l| {
+                let w = match weight {
+                    FoldedWeight::Bytes => l.bytes,
+                    FoldedWeight::Count => l.files,
+                };
+                (stack(&l.frames), w)
+            })
+            .collect(),
+    };
     let mut lines: BTreeMap<String, u64> = BTreeMap::new();
-    for leak in &report.leaks {
-        let stack = if leak.frames.is_empty() {
-            "[lost stack]".to_owned()
-        } else {
-            leak.frames
-                .iter()
-                .rev()
-                .map(name)
-                .collect::<Vec<_>>()
-                .join(";")
-        };
-        let w = match weight {
-            FoldedWeight::Bytes => leak.outstanding_bytes,
-            FoldedWeight::Count => leak.outstanding_count,
-        };
+    for (stack, w) in rows {
         *lines.entry(stack).or_default() += w;
     }
     let mut out = String::new();

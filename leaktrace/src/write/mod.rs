@@ -55,12 +55,24 @@ pub fn to_path(path: &Path, text: &str) -> io::Result<()> {
     result
 }
 
+/// Which stacks folded output shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FoldedKind {
+    /// Heap leaks.
+    #[default]
+    Heap,
+    /// Descriptors still open.
+    Fd,
+    /// Temp files still on disk.
+    Tmp,
+}
+
 /// Renders a report in `format`.
-pub fn render(report: &Report, format: Format, weight: FoldedWeight) -> String {
+pub fn render(report: &Report, format: Format, weight: FoldedWeight, kind: FoldedKind) -> String {
     match format {
         Format::Table => table::render(report),
         Format::Json => json::render(report),
-        Format::Folded => folded::render(report, weight),
+        Format::Folded => folded::render(report, weight, kind),
     }
 }
 
@@ -138,7 +150,10 @@ mod golden {
     //! Each writer against a file of expected output. `UPDATE_GOLDEN=1 cargo test` rewrites
     //! them; review the diff.
     use super::*;
-    use crate::report::{Frame, Leak, Summary};
+    use crate::report::{
+        FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Summary,
+        TmpLeak,
+    };
 
     fn frame(addr: u64, symbol: Option<&str>, module: &str, file: Option<(&str, u32)>) -> Frame {
         Frame {
@@ -175,6 +190,18 @@ mod golden {
             app,
             Some(("/src/main.c", 88)),
         );
+        let loader = frame(
+            0x5555_0000_1400,
+            Some("load_geofence"),
+            app,
+            Some(("/src/geo.c", 40)),
+        );
+        let insert = frame(
+            0x5555_0000_1234,
+            Some("cache_insert"),
+            app,
+            Some(("/src/cache.c", 17)),
+        );
         Report {
             summary: Summary {
                 allocs: 1_234_567,
@@ -184,6 +211,11 @@ mod golden {
                 unmatched_frees: 3,
                 lost_events: 0,
                 elapsed_s: 60.0,
+                fds_opened: 912,
+                fds_closed: 53,
+                fds_outstanding: 859,
+                tmp_files_created: 1300,
+                tmp_files_outstanding: 1247,
                 ..Default::default()
             },
             leaks: vec![
@@ -221,11 +253,95 @@ mod golden {
                             app,
                             Some(("/src/plugin.c", 9)),
                         ),
-                        main,
+                        main.clone(),
                     ],
                 ),
             ],
             runtime: vec![],
+            fd_leaks: vec![
+                FdLeak {
+                    pid: 4242,
+                    comm: "cache-server".into(),
+                    outstanding: 847,
+                    fd_kind: "file",
+                    paths: vec!["/srv/geo/zone-1.json".into(), "/srv/geo/zone-2.json".into()],
+                    opened: 900,
+                    closed: 53,
+                    oldest_age_s: 30.0,
+                    at_exit: false,
+                    truncated: false,
+                    frames: vec![loader.clone(), main.clone()],
+                },
+                FdLeak {
+                    pid: 4242,
+                    comm: "cache-server".into(),
+                    outstanding: 12,
+                    fd_kind: "socket",
+                    paths: vec![],
+                    opened: 12,
+                    closed: 0,
+                    oldest_age_s: 12.0,
+                    at_exit: true,
+                    truncated: false,
+                    frames: vec![main.clone()],
+                },
+            ],
+            fd_exhaustion: vec![FdExhaustion {
+                pid: 4242,
+                comm: "cache-server".into(),
+                errno: "EMFILE",
+                limit: Some(1024),
+                open: 1021,
+                count: 3,
+                at_s: 58.5,
+                frames: vec![main.clone()],
+                top_holders: vec![FdHolder {
+                    outstanding: 847,
+                    fd_kind: "file",
+                    frames: vec![loader.clone(), main.clone()],
+                }],
+            }],
+            tmp_leaks: vec![TmpLeak {
+                pid: 4242,
+                comm: "cache-server".into(),
+                files: 1247,
+                bytes: 5 << 20,
+                paths: vec!["/tmp/chunk-a1b2c3".into()],
+                oldest_age_s: 50.0,
+                truncated: false,
+                frames: vec![loader.clone(), main.clone()],
+            }],
+            oom_kills: vec![OomKill {
+                pid: 4242,
+                comm: "cache-server".into(),
+                cgroup: Some("/kubepods/burstable/pod1234/abcdef".into()),
+                container_id: Some("abcdef".into()),
+                pod_uid: Some("1234".into()),
+                rss_bytes: 64 << 20,
+                anon_rss_bytes: 60 << 20,
+                limit_bytes: Some(64 << 20),
+                oom_score_adj: 0,
+                traced: true,
+                time: "2026-11-24T03:00:00Z".into(),
+                frames_top: vec![insert.clone(), main.clone()],
+                heap_top: vec![HeapHolder {
+                    outstanding_bytes: 50 << 20,
+                    outstanding_count: 50,
+                    frames: vec![insert.clone(), main.clone()],
+                }],
+                fd_top: vec![],
+                growth: vec![
+                    GrowthSample {
+                        t_s: -10.0,
+                        outstanding_bytes: 40 << 20,
+                    },
+                    GrowthSample {
+                        t_s: 0.0,
+                        outstanding_bytes: 50 << 20,
+                    },
+                ],
+                growth_bytes_per_s: Some(1_048_576.0),
+            }],
             is_final: true,
         }
     }
@@ -248,13 +364,23 @@ mod golden {
     fn table_report() {
         check(
             "report.txt",
-            &render(&sample(), Format::Table, FoldedWeight::Bytes),
+            &render(
+                &sample(),
+                Format::Table,
+                FoldedWeight::Bytes,
+                FoldedKind::Heap,
+            ),
         );
     }
 
     #[test]
     fn json_report() {
-        let text = render(&sample(), Format::Json, FoldedWeight::Bytes);
+        let text = render(
+            &sample(),
+            Format::Json,
+            FoldedWeight::Bytes,
+            FoldedKind::Heap,
+        );
         assert_eq!(text.lines().count(), 1, "one report, one line");
         check("report.json", &text);
         // The contract's keys, by name.
@@ -296,13 +422,82 @@ mod golden {
 
     #[test]
     fn folded_report_by_bytes_and_by_count() {
-        let bytes = render(&sample(), Format::Folded, FoldedWeight::Bytes);
+        let bytes = render(
+            &sample(),
+            Format::Folded,
+            FoldedWeight::Bytes,
+            FoldedKind::Heap,
+        );
         check("report.folded", &bytes);
-        let count = render(&sample(), Format::Folded, FoldedWeight::Count);
+        let count = render(
+            &sample(),
+            Format::Folded,
+            FoldedWeight::Count,
+            FoldedKind::Heap,
+        );
         let weights: Vec<&str> = count
             .lines()
             .map(|l| l.rsplit(' ').next().unwrap())
             .collect();
         assert_eq!(weights, ["4000", "567"]);
+    }
+
+    #[test]
+    fn folded_descriptors_and_temp_files() {
+        let fd = render(
+            &sample(),
+            Format::Folded,
+            FoldedWeight::Bytes,
+            FoldedKind::Fd,
+        );
+        assert_eq!(fd, "main 12\nmain;load_geofence 847\n");
+        let tmp = |weight| render(&sample(), Format::Folded, weight, FoldedKind::Tmp);
+        assert_eq!(tmp(FoldedWeight::Bytes), "main;load_geofence 5242880\n");
+        assert_eq!(tmp(FoldedWeight::Count), "main;load_geofence 1247\n");
+    }
+
+    #[test]
+    fn json_carries_the_other_kinds_of_leak() {
+        let text = render(
+            &sample(),
+            Format::Json,
+            FoldedWeight::Bytes,
+            FoldedKind::Heap,
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let fd = &v["fd_leaks"][0];
+        assert_eq!(
+            (fd["pid"].as_u64(), fd["outstanding"].as_u64()),
+            (Some(4242), Some(847))
+        );
+        assert_eq!(fd["fd_kind"], "file");
+        assert_eq!(fd["paths"][0], "/srv/geo/zone-1.json");
+        assert_eq!(fd["frames"][0]["symbol"], "load_geofence");
+        let x = &v["fd_exhaustion"][0];
+        assert_eq!(
+            (x["errno"].as_str(), x["limit"].as_u64()),
+            (Some("EMFILE"), Some(1024))
+        );
+        assert_eq!(x["top_holders"][0]["outstanding"], 847);
+        assert!(x["top_holders"][0]["frames"].is_array());
+        let t = &v["tmp_leaks"][0];
+        assert_eq!(
+            (t["files"].as_u64(), t["bytes"].as_u64()),
+            (Some(1247), Some(5 << 20))
+        );
+        assert_eq!(t["paths"][0], "/tmp/chunk-a1b2c3");
+        let o = &v["oom_kills"][0];
+        assert_eq!(
+            (o["pid"].as_u64(), o["comm"].as_str()),
+            (Some(4242), Some("cache-server"))
+        );
+        assert_eq!(o["container_id"], "abcdef");
+        assert_eq!(
+            (o["rss_bytes"].as_u64(), o["limit_bytes"].as_u64()),
+            (Some(64 << 20), Some(64 << 20))
+        );
+        assert_eq!(o["traced"], true);
+        assert_eq!(o["frames_top"][0]["symbol"], "cache_insert");
+        assert!(o["cgroup"].is_string());
     }
 }

@@ -1,7 +1,7 @@
 //! The human report: a summary line, then each leaking stack with its figures and frames.
 use std::fmt::Write as _;
 
-use crate::report::{Leak, Report};
+use crate::report::{FdExhaustion, FdHolder, FdLeak, Frame, Leak, OomKill, Report, TmpLeak};
 
 /// `1.5 MiB`-style sizes.
 pub fn bytes(n: u64) -> String {
@@ -20,6 +20,15 @@ pub fn bytes(n: u64) -> String {
 }
 
 /// `12,345`-style counts.
+/// `word`, with an `s` unless there is exactly one.
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        word.to_owned()
+    } else {
+        format!("{word}s")
+    }
+}
+
 pub fn count(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
@@ -64,7 +73,12 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
         let _ = write!(out, ", growth {sign}{}/s", bytes(g.abs() as u64));
     }
     out.push('\n');
-    for (i, f) in l.frames.iter().enumerate() {
+    frames(out, &l.frames, l.truncated);
+}
+
+/// The frames of a stack, one per line, indented.
+fn frames(out: &mut String, frames: &[Frame], truncated: bool) {
+    for (i, f) in frames.iter().enumerate() {
         let symbol = f.symbol.as_deref().unwrap_or("??");
         let _ = write!(out, "    {i:>2} {} {symbol}", f.addr);
         if f.inlined {
@@ -84,9 +98,150 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
         }
         out.push('\n');
     }
-    if l.truncated {
+    if truncated {
         out.push_str("       … stack truncated or incomplete\n");
     }
+}
+
+fn fd_leak(out: &mut String, rank: usize, l: &FdLeak) {
+    let when = if l.at_exit { "open at exit" } else { "open" };
+    let _ = writeln!(
+        out,
+        "#{rank} {} {} {} {when} — pid {} ({}), opened {}, closed {}, oldest {}",
+        count(l.outstanding),
+        l.fd_kind,
+        plural(l.outstanding, "descriptor"),
+        l.pid,
+        l.comm,
+        count(l.opened),
+        count(l.closed),
+        age(l.oldest_age_s),
+    );
+    if !l.paths.is_empty() {
+        let _ = writeln!(out, "    paths: {}", l.paths.join(", "));
+    }
+    frames(out, &l.frames, l.truncated);
+}
+
+/// The stacks holding descriptors, most first: each one's innermost frames.
+fn holders(out: &mut String, holders: &[FdHolder]) {
+    for h in holders {
+        let _ = writeln!(
+            out,
+            "  holding {} {} {}{}",
+            count(h.outstanding),
+            h.fd_kind,
+            plural(h.outstanding, "descriptor"),
+            if h.frames.is_empty() {
+                " (stack lost)"
+            } else {
+                ":"
+            }
+        );
+        frames(out, &h.frames[..h.frames.len().min(HOLDER_FRAMES)], false);
+    }
+}
+
+/// Frames shown per holder in a notice: enough to name the site.
+const HOLDER_FRAMES: usize = 4;
+
+fn tmp_leak(out: &mut String, rank: usize, l: &TmpLeak) {
+    let _ = writeln!(
+        out,
+        "#{rank} {} temp {}, {} on disk — pid {} ({}), oldest {}",
+        count(l.files),
+        plural(l.files, "file"),
+        bytes(l.bytes),
+        l.pid,
+        l.comm,
+        age(l.oldest_age_s),
+    );
+    let _ = writeln!(out, "    paths: {}", l.paths.join(", "));
+    frames(out, &l.frames, l.truncated);
+}
+
+/// The line printed the moment a process runs out of descriptors.
+pub fn exhaustion_notice(x: &FdExhaustion) -> String {
+    let mut out = String::new();
+    let site = x
+        .frames
+        .first()
+        .and_then(|f| f.symbol.as_deref())
+        .unwrap_or("??");
+    let limit = x.limit.map_or_else(|| "?".to_owned(), |l| l.to_string());
+    let _ = writeln!(
+        out,
+        "leaktrace: pid {} ({}) ran out of descriptors ({}, limit {limit}, {} open), {} time{} in {site}",
+        x.pid,
+        x.comm,
+        x.errno,
+        x.open,
+        count(x.count),
+        if x.count == 1 { "" } else { "s" }
+    );
+    frames(&mut out, &x.frames, false);
+    holders(&mut out, &x.top_holders);
+    out
+}
+
+/// The record printed the moment the OOM killer chooses a victim.
+pub fn oom_notice(k: &OomKill) -> String {
+    let mut out = String::new();
+    let limit = k
+        .limit_bytes
+        .map_or_else(String::new, |l| format!(" of a {} limit", bytes(l)));
+    let _ = writeln!(
+        out,
+        "leaktrace: OOM kill at {}: pid {} ({}), rss {}{limit}, cgroup {}{}",
+        k.time,
+        k.pid,
+        k.comm,
+        bytes(k.rss_bytes),
+        k.cgroup.as_deref().unwrap_or("?"),
+        k.container_id
+            .as_deref()
+            .map_or_else(String::new, |c| format!(
+                ", container {}",
+                &c[..12.min(c.len())]
+            )),
+    );
+    if !k.traced {
+        out.push_str("  (not traced by leaktrace: no stacks)\n");
+        return out;
+    }
+    if let (Some(first), Some(last), Some(rate)) =
+        (k.growth.first(), k.growth.last(), k.growth_bytes_per_s)
+    {
+        let sign = if rate < 0.0 { "-" } else { "+" };
+        let _ = writeln!(
+            out,
+            "  outstanding heap {} → {} over the last {}, {sign}{}/s",
+            bytes(first.outstanding_bytes),
+            bytes(last.outstanding_bytes),
+            age(last.t_s - first.t_s),
+            bytes(rate.abs() as u64)
+        );
+    }
+    for h in &k.heap_top {
+        let _ = writeln!(
+            out,
+            "  heap: {} in {} blocks{}",
+            bytes(h.outstanding_bytes),
+            count(h.outstanding_count),
+            if h.frames.is_empty() {
+                " (stack lost)"
+            } else {
+                ":"
+            }
+        );
+        frames(
+            &mut out,
+            &h.frames[..h.frames.len().min(HOLDER_FRAMES)],
+            false,
+        );
+    }
+    holders(&mut out, &k.fd_top);
+    out
 }
 
 pub fn render(report: &Report) -> String {
@@ -135,6 +290,39 @@ pub fn render(report: &Report) -> String {
     for (i, l) in report.leaks.iter().enumerate() {
         out.push('\n');
         leak(&mut out, i + 1, l);
+    }
+    if !report.fd_leaks.is_empty() || s.fds_opened > 0 {
+        let _ = writeln!(
+            out,
+            "\ndescriptors: {} opened, {} closed, {} still open",
+            count(s.fds_opened),
+            count(s.fds_closed),
+            count(s.fds_outstanding)
+        );
+        for (i, l) in report.fd_leaks.iter().enumerate() {
+            out.push('\n');
+            fd_leak(&mut out, i + 1, l);
+        }
+    }
+    for x in &report.fd_exhaustion {
+        out.push('\n');
+        out.push_str(&exhaustion_notice(x).replacen("leaktrace: ", "", 1));
+    }
+    if !report.tmp_leaks.is_empty() || s.tmp_files_created > 0 {
+        let _ = writeln!(
+            out,
+            "\ntemp files: {} created, {} still on disk",
+            count(s.tmp_files_created),
+            count(s.tmp_files_outstanding)
+        );
+        for (i, l) in report.tmp_leaks.iter().enumerate() {
+            out.push('\n');
+            tmp_leak(&mut out, i + 1, l);
+        }
+    }
+    for k in &report.oom_kills {
+        out.push('\n');
+        out.push_str(&oom_notice(k).replacen("leaktrace: ", "", 1));
     }
     if s.runtime_outstanding_count > 0 {
         let _ = writeln!(

@@ -1,0 +1,568 @@
+//! Descriptor hooks: the exit of every system call that creates or releases a descriptor,
+//! and of unlink and rename (for temp files). Tracepoints, not uprobes: no trap.
+//!
+//! Every program asks first whether the calling process is traced, so the rest of the node
+//! pays only the tracepoint's own entry. Arguments come from the task's saved user
+//! registers, which the kernel leaves untouched across the call (all but rax, rcx, r11).
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_str_bytes,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use leaktrace_common::{
+    FD_PATH_LEN, FdEvent, FdPathEvent, drop_reason, fd_call, fd_op, features, kind,
+};
+
+use crate::{
+    maps::{EVENTS, TRACED, count_drop, header, send_batched},
+    stack,
+};
+
+const EMFILE: i64 = 24;
+const ENFILE: i64 = 23;
+const EBADF: i64 = 9;
+const O_CREAT: u32 = 0o100;
+const O_TMPFILE: u32 = 0o20000000 | 0o200000;
+const O_CLOEXEC: u32 = 0o2000000;
+const AT_FDCWD: i32 = -100;
+const F_DUPFD: u64 = 0;
+const F_SETFD: u64 = 2;
+const F_DUPFD_CLOEXEC: u64 = 1030;
+const MFD_CLOEXEC: u64 = 1;
+const RLIMIT_NOFILE: u64 = 7;
+
+/// The syscall's return value (`field:long ret; offset:16` in every sys_exit format).
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: offset from the sys_exit_* formats.
+    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+}
+
+/// The calling task's user registers as saved at syscall entry.
+#[inline(always)]
+fn user_regs() -> Option<pt_regs> {
+    // SAFETY: both helpers take the current task; the read goes through the kernel's
+    // fault-tolerant copy.
+    unsafe {
+        let task = bpf_get_current_task_btf();
+        let regs = bpf_task_pt_regs(task) as *const pt_regs;
+        bpf_probe_read_kernel(regs).ok()
+    }
+}
+
+/// The n-th syscall argument (x86-64: rdi, rsi, rdx, r10, r8, r9).
+#[inline(always)]
+fn arg(regs: &pt_regs, n: usize) -> u64 {
+    match n {
+        0 => regs.rdi,
+        1 => regs.rsi,
+        2 => regs.rdx,
+        3 => regs.r10,
+        4 => regs.r8,
+        _ => regs.r9,
+    }
+}
+
+#[inline(always)]
+fn config_features() -> u32 {
+    crate::stack::features()
+}
+
+/// True when the calling process is traced: the first thing every program checks.
+#[inline(always)]
+fn traced() -> bool {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: presence check only.
+    unsafe { TRACED.get(pid) }.is_some()
+}
+
+/// Sends a descriptor record without a path.
+#[inline(always)]
+fn send_fd(event: &FdEvent) {
+    send_batched(event, drop_reason::FD_RINGBUF);
+}
+
+/// Sends a descriptor record with the user-space path at `path`.
+#[inline(always)]
+fn send_fd_path(event: &FdEvent, path: u64) {
+    let Some(mut entry) = EVENTS.reserve::<FdPathEvent>(0) else {
+        count_drop(drop_reason::FD_RINGBUF);
+        return;
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` is a reserved, writable FdPathEvent; the path read is bounded by the
+    // buffer and never faults the target.
+    unsafe {
+        (*record).fd = *event;
+        (*record).fd.hdr.kind = kind::FD_PATH;
+        let buf = &mut *(&raw mut (*record).path);
+        if bpf_probe_read_user_str_bytes(path as *const u8, buf).is_err() {
+            buf[0] = 0;
+        }
+        buf[FD_PATH_LEN - 1] = 0;
+    }
+    entry.submit(0);
+}
+
+/// A new event for the current task with a stack captured from `regs`.
+#[inline(always)]
+fn event(op: u16, call: u16, regs: &pt_regs, with_stack: bool) -> FdEvent {
+    let hdr = header(kind::FD);
+    let stack_id = if with_stack {
+        // The pc is exact: the instruction after `syscall`, inside the libc wrapper.
+        stack::capture(regs as *const pt_regs, &hdr, true, false)
+    } else {
+        0
+    };
+    FdEvent {
+        hdr,
+        op,
+        syscall: call,
+        fd: -1,
+        fd2: -1,
+        flags: 0,
+        errno: 0,
+        dirfd: AT_FDCWD,
+        stack_id,
+        value: 0,
+    }
+}
+
+/// A call that failed: only a full descriptor table is worth reporting, at once.
+#[inline(always)]
+fn failed(call: u16, regs: &pt_regs, r: i64) {
+    if (r == -EMFILE || r == -ENFILE) && config_features() & features::FD != 0 {
+        let mut e = event(fd_op::FAIL, call, regs, true);
+        e.errno = -r as i32;
+        send_fd(&e);
+    }
+}
+
+/// A descriptor-creating call returned `r`: report it. `path_of` gives the directory
+/// descriptor and user address of the path the call opened (address 0: no path; plain
+/// values rather than an `Option`, whose padding the verifier would see as uninitialized).
+#[inline(always)]
+fn created_at(
+    ctx: &TracePointContext,
+    call: u16,
+    flags_of: impl Fn(&pt_regs) -> u32,
+    path_of: impl Fn(&pt_regs) -> (i32, u64),
+) -> u32 {
+    if !traced() {
+        return 0;
+    }
+    let r = ret(ctx);
+    let Some(regs) = user_regs() else { return 0 };
+    if r < 0 {
+        failed(call, &regs, r);
+        return 0;
+    }
+    let flags = flags_of(&regs);
+    let (dirfd, path) = path_of(&regs);
+    let feats = config_features();
+    let creates_file = flags & (O_CREAT | O_TMPFILE) != 0;
+    if feats & features::FD == 0 && !(feats & features::TMP != 0 && path != 0 && creates_file) {
+        return 0;
+    }
+    let mut e = event(fd_op::OPEN, call, &regs, true);
+    e.fd = r as i32;
+    e.flags = flags;
+    if path != 0 {
+        e.dirfd = dirfd;
+        send_fd_path(&e, path);
+    } else {
+        send_fd(&e);
+    }
+    0
+}
+
+/// A descriptor-creating call that opens no path.
+#[inline(always)]
+fn created(ctx: &TracePointContext, call: u16, flags_of: impl Fn(&pt_regs) -> u32) -> u32 {
+    created_at(ctx, call, flags_of, |_| (AT_FDCWD, 0))
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_open")]
+pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
+    created_at(
+        &ctx,
+        fd_call::OPEN,
+        |r| arg(r, 1) as u32,
+        |r| (AT_FDCWD, arg(r, 0)),
+    )
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_openat")]
+pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
+    created_at(
+        &ctx,
+        fd_call::OPENAT,
+        |r| arg(r, 2) as u32,
+        |r| (arg(r, 0) as i32, arg(r, 1)),
+    )
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_openat2")]
+pub fn sys_exit_openat2(ctx: TracePointContext) -> u32 {
+    // struct open_how { u64 flags; u64 mode; u64 resolve; }
+    let flags = |r: &pt_regs| {
+        // SAFETY: bpf_probe_read_user never faults the target.
+        unsafe { bpf_probe_read_user(arg(r, 2) as *const u64) }.unwrap_or(0) as u32
+    };
+    created_at(&ctx, fd_call::OPENAT2, flags, |r| {
+        (arg(r, 0) as i32, arg(r, 1))
+    })
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_creat")]
+pub fn sys_exit_creat(ctx: TracePointContext) -> u32 {
+    // creat() is open(path, O_CREAT | O_WRONLY | O_TRUNC).
+    created_at(
+        &ctx,
+        fd_call::CREAT,
+        |_| O_CREAT | 0o1 | 0o1000,
+        |r| (AT_FDCWD, arg(r, 0)),
+    )
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_socket")]
+pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::SOCKET, |r| arg(r, 1) as u32 & O_CLOEXEC)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::ACCEPT, |_| 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::ACCEPT4, |r| arg(r, 3) as u32 & O_CLOEXEC)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_eventfd")]
+pub fn sys_exit_eventfd(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::EVENTFD, |_| 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_eventfd2")]
+pub fn sys_exit_eventfd2(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::EVENTFD, |r| arg(r, 1) as u32 & O_CLOEXEC)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_epoll_create")]
+pub fn sys_exit_epoll_create(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::EPOLL_CREATE, |_| 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_epoll_create1")]
+pub fn sys_exit_epoll_create1(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::EPOLL_CREATE, |r| {
+        arg(r, 0) as u32 & O_CLOEXEC
+    })
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_timerfd_create")]
+pub fn sys_exit_timerfd_create(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::TIMERFD_CREATE, |r| {
+        arg(r, 1) as u32 & O_CLOEXEC
+    })
+}
+
+/// signalfd(fd, ...) with fd != -1 updates an existing descriptor: nothing is created.
+#[inline(always)]
+fn signalfd(ctx: &TracePointContext, flags_of: impl Fn(&pt_regs) -> u32) -> u32 {
+    if !traced() {
+        return 0;
+    }
+    if user_regs().is_some_and(|r| arg(&r, 0) as i32 != -1) {
+        return 0;
+    }
+    created(ctx, fd_call::SIGNALFD, flags_of)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_signalfd")]
+pub fn sys_exit_signalfd(ctx: TracePointContext) -> u32 {
+    signalfd(&ctx, |_| 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_signalfd4")]
+pub fn sys_exit_signalfd4(ctx: TracePointContext) -> u32 {
+    signalfd(&ctx, |r| arg(r, 3) as u32 & O_CLOEXEC)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_memfd_create")]
+pub fn sys_exit_memfd_create(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::MEMFD_CREATE, |r| {
+        if arg(r, 1) & MFD_CLOEXEC != 0 {
+            O_CLOEXEC
+        } else {
+            0
+        }
+    })
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_inotify_init")]
+pub fn sys_exit_inotify_init(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::INOTIFY_INIT, |_| 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_inotify_init1")]
+pub fn sys_exit_inotify_init1(ctx: TracePointContext) -> u32 {
+    created(&ctx, fd_call::INOTIFY_INIT, |r| {
+        arg(r, 0) as u32 & O_CLOEXEC
+    })
+}
+
+/// pipe/pipe2/socketpair return 0 and write two descriptors to user memory.
+#[inline(always)]
+fn pair(
+    ctx: &TracePointContext,
+    call: u16,
+    fds_arg: usize,
+    flags_of: impl Fn(&pt_regs) -> u32,
+) -> u32 {
+    if !traced() {
+        return 0;
+    }
+    let r = ret(ctx);
+    let Some(regs) = user_regs() else { return 0 };
+    if r < 0 {
+        failed(call, &regs, r);
+        return 0;
+    }
+    if config_features() & features::FD == 0 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_user never faults the target.
+    let Ok(fds) = (unsafe { bpf_probe_read_user(arg(&regs, fds_arg) as *const [i32; 2]) }) else {
+        return 0;
+    };
+    let mut e = event(fd_op::OPEN, call, &regs, true);
+    e.fd = fds[0];
+    e.fd2 = fds[1];
+    e.flags = flags_of(&regs);
+    send_fd(&e);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_pipe")]
+pub fn sys_exit_pipe(ctx: TracePointContext) -> u32 {
+    pair(&ctx, fd_call::PIPE, 0, |_| 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_pipe2")]
+pub fn sys_exit_pipe2(ctx: TracePointContext) -> u32 {
+    pair(&ctx, fd_call::PIPE2, 0, |r| arg(r, 1) as u32 & O_CLOEXEC)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_socketpair")]
+pub fn sys_exit_socketpair(ctx: TracePointContext) -> u32 {
+    pair(&ctx, fd_call::SOCKETPAIR, 3, |r| {
+        arg(r, 1) as u32 & O_CLOEXEC
+    })
+}
+
+/// dup/dup2/dup3/fcntl(F_DUPFD*): `ret` duplicates `old` (dup2 and dup3 first close `ret`).
+#[inline(always)]
+fn duplicated(ctx: &TracePointContext, call: u16, flags_of: impl Fn(&pt_regs) -> u32) -> u32 {
+    if !traced() {
+        return 0;
+    }
+    let r = ret(ctx);
+    let Some(regs) = user_regs() else { return 0 };
+    if r < 0 {
+        failed(call, &regs, r);
+        return 0;
+    }
+    if config_features() & features::FD == 0 {
+        return 0;
+    }
+    let mut e = event(fd_op::OPEN, call, &regs, true);
+    e.fd = r as i32;
+    e.fd2 = arg(&regs, 0) as i32;
+    e.flags = flags_of(&regs);
+    send_fd(&e);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_dup")]
+pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
+    duplicated(&ctx, fd_call::DUP, |_| 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_dup2")]
+pub fn sys_exit_dup2(ctx: TracePointContext) -> u32 {
+    duplicated(&ctx, fd_call::DUP2, |_| 0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_dup3")]
+pub fn sys_exit_dup3(ctx: TracePointContext) -> u32 {
+    duplicated(&ctx, fd_call::DUP3, |r| arg(r, 2) as u32 & O_CLOEXEC)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_fcntl")]
+pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
+    if !traced() || config_features() & features::FD == 0 {
+        return 0;
+    }
+    let Some(regs) = user_regs() else { return 0 };
+    match arg(&regs, 1) {
+        F_DUPFD => duplicated(&ctx, fd_call::FCNTL, |_| 0),
+        F_DUPFD_CLOEXEC => duplicated(&ctx, fd_call::FCNTL, |_| O_CLOEXEC),
+        F_SETFD if ret(&ctx) == 0 => {
+            let mut e = event(fd_op::SET_CLOEXEC, fd_call::FCNTL, &regs, false);
+            e.fd = arg(&regs, 0) as i32;
+            e.flags = arg(&regs, 2) as u32;
+            send_fd(&e);
+            0
+        }
+        _ => 0,
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_close")]
+pub fn sys_exit_close(ctx: TracePointContext) -> u32 {
+    if !traced() || config_features() & (features::FD | features::TMP) == 0 {
+        return 0;
+    }
+    // The descriptor is released whatever close returns, unless it was not open.
+    if ret(&ctx) == -EBADF {
+        return 0;
+    }
+    let Some(regs) = user_regs() else { return 0 };
+    let mut e = event(fd_op::CLOSE, fd_call::CLOSE, &regs, false);
+    e.fd = arg(&regs, 0) as i32;
+    send_fd(&e);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_close_range")]
+pub fn sys_exit_close_range(ctx: TracePointContext) -> u32 {
+    if !traced() || config_features() & (features::FD | features::TMP) == 0 || ret(&ctx) != 0 {
+        return 0;
+    }
+    let Some(regs) = user_regs() else { return 0 };
+    let mut e = event(fd_op::CLOSE_RANGE, fd_call::CLOSE_RANGE, &regs, false);
+    e.fd = arg(&regs, 0) as i32;
+    // `last` is often ~0U: keep it as the largest descriptor.
+    e.fd2 = arg(&regs, 1).min(i32::MAX as u64) as i32;
+    e.flags = arg(&regs, 2) as u32;
+    send_fd(&e);
+    0
+}
+
+/// A new soft `RLIMIT_NOFILE` for `target` (0: the caller), read from the user's struct.
+#[inline(always)]
+fn nofile_limit(call: u16, regs: &pt_regs, target: u64, resource: u64, new_limit: u64) {
+    if resource != RLIMIT_NOFILE || new_limit == 0 {
+        return;
+    }
+    // SAFETY: bpf_probe_read_user never faults the target. struct rlimit { cur, max }.
+    let Ok(soft) = (unsafe { bpf_probe_read_user(new_limit as *const u64) }) else {
+        return;
+    };
+    let mut e = event(fd_op::NOFILE_LIMIT, call, regs, false);
+    e.fd2 = target as i32;
+    e.value = soft;
+    send_fd(&e);
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_setrlimit")]
+pub fn sys_exit_setrlimit(ctx: TracePointContext) -> u32 {
+    if !traced() || config_features() & features::FD == 0 || ret(&ctx) != 0 {
+        return 0;
+    }
+    if let Some(r) = user_regs() {
+        nofile_limit(fd_call::SETRLIMIT, &r, 0, arg(&r, 0), arg(&r, 1));
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_prlimit64")]
+pub fn sys_exit_prlimit64(ctx: TracePointContext) -> u32 {
+    if !traced() || config_features() & features::FD == 0 || ret(&ctx) != 0 {
+        return 0;
+    }
+    if let Some(r) = user_regs() {
+        nofile_limit(fd_call::PRLIMIT64, &r, arg(&r, 0), arg(&r, 1), arg(&r, 2));
+    }
+    0
+}
+
+/// A path stopped naming what it named: unlink, or either side of a rename.
+#[inline(always)]
+fn path_gone(op: u16, call: u16, regs: &pt_regs, dirfd: i32, path: u64) {
+    let mut e = event(op, call, regs, false);
+    e.dirfd = dirfd;
+    send_fd_path(&e, path);
+}
+
+#[inline(always)]
+fn tmp_call(ctx: &TracePointContext) -> Option<pt_regs> {
+    if !traced() || config_features() & features::TMP == 0 || ret(ctx) != 0 {
+        return None;
+    }
+    user_regs()
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_unlink")]
+pub fn sys_exit_unlink(ctx: TracePointContext) -> u32 {
+    if let Some(r) = tmp_call(&ctx) {
+        path_gone(fd_op::UNLINK, fd_call::UNLINK, &r, AT_FDCWD, arg(&r, 0));
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_unlinkat")]
+pub fn sys_exit_unlinkat(ctx: TracePointContext) -> u32 {
+    if let Some(r) = tmp_call(&ctx) {
+        path_gone(
+            fd_op::UNLINK,
+            fd_call::UNLINKAT,
+            &r,
+            arg(&r, 0) as i32,
+            arg(&r, 1),
+        );
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_rename")]
+pub fn sys_exit_rename(ctx: TracePointContext) -> u32 {
+    if let Some(r) = tmp_call(&ctx) {
+        path_gone(
+            fd_op::RENAME_FROM,
+            fd_call::RENAME,
+            &r,
+            AT_FDCWD,
+            arg(&r, 0),
+        );
+        path_gone(fd_op::RENAME_TO, fd_call::RENAME, &r, AT_FDCWD, arg(&r, 1));
+    }
+    0
+}
+
+#[inline(always)]
+fn renameat(ctx: &TracePointContext, call: u16) -> u32 {
+    if let Some(r) = tmp_call(ctx) {
+        path_gone(fd_op::RENAME_FROM, call, &r, arg(&r, 0) as i32, arg(&r, 1));
+        path_gone(fd_op::RENAME_TO, call, &r, arg(&r, 2) as i32, arg(&r, 3));
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_renameat")]
+pub fn sys_exit_renameat(ctx: TracePointContext) -> u32 {
+    renameat(&ctx, fd_call::RENAMEAT)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_renameat2")]
+pub fn sys_exit_renameat2(ctx: TracePointContext) -> u32 {
+    renameat(&ctx, fd_call::RENAMEAT2)
+}
