@@ -305,3 +305,187 @@ pub fn unwind(rounds: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// open/close pairs per tight-loop run.
+const OPENS: u64 = 200_000;
+/// Files in the tarball the `tar` workload extracts.
+const TAR_FILES: usize = 20_000;
+
+/// A tarball of `TAR_FILES` small files in 100 directories, built once under `target/`.
+fn tarball() -> Result<std::path::PathBuf> {
+    let dir = workspace_root().join("target/bench-fd");
+    let tar = dir.join("tree.tar");
+    if tar.exists() {
+        return Ok(tar);
+    }
+    let tree = dir.join("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    for i in 0..TAR_FILES {
+        let sub = tree.join(format!("d{:02}", i % 100));
+        std::fs::create_dir_all(&sub)?;
+        std::fs::write(
+            sub.join(format!("f{i:05}.txt")),
+            vec![b'a' + (i % 26) as u8; 512],
+        )?;
+    }
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&dir)
+        .arg("tree")
+        .status()?;
+    if !status.success() {
+        bail!("building {} failed", tar.display());
+    }
+    std::fs::remove_dir_all(&tree)?;
+    Ok(tar)
+}
+
+/// A leaktrace attached to a process that does nothing, so that the workload runs on a node
+/// where the descriptor tracepoints are live but it is not traced. Killed on drop.
+struct Bystander {
+    tracer: std::process::Child,
+    sleeper: std::process::Child,
+}
+
+impl Bystander {
+    fn start(lt: &str) -> Result<Self> {
+        let sleeper = Command::new("sleep").arg("3600").spawn()?;
+        let mut tracer = as_root(lt)
+            .args(["--pid", &sleeper.id().to_string(), "--interval", "1h", "-v"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = tracer.stderr.take().context("stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("tracing pid") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("the bystander leaktrace did not start"),
+            }
+        }
+        // Keep draining its stderr so it never blocks.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { tracer, sleeper })
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own children.
+        unsafe { libc::kill(self.tracer.id() as i32, libc::SIGINT) };
+        let _ = self.tracer.wait();
+        let _ = self.sleeper.kill();
+        let _ = self.sleeper.wait();
+    }
+}
+
+/// Descriptor tracking: ns per open/close pair on a tight loop and the slowdown of `tar`
+/// extracting `TAR_FILES` small files, untraced / on a node where another process is traced
+/// / traced with `--only fd` / traced with everything on.
+pub fn fd(rounds: usize) -> Result<()> {
+    build_release()?;
+    // No frame pointers: the stacks at the syscall are walked with .eh_frame.
+    let prog = c_fixture("bench_fd", &["-O2", "-g"])?;
+    let lt = workspace_root().join("target/release/leaktrace");
+    let lt = lt.to_str().context("path")?;
+    let file = prog.to_str().context("path")?;
+    let tar = tarball()?;
+    let out_dir = workspace_root().join("target/bench-fd/out");
+    let opens = OPENS.to_string();
+
+    const CONFIGS: [&str; 4] = ["untraced", "bystander", "--only fd", "all kinds"];
+    let traced_args = |config: &str| -> Vec<&str> {
+        match config {
+            "--only fd" => vec!["run", "--format", "json", "--only", "fd", "--follow-forks"],
+            _ => vec!["run", "--format", "json", "--follow-forks"],
+        }
+    };
+    let run_config = |config: &str, workload: &[&str]| -> Result<f64> {
+        let mut cmd = match config {
+            "untraced" | "bystander" => Command::new(&prog),
+            _ => {
+                let mut c = as_root(lt);
+                c.args(traced_args(config)).arg("--").arg(&prog);
+                c
+            }
+        };
+        cmd.args(workload);
+        if config != "untraced" && config != "bystander" {
+            // The report is not what is measured; the workload prints its figure to stderr
+            // under --format json, so read it from the JSON-free stream below.
+            cmd.stderr(Stdio::piped());
+        }
+        let out = cmd.stdout(Stdio::piped()).output()?;
+        if !out.status.success() {
+            bail!(
+                "{config} {workload:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(if config == "untraced" || config == "bystander" {
+            &out.stdout
+        } else {
+            &out.stderr
+        })
+        .into_owned();
+        text.lines()
+            .rev()
+            .find_map(|l| l.trim().parse::<f64>().ok())
+            .with_context(|| format!("no figure from {config} {workload:?}: {text}"))
+    };
+
+    let mut pairs: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
+    let mut tars: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
+    let tar_args = [
+        "timed",
+        "tar",
+        "-xf",
+        tar.to_str().context("path")?,
+        "-C",
+        out_dir.to_str().context("path")?,
+    ];
+    for round in 0..rounds {
+        eprintln!("bench: fd round {}/{rounds}", round + 1);
+        for (i, config) in CONFIGS.iter().enumerate() {
+            let _bystander = (*config == "bystander")
+                .then(|| Bystander::start(lt))
+                .transpose()?;
+            pairs[i].push(run_config(config, &["openclose", &opens, file])?);
+            let _ = std::fs::remove_dir_all(&out_dir);
+            std::fs::create_dir_all(&out_dir)?;
+            tars[i].push(run_config(config, &tar_args)? / 1e6);
+        }
+    }
+    let range = |v: &[f64]| {
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(0.0, f64::max);
+        format!("{min:.0}–{max:.0}")
+    };
+    let base_pair = median(&mut pairs[0].clone());
+    let base_tar = median(&mut tars[0].clone());
+    println!("| workload | config | median | min–max | added | ratio to untraced |");
+    println!("|---|---|---|---|---|---|");
+    for (i, config) in CONFIGS.iter().enumerate() {
+        let m = median(&mut pairs[i].clone());
+        println!(
+            "| {OPENS} open/close pairs, ns per pair | {config} | {m:.0} | {} | {:+.0} ns | {:.2} |",
+            range(&pairs[i]),
+            m - base_pair,
+            m / base_pair
+        );
+    }
+    for (i, config) in CONFIGS.iter().enumerate() {
+        let m = median(&mut tars[i].clone());
+        println!(
+            "| tar -xf of {TAR_FILES} files, ms | {config} | {m:.0} | {} | {:+.1}% | {:.3} |",
+            range(&tars[i]),
+            (m / base_tar - 1.0) * 100.0,
+            m / base_tar
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+    Ok(())
+}

@@ -41,8 +41,8 @@ enum Task {
         /// Rounds per configuration, interleaved.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Which benchmark: `alloc` (per-call overhead, tracer memory) or `unwind` (stack
-        /// walking cost, unwind table sizes).
+        /// Which benchmark: `alloc` (per-call overhead, tracer memory), `unwind` (stack
+        /// walking cost, unwind table sizes) or `fd` (descriptor tracking cost).
         #[arg(long, default_value = "alloc")]
         only: String,
     },
@@ -67,6 +67,7 @@ fn main() -> Result<()> {
             setup()?;
             match only.as_str() {
                 "unwind" => bench::unwind(rounds),
+                "fd" => bench::fd(rounds),
                 _ => bench::run(rounds),
             }
         }
