@@ -278,6 +278,11 @@ impl Drop for MemoryCgroup {
 
 const OOM_LIMIT: u64 = 48 << 20;
 
+/// One OOM kill at a time: every leaktrace sees every kill on the node, and two victims
+/// that die at the same moment, both gone before their cgroups can be read, are told apart
+/// only by which cgroup counted which kill.
+static OOM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn check_oom_record(k: &Value, cgroup: &MemoryCgroup) {
     assert_eq!(k["comm"], "oom_victim", "{k}");
     assert!(
@@ -298,6 +303,7 @@ fn an_oom_kill_names_the_victim_and_the_leaking_site() {
     if !privileged() {
         return;
     }
+    let _one_at_a_time = OOM.lock().unwrap_or_else(|e| e.into_inner());
     let Some(cgroup) = MemoryCgroup::new("leaktrace-oom", OOM_LIMIT) else {
         eprintln!("skipped: no memory cgroup controller");
         return;
@@ -354,6 +360,7 @@ fn an_oom_kill_of_a_process_not_traced_is_still_recorded() {
     if !privileged() {
         return;
     }
+    let _one_at_a_time = OOM.lock().unwrap_or_else(|e| e.into_inner());
     let Some(cgroup) = MemoryCgroup::new("leaktrace-oom-untraced", OOM_LIMIT) else {
         eprintln!("skipped: no memory cgroup controller");
         return;

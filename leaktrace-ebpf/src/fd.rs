@@ -11,7 +11,8 @@ use aya_ebpf::{
         bpf_probe_read_user_str_bytes,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
-    macros::tracepoint,
+    macros::{map, tracepoint},
+    maps::LruHashMap,
     programs::TracePointContext,
 };
 use leaktrace_common::{
@@ -25,7 +26,6 @@ use crate::{
 
 const EMFILE: i64 = 24;
 const ENFILE: i64 = 23;
-const EBADF: i64 = 9;
 const O_CREAT: u32 = 0o100;
 const O_TMPFILE: u32 = 0o20000000 | 0o200000;
 const O_CLOEXEC: u32 = 0o2000000;
@@ -172,13 +172,42 @@ fn created_at(
     let mut e = event(fd_op::OPEN, call, &regs, true);
     e.fd = r as i32;
     e.flags = flags;
-    if path != 0 {
+    // A file that may be a temp file always carries its path (an unlink must match it);
+    // otherwise a stack's first few opens do, as examples.
+    let temp_candidate = feats & features::TMP != 0 && creates_file;
+    if path != 0 && (temp_candidate || sample_path(e.stack_id)) {
         e.dirfd = dirfd;
         send_fd_path(&e, path);
     } else {
         send_fd(&e);
     }
     0
+}
+
+/// Paths sent per creating stack as examples (user space keeps up to 5 distinct ones).
+const PATHS_PER_STACK: u32 = 8;
+
+/// How many example paths each stack has sent. LRU: a stack evicted just sends a few more.
+#[map]
+static PATHS_SENT: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// True while `stack` has sent fewer than [`PATHS_PER_STACK`] paths (and counts this one).
+#[inline(always)]
+fn sample_path(stack: u64) -> bool {
+    match PATHS_SENT.get_ptr_mut(&stack) {
+        // SAFETY: a map value; a lost increment under concurrency sends one more path.
+        Some(n) => unsafe {
+            if *n >= PATHS_PER_STACK {
+                return false;
+            }
+            *n += 1;
+            true
+        },
+        None => {
+            let _ = PATHS_SENT.insert(&stack, &1, 0);
+            true
+        }
+    }
 }
 
 /// A descriptor-creating call that opens no path.
@@ -426,19 +455,29 @@ pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
     }
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_close")]
-pub fn sys_exit_close(ctx: TracePointContext) -> u32 {
+/// At entry, not exit: close releases the descriptor whatever it returns (EBADF aside: then
+/// it was not open), and a record sent before the release precedes any reuse of the number
+/// by another thread. The argument is in the tracepoint record: no helper call for it.
+// field:unsigned int fd;	offset:16;	size:8;	signed:0;
+#[tracepoint(category = "syscalls", name = "sys_enter_close")]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if !traced() || config_features() & (features::FD | features::TMP) == 0 {
         return 0;
     }
-    // The descriptor is released whatever close returns, unless it was not open.
-    if ret(&ctx) == -EBADF {
-        return 0;
-    }
-    let Some(regs) = user_regs() else { return 0 };
-    let mut e = event(fd_op::CLOSE, fd_call::CLOSE, &regs, false);
-    e.fd = arg(&regs, 0) as i32;
-    send_fd(&e);
+    // SAFETY: offset from the format above.
+    let fd = unsafe { ctx.read_at::<u64>(16) }.unwrap_or(u64::MAX);
+    send_fd(&FdEvent {
+        hdr: header(kind::FD),
+        op: fd_op::CLOSE,
+        syscall: fd_call::CLOSE,
+        fd: fd as i32,
+        fd2: -1,
+        flags: 0,
+        errno: 0,
+        dirfd: AT_FDCWD,
+        stack_id: 0,
+        value: 0,
+    });
     0
 }
 

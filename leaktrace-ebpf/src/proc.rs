@@ -4,9 +4,9 @@
 //! in order: every allocation a process made before it exec'd or died comes first.
 //!
 //! Gating: for processes flagged [`traced_flags::GATE`] (those `leaktrace run` started), the
-//! hook stops the process with `SIGSTOP` after sending the record, so user space can attach
-//! the allocator probes of a new image or a new child before any of its code runs; user space
-//! sends `SIGCONT`. A record that cannot be sent never stops the process.
+//! hook stops the process with `SIGSTOP` and sends the record, so user space can attach the
+//! allocator probes of a new image or a new child before any of its code runs; user space
+//! sends `SIGCONT`. A record that cannot be sent never leaves the process stopped.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, generated::bpf_send_signal},
     macros::{tracepoint, uprobe},
@@ -16,6 +16,7 @@ use leaktrace_common::{ProcEvent, drop_reason, header_flags, kind, traced_flags}
 
 use crate::maps::{INFLIGHT, PENDING_FORKS, TRACED, header, send_now};
 
+const SIGCONT: u32 = 18;
 const SIGSTOP: u32 = 19;
 
 #[inline(always)]
@@ -35,10 +36,16 @@ fn notify(kind: u16, flags: u32, other_pid: u32) {
     let gate = flags & traced_flags::GATE != 0;
     if gate {
         event.hdr.flags |= header_flags::STOPPED;
-    }
-    if send_now(&event, drop_reason::PROC_RINGBUF) && gate {
+        // Stop first, then tell: user space may read the record and send SIGCONT before
+        // this program's next instruction (it can be preempted), and a SIGCONT that comes
+        // before the SIGSTOP is queued would leave the process stopped for good.
         // SAFETY: no preconditions; the signal goes to the current process.
         unsafe { bpf_send_signal(SIGSTOP) };
+    }
+    if !send_now(&event, drop_reason::PROC_RINGBUF) && gate {
+        // Nobody will be told to continue it: a SIGCONT discards the pending SIGSTOP.
+        // SAFETY: as above.
+        unsafe { bpf_send_signal(SIGCONT) };
     }
 }
 

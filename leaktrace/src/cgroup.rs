@@ -3,6 +3,8 @@
 //! CRI-O, podman, systemd, cgroup v1 and v2); the readers are thin.
 use std::{fs, path::PathBuf};
 
+use hashbrown::HashMap;
+
 /// One line of `/proc/PID/cgroup`: `hierarchy:controllers:path`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CgroupLine {
@@ -114,19 +116,34 @@ pub struct Placement {
     pub limit_bytes: Option<u64>,
 }
 
-/// Reads where `pid` lives, while it still exists.
-pub fn placement(pid: u32) -> Option<Placement> {
+/// The memory cgroup of `pid`, as its `/proc/PID/cgroup` says: (path, v2).
+pub fn memory_cgroup_of(pid: u32) -> Option<(String, bool)> {
     let lines = parse(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?);
-    let (path, v2) = memory_cgroup(&lines)?;
+    memory_cgroup(&lines).map(|(p, v2)| (p.to_owned(), v2))
+}
+
+/// Where the memory hierarchy is mounted here (v1's `memory` controller, else v2).
+fn hierarchy_root(v2: bool) -> Option<PathBuf> {
     let (v1_mount, v2_mount) =
         mounts(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
-    let (root, file) = if v2 {
-        (v2_mount, "memory.max")
+    if v2 { v2_mount } else { v1_mount }
+}
+
+/// Reads where `pid` lives, while it still exists.
+pub fn placement(pid: u32) -> Option<Placement> {
+    let (path, v2) = memory_cgroup_of(pid)?;
+    Some(placement_at(&path, v2))
+}
+
+/// What is known of the memory cgroup at `path` (as `/proc/PID/cgroup` writes it).
+pub fn placement_at(path: &str, v2: bool) -> Placement {
+    let file = if v2 {
+        "memory.max"
     } else {
-        (v1_mount, "memory.limit_in_bytes")
+        "memory.limit_in_bytes"
     };
     // The limit that applies is the smallest along the path to the root.
-    let limit_bytes = root.and_then(|root| {
+    let limit_bytes = hierarchy_root(v2).and_then(|root| {
         let mut dir = PathBuf::from(path);
         let mut best: Option<u64> = None;
         loop {
@@ -139,17 +156,218 @@ pub fn placement(pid: u32) -> Option<Placement> {
             }
         }
     });
-    Some(Placement {
+    Placement {
         cgroup: path.to_owned(),
         container_id: container_id(path),
         pod_uid: pod_uid(path),
         limit_bytes,
-    })
+    }
+}
+
+/// The `oom_kill N` count of a v1 `memory.oom_control` or a v2 `memory.events`.
+pub fn parse_oom_kills(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Cgroups visited at most when counting OOM kills (a node has hundreds).
+const MAX_CGROUPS: usize = 100_000;
+
+/// OOM kills counted per memory cgroup: the cgroup whose count went up is where a kill
+/// happened, even when the victim is gone before its `/proc/PID/cgroup` can be read (and an
+/// exiting task's reads back as the root).
+#[derive(Debug)]
+pub struct OomKillCounters {
+    root: PathBuf,
+    v2: bool,
+    counts: HashMap<String, u64>,
+}
+
+impl OomKillCounters {
+    /// Counts as of now, or `None` without a memory controller.
+    pub fn new() -> Option<Self> {
+        let (root, v2) = match hierarchy_root(false) {
+            Some(r) => (r, false),
+            None => (hierarchy_root(true)?, true),
+        };
+        let mut c = Self {
+            root,
+            v2,
+            counts: HashMap::new(),
+        };
+        c.counts = c.scan();
+        Some(c)
+    }
+
+    /// Every cgroup's count, by path relative to the hierarchy (`/a/b`).
+    fn scan(&self) -> HashMap<String, u64> {
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        let mut counts = HashMap::new();
+        let mut stack = vec![(self.root.clone(), String::new())];
+        while let Some((dir, rel)) = stack.pop() {
+            if counts.len() >= MAX_CGROUPS {
+                break;
+            }
+            if let Some(n) = fs::read_to_string(dir.join(file))
+                .ok()
+                .as_deref()
+                .and_then(parse_oom_kills)
+            {
+                counts.insert(
+                    if rel.is_empty() {
+                        "/".into()
+                    } else {
+                        rel.clone()
+                    },
+                    n,
+                );
+            }
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    stack.push((e.path(), format!("{rel}/{name}")));
+                }
+            }
+        }
+        counts
+    }
+
+    /// The memory cgroup of the kill just seen: of the cgroups whose count went up, the
+    /// deepest, preferring the one `hint` (the victim's cgroup, if it could be read) lies
+    /// in. Consumes one kill there and in its ancestors. (path, v2).
+    pub fn attribute(&mut self, hint: Option<&str>) -> Option<(String, bool)> {
+        let now = self.scan();
+        let chosen = pick_changed(&self.counts, &now, hint)?;
+        // One kill accounted for here and (v2 counts are hierarchical) above.
+        let mut path = Some(chosen.as_str());
+        while let Some(p) = path {
+            if let (Some(seen), Some(&n)) = (self.counts.get_mut(p), now.get(p)) {
+                *seen = (*seen + 1).min(n);
+            } else if let Some(&n) = now.get(p) {
+                self.counts.insert(p.to_owned(), n.min(1));
+            }
+            path = parent(p);
+        }
+        // Cgroups that appeared since: known from now on.
+        for (p, n) in now {
+            self.counts.entry(p).or_insert(n);
+        }
+        Some((chosen, self.v2))
+    }
+}
+
+fn parent(path: &str) -> Option<&str> {
+    match path.rsplit_once('/') {
+        Some(("", _)) if path != "/" => Some("/"),
+        Some((p, _)) if !p.is_empty() => Some(p),
+        _ => None,
+    }
+}
+
+/// Of the cgroups counting more kills `now` than `before` (new ones count from 0), the
+/// deepest; `hint` or the changed cgroup holding it wins when it is among them.
+pub fn pick_changed(
+    before: &HashMap<String, u64>,
+    now: &HashMap<String, u64>,
+    hint: Option<&str>,
+) -> Option<String> {
+    let changed: Vec<&String> = now
+        .iter()
+        .filter(|(p, n)| **n > before.get(*p).copied().unwrap_or(0))
+        .map(|(p, _)| p)
+        .collect();
+    let within = |inner: &str, outer: &str| {
+        outer == "/" || inner == outer || inner.starts_with(&format!("{outer}/"))
+    };
+    // An exiting task's cgroup reads back as the root: no hint at all.
+    if let Some(h) = hint.filter(|h| *h != "/")
+        && let Some(best) = changed
+            .iter()
+            .filter(|c| within(h, c))
+            .max_by_key(|c| c.len())
+    {
+        return Some((*best).clone());
+    }
+    changed
+        .iter()
+        .max_by(|a, b| {
+            a.matches('/')
+                .count()
+                .cmp(&b.matches('/').count())
+                .then(b.cmp(a))
+        })
+        .map(|c| (*c).clone())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kill_counts() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        let v2 = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kills(v1), Some(3));
+        assert_eq!(parse_oom_kills(v2), Some(2));
+        assert_eq!(parse_oom_kills("oom 1\n"), None);
+    }
+
+    #[test]
+    fn the_kill_is_attributed_to_the_deepest_cgroup_that_counted_it() {
+        let map = |v: &[(&str, u64)]| -> HashMap<String, u64> {
+            v.iter().map(|&(p, n)| (p.to_owned(), n)).collect()
+        };
+        let before = map(&[
+            ("/", 4),
+            ("/kubepods", 4),
+            ("/kubepods/pod1", 1),
+            ("/system.slice", 0),
+        ]);
+        // v2: counts are hierarchical; a new container cgroup appeared and was hit.
+        let now = map(&[
+            ("/", 5),
+            ("/kubepods", 5),
+            ("/kubepods/pod1", 2),
+            ("/kubepods/pod1/ctr", 1),
+            ("/system.slice", 0),
+        ]);
+        assert_eq!(
+            pick_changed(&before, &now, None).as_deref(),
+            Some("/kubepods/pod1/ctr")
+        );
+        // Two kills at once in different places: the victim's own cgroup decides.
+        let now = map(&[
+            ("/", 6),
+            ("/kubepods", 5),
+            ("/kubepods/pod1", 2),
+            ("/system.slice", 1),
+        ]);
+        assert_eq!(
+            pick_changed(&before, &now, Some("/system.slice")).as_deref(),
+            Some("/system.slice")
+        );
+        assert_eq!(
+            pick_changed(&before, &now, Some("/kubepods/pod1/ctr")).as_deref(),
+            Some("/kubepods/pod1")
+        );
+        // An exiting task reads back as the root: no better than no hint.
+        assert_eq!(
+            pick_changed(&before, &now, Some("/")).as_deref(),
+            Some("/kubepods/pod1")
+        );
+        assert_eq!(pick_changed(&before, &before, None), None);
+        assert_eq!(parent("/a/b"), Some("/a"));
+        assert_eq!(parent("/a"), Some("/"));
+        assert_eq!(parent("/"), None);
+    }
 
     const ID: &str = "3f4b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b";
 

@@ -119,7 +119,7 @@ const DESCRIPTORS: &[&str] = &[
     "sys_exit_memfd_create",
     "sys_exit_inotify_init",
     "sys_exit_inotify_init1",
-    "sys_exit_close",
+    "sys_enter_close",
     "sys_exit_close_range",
     "sys_exit_setrlimit",
     "sys_exit_prlimit64",

@@ -13,7 +13,7 @@ use std::{
 use hashbrown::HashMap;
 
 use crate::{
-    cgroup::{self, Placement},
+    cgroup::{self, OomKillCounters, Placement},
     report::{GrowthSample, OomKill},
 };
 
@@ -25,6 +25,8 @@ const HISTORY_MS: u32 = 10 * 60 * 1000;
 pub struct OomWatch {
     history: HashMap<u32, VecDeque<(u32, u64)>>,
     placements: HashMap<u32, Placement>,
+    /// OOM kills per memory cgroup, to place victims already gone.
+    counters: Option<OomKillCounters>,
     /// Every OOM kill seen, oldest first.
     pub records: Vec<OomKill>,
     log: Option<PathBuf>,
@@ -35,6 +37,7 @@ impl OomWatch {
     pub fn new(log: Option<PathBuf>) -> Self {
         Self {
             log,
+            counters: OomKillCounters::new(),
             ..Default::default()
         }
     }
@@ -64,12 +67,33 @@ impl OomWatch {
         }
     }
 
-    /// Where `pid` lives: as remembered, else read now (the victim is usually still there).
-    pub fn placement(&self, pid: u32) -> Option<Placement> {
-        self.placements
-            .get(&pid)
-            .cloned()
-            .or_else(|| cgroup::placement(pid))
+    /// Where the victim `pid` of the kill just seen lived: the memory cgroup whose OOM-kill
+    /// count went up (read at once; the count lands just after the tracepoint, hence the
+    /// short retries), else its `/proc/PID/cgroup` if it is still there, else as remembered.
+    pub fn victim_placement(&mut self, pid: u32) -> Option<Placement> {
+        let read = cgroup::memory_cgroup_of(pid);
+        let remembered = self.placements.get(&pid).map(|p| p.cgroup.clone());
+        let hint = read
+            .as_ref()
+            .map(|(p, _)| p.clone())
+            .filter(|p| p != "/")
+            .or(remembered);
+        if let Some(counters) = self.counters.as_mut() {
+            for attempt in 0..5 {
+                if let Some((path, v2)) = counters.attribute(hint.as_deref()) {
+                    return Some(cgroup::placement_at(&path, v2));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2 << attempt));
+            }
+        }
+        match read {
+            Some((path, v2)) if path != "/" => Some(cgroup::placement_at(&path, v2)),
+            _ => self
+                .placements
+                .get(&pid)
+                .cloned()
+                .or_else(|| read.map(|(p, v2)| cgroup::placement_at(&p, v2))),
+        }
     }
 
     /// The growth before `at_ms`: a sample about every 30 s over the last 10 minutes, now

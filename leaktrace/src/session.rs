@@ -245,6 +245,17 @@ impl Tracer {
     /// Reads where the process's code is, and hands the walker its unwind tables.
     fn read_space(&mut self, pid: u32) -> io::Result<()> {
         let space = AddressSpace::read(pid, &mut self.modules)?;
+        tracing::trace!(
+            "pid {pid}: maps read: {:x?}",
+            space
+                .ranges()
+                .iter()
+                .map(|r| (
+                    r.start,
+                    r.name.rsplit('/').next().unwrap_or_default().to_owned()
+                ))
+                .collect::<Vec<_>>()
+        );
         if let Err(e) = self.source.publish_code(&space) {
             tracing::warn!("pid {pid}: stacks fall back to frame pointers: {e}");
         }
@@ -350,14 +361,26 @@ impl Tracer {
             })
         };
         if !covered(self.spaces.get(&pid)) {
-            // New code (dlopen, JIT) or a process we have not read yet; at most every 100 ms.
+            // New code (dlopen, JIT) or a process we have not read yet; at most every 10 ms.
             let stale = self
                 .spaces_read
                 .get(&pid)
-                .is_none_or(|t| t.elapsed() > Duration::from_millis(100));
+                .is_none_or(|t| t.elapsed() > Duration::from_millis(10));
             if stale {
                 let _ = self.read_space(pid);
             }
+        }
+        if !covered(self.spaces.get(&pid)) {
+            tracing::debug!(
+                "pid {pid}: stack {:#x} starts at {:#x}, in no known mapping ({:x?})",
+                s.stack_id,
+                s.frames().next().unwrap_or_default(),
+                self.spaces.get(&pid).map(|sp| sp
+                    .ranges()
+                    .iter()
+                    .map(|r| (r.start, r.end, r.name.clone()))
+                    .collect::<Vec<_>>())
+            );
         }
         let mut flags = s.flags;
         let frames = match self.spaces.get(&pid) {
@@ -443,6 +466,7 @@ impl Tracer {
         }
         self.comms.insert(pid, procfs::comm(pid));
         self.fd.note_process(pid);
+        self.oom.track(pid);
         let hooked = self.hook(pid)?;
         let has_loader = self
             .probes
@@ -550,7 +574,7 @@ impl Tracer {
         let at_ms = self.tables.ms_since_epoch(e.hdr.ts_ns);
         let comm = String::from_utf8_lossy(e.comm.split(|&b| b == 0).next().unwrap_or_default())
             .into_owned();
-        let placement = self.oom.placement(pid);
+        let placement = self.oom.victim_placement(pid);
         let (mut heap_top, mut fd_top, mut growth, mut rate) =
             (Vec::new(), Vec::new(), Vec::new(), None);
         if traced {
