@@ -5,10 +5,10 @@
 //! pays only the tracepoint's own entry. Arguments come from the task's saved user
 //! registers, which the kernel leaves untouched across the call (all but rax, rcx, r11).
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes,
+        bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{map, tracepoint},
@@ -36,11 +36,22 @@ const F_DUPFD_CLOEXEC: u64 = 1030;
 const MFD_CLOEXEC: u64 = 1;
 const RLIMIT_NOFILE: u64 = 7;
 
+/// A field of the tracepoint record, loaded directly: the verifier lets a tracepoint
+/// program read its context, so no helper call is needed (each costs ~65 ns here).
+///
+/// # Safety
+/// `offset` and `T` must match the tracepoint's format.
+#[inline(always)]
+unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: the caller's contract; the context is the record.
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+}
+
 /// The syscall's return value (`field:long ret; offset:16` in every sys_exit format).
 #[inline(always)]
 fn ret(ctx: &TracePointContext) -> i64 {
     // SAFETY: offset from the sys_exit_* formats.
-    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+    unsafe { field::<i64>(ctx, 16) }
 }
 
 /// The calling task's user registers as saved at syscall entry.
@@ -51,7 +62,10 @@ fn user_regs() -> Option<pt_regs> {
     unsafe {
         let task = bpf_get_current_task_btf();
         let regs = bpf_task_pt_regs(task) as *const pt_regs;
-        bpf_probe_read_kernel(regs).ok()
+        if regs.is_null() {
+            return None;
+        }
+        Some(core::ptr::read_volatile(regs))
     }
 }
 
@@ -465,7 +479,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: offset from the format above.
-    let fd = unsafe { ctx.read_at::<u64>(16) }.unwrap_or(u64::MAX);
+    let fd = unsafe { field::<u64>(&ctx, 16) };
     send_fd(&FdEvent {
         hdr: header(kind::FD),
         op: fd_op::CLOSE,

@@ -1,6 +1,9 @@
 //! Descriptor and temp-file records, from decode to tables: which descriptor kinds the calls
 //! create, which opens make temp files, paths made absolute while the process lives.
-use std::fs;
+use std::{
+    fs,
+    time::{Duration, SystemTime},
+};
 
 use hashbrown::HashMap;
 use leaktrace_common::{fd_call, fd_op, features};
@@ -34,14 +37,43 @@ pub fn kind_of_call(call: u16) -> FdKind {
     }
 }
 
-/// Whether the open made a temp file worth watching: a file it must have created
-/// (`O_CREAT|O_EXCL`), an unnamed one (`O_TMPFILE`), or any `O_CREAT` in a temp directory.
-pub fn temp_creation(flags: u32, abs_path: &str) -> Option<bool> {
+/// Whether an open made a file worth watching as a temp file, and whether it is unnamed:
+/// an unnamed one (`O_TMPFILE`), one it must have created (`O_CREAT|O_EXCL`), or one an
+/// `O_CREAT` open created, as the file's birth time says (`born`: `None` where the
+/// filesystem keeps none; then only in a temp directory, where reopening is rare).
+pub fn temp_creation(
+    flags: u32,
+    abs_path: &str,
+    born: impl FnOnce() -> Option<bool>,
+) -> Option<bool> {
     if flags & O_TMPFILE == O_TMPFILE {
         return Some(true);
     }
-    let creates = flags & O_CREAT != 0;
-    (creates && (flags & O_EXCL != 0 || tmpfiles::in_temp_dir(abs_path))).then_some(false)
+    if flags & O_CREAT == 0 {
+        return None;
+    }
+    if flags & O_EXCL != 0 {
+        return Some(false);
+    }
+    match born() {
+        Some(created) => created.then_some(false),
+        None => tmpfiles::in_temp_dir(abs_path).then_some(false),
+    }
+}
+
+/// How far a coarse filesystem clock may lag the event's timestamp (a few ticks).
+const BIRTH_SLACK: Duration = Duration::from_millis(20);
+
+/// Whether the file at `path` (as `pid` sees it) was born at about `at_mono_ns`, the
+/// monotonic time of the open that returned: `None` when its filesystem keeps no birth
+/// time or it is gone.
+pub fn born_at(pid: u32, path: &str, at_mono_ns: u64) -> Option<bool> {
+    let rooted = procfs::path(pid, "root").join(path.trim_start_matches('/'));
+    let meta = fs::metadata(&rooted).or_else(|_| fs::metadata(path)).ok()?;
+    let birth = meta.created().ok()?;
+    let ago = Duration::from_nanos(crate::session::monotonic_ns().saturating_sub(at_mono_ns));
+    let at = SystemTime::now().checked_sub(ago)?;
+    Some(birth + BIRTH_SLACK >= at && birth <= at + Duration::from_millis(5))
 }
 
 /// Makes a path the process passed absolute: relative to its working directory or to
@@ -133,7 +165,8 @@ impl FdTracker {
                 }
                 if self.tracks(features::TMP)
                     && let Some(path) = path
-                    && let Some(unnamed) = temp_creation(e.flags, &path)
+                    && let Some(unnamed) =
+                        temp_creation(e.flags, &path, || born_at(pid, &path, e.hdr.ts_ns))
                 {
                     self.tmp.created(TmpFile {
                         pid,
@@ -260,19 +293,59 @@ mod tests {
     use super::*;
 
     #[test]
+    fn birth_times_tell_created_from_reopened() {
+        let dir = std::env::temp_dir().join(format!("leaktrace-born-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = dir.join("old");
+        std::fs::write(&old, b"x").unwrap();
+        let old_born = std::fs::metadata(&old).unwrap().created();
+        std::thread::sleep(Duration::from_millis(60));
+        let new = dir.join("new");
+        std::fs::write(&new, b"y").unwrap();
+        let now = crate::session::monotonic_ns();
+        let me = std::process::id();
+        if old_born.is_ok() {
+            assert_eq!(born_at(me, new.to_str().unwrap(), now), Some(true));
+            assert_eq!(born_at(me, old.to_str().unwrap(), now), Some(false));
+        }
+        assert_eq!(born_at(me, dir.join("gone").to_str().unwrap(), now), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn what_counts_as_a_temp_file() {
+        let unknown = || None;
+        let never = || -> Option<bool> { panic!("no need to look") };
         assert_eq!(
-            temp_creation(O_CREAT | O_EXCL, "/var/lib/app/x.tmp"),
+            temp_creation(O_CREAT | O_EXCL, "/var/lib/app/x.tmp", never),
             Some(false)
         );
-        assert_eq!(temp_creation(O_TMPFILE | 0o2, "/var/tmp"), Some(true));
-        assert_eq!(temp_creation(O_CREAT, "/tmp/report.csv"), Some(false));
         assert_eq!(
-            temp_creation(O_CREAT, "/var/log/app.log"),
-            None,
-            "a log file opened with O_CREAT is kept on purpose"
+            temp_creation(O_TMPFILE | 0o2, "/var/tmp", never),
+            Some(true)
         );
-        assert_eq!(temp_creation(0, "/tmp/x"), None, "opening is not creating");
+        assert_eq!(
+            temp_creation(0, "/tmp/x", never),
+            None,
+            "opening is not creating"
+        );
+        // With birth times: what the open created counts, anywhere; what existed does not.
+        assert_eq!(
+            temp_creation(O_CREAT, "/srv/out/report.csv", || Some(true)),
+            Some(false)
+        );
+        assert_eq!(
+            temp_creation(O_CREAT, "/var/log/app.log", || Some(false)),
+            None,
+            "a log file reopened with O_CREAT was not created"
+        );
+        assert_eq!(temp_creation(O_CREAT, "/tmp/x", || Some(false)), None);
+        // Without: only in temp directories.
+        assert_eq!(
+            temp_creation(O_CREAT, "/tmp/report.csv", unknown),
+            Some(false)
+        );
+        assert_eq!(temp_creation(O_CREAT, "/var/log/app.log", unknown), None);
     }
 
     #[test]

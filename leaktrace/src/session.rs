@@ -564,6 +564,7 @@ impl Tracer {
             stack_id: x.stack_id,
             record,
         });
+        self.report_now();
     }
 
     /// The OOM killer chose a victim: the record is made and written out now, while the
@@ -613,8 +614,15 @@ impl Tracer {
         };
         eprint!("{}", write::table::oom_notice(&kill));
         self.oom.record(kill);
-        // A report file always shows the kill, even if leaktrace dies next.
-        if self.sink.output.is_some() {
+        self.report_now();
+    }
+
+    /// Writes a report at once, after an event that cannot wait for the interval (an OOM
+    /// kill, a full descriptor table): a report file shows it even if leaktrace dies next,
+    /// and a JSON stream gets it now. A table on the terminal has the notice on stderr.
+    fn report_now(&mut self) {
+        let wanted = self.sink.output.is_some() || self.sink.format == Format::Json;
+        if wanted {
             let report = self.report(false);
             if let Err(err) = self.sink.emit(&report) {
                 tracing::error!("{err}");

@@ -2,7 +2,8 @@
 //!
 //! A creation counts when it must have made a new file (`O_CREAT|O_EXCL`, what `mkstemp`
 //! and friends do), when it made an unnamed one (`O_TMPFILE`, what `tmpfile` does, alive only
-//! while a descriptor holds it), or when it used `O_CREAT` in a temp directory. Paths are
+//! while a descriptor holds it), or when an `O_CREAT` open made the file, as its birth time
+//! says (in a temp directory, without birth times). Paths are
 //! absolute and lexically normalized, so an unlink of `tmp/../tmp/x` from another directory
 //! still matches.
 use hashbrown::HashMap;
