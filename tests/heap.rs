@@ -183,6 +183,11 @@ fn attach_to_a_running_process_sees_only_what_happens_after() {
     assert_eq!(r.summary("unmatched_frees"), 20, "{}", r.pretty());
     assert_eq!(r.summary("outstanding_count"), 12);
     r.assert_balanced();
+    // Descriptors too: what was opened after the attach is the leak; closes of what was
+    // opened before are unmatched, never charged to anyone.
+    r.assert_fds("attach_fd_leak", 3, "file");
+    assert_eq!(r.summary("fds_unmatched_closes"), 4, "{}", r.pretty());
+    assert_eq!(r.summary("fds_outstanding"), 3);
 }
 
 #[test]
