@@ -64,6 +64,8 @@ pub struct Summary {
     /// Temp files created, and those still on disk.
     pub tmp_files_created: u64,
     pub tmp_files_outstanding: u64,
+    /// Temp files created beyond the number leaktrace watches at once (not in tmp_leaks).
+    pub tmp_files_unwatched: u64,
 }
 
 /// Stack walks timed in the kernel.
@@ -325,6 +327,8 @@ pub struct ReportInput<'a> {
     /// Temp files still watched, with their size on disk (gone ones left out).
     pub tmp: &'a [TmpRow],
     pub tmp_created: u64,
+    /// Temp files created but not watched (over the cap).
+    pub tmp_unwatched: u64,
     pub fd_exhaustion: &'a [FdExhaustion],
     pub oom_kills: &'a [OomKill],
 }
@@ -607,6 +611,7 @@ pub fn build(
     summary.fds_unmatched_closes = fd_totals.unmatched_closes;
     summary.fds_outstanding = fd_leaks.iter().map(|l| l.outstanding).sum();
     summary.tmp_files_created = input.tmp_created;
+    summary.tmp_files_unwatched = input.tmp_unwatched;
     summary.tmp_files_outstanding = tmp_leaks.iter().map(|l| l.files).sum();
     if let Some(top) = opts.top {
         fd_leaks.truncate(top);

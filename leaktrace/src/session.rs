@@ -681,6 +681,7 @@ impl Tracer {
                 fds: &fds,
                 tmp: &tmp,
                 tmp_created: self.fd.tmp.created,
+                tmp_unwatched: self.fd.tmp.unwatched,
                 fd_exhaustion: &exhaustion,
                 oom_kills: &self.oom.records,
             },

@@ -60,11 +60,23 @@ pub struct TmpFiles {
     /// How many were created, and how many went away.
     pub created: u64,
     pub removed: u64,
+    /// Created while [`MAX_WATCHED`] files were watched already: counted, not watched.
+    pub unwatched: u64,
 }
+
+/// Files watched at most: the tracer must not grow with a program that creates files by the
+/// million (an extraction, an upload store), and each report looks at every one on disk.
+pub const MAX_WATCHED: usize = 1 << 16;
 
 impl TmpFiles {
     pub fn created(&mut self, file: TmpFile) {
         self.created += 1;
+        let watched = self.named.len() + self.unnamed.len();
+        let replaces = !file.unnamed && self.named.contains_key(&file.path);
+        if watched >= MAX_WATCHED && !replaces {
+            self.unwatched += 1;
+            return;
+        }
         if file.unnamed {
             self.unnamed.insert((file.pid, file.fd), file);
         } else if let Some(old) = self.named.insert(file.path.clone(), file) {
@@ -138,6 +150,19 @@ mod tests {
         let left: Vec<&str> = t.files().map(|f| f.path.as_str()).collect();
         assert_eq!(left, ["/tmp/c"]);
         assert_eq!((t.created, t.removed), (3, 2));
+    }
+
+    #[test]
+    fn watching_is_bounded() {
+        let mut t = TmpFiles::default();
+        for i in 0..MAX_WATCHED + 10 {
+            t.created(file(&format!("/tmp/f{i}")));
+        }
+        assert_eq!(t.files().count(), MAX_WATCHED);
+        assert_eq!((t.created, t.unwatched), (MAX_WATCHED as u64 + 10, 10));
+        // A watched path created again still replaces its entry.
+        t.created(file("/tmp/f0"));
+        assert_eq!(t.unwatched, 10);
     }
 
     #[test]

@@ -311,9 +311,18 @@ pub fn render(report: &Report) -> String {
     if !report.tmp_leaks.is_empty() || s.tmp_files_created > 0 {
         let _ = writeln!(
             out,
-            "\ntemp files: {} created, {} still on disk",
+            "\ntemp files: {} created, {} still on disk{}",
             count(s.tmp_files_created),
-            count(s.tmp_files_outstanding)
+            count(s.tmp_files_outstanding),
+            if s.tmp_files_unwatched > 0 {
+                format!(
+                    " ({} more not watched: over {} at once)",
+                    count(s.tmp_files_unwatched),
+                    count(crate::tmpfiles::MAX_WATCHED as u64)
+                )
+            } else {
+                String::new()
+            }
         );
         for (i, l) in report.tmp_leaks.iter().enumerate() {
             out.push('\n');
