@@ -265,7 +265,7 @@ fn demo() -> Result<()> {
     let demo = c_fixture("demo", &["-O0", "-g", "-fno-omit-frame-pointer"])?;
     eprintln!(
         "xtask: tracing the demo: a toy service that handles requests for 4 s; its response cache never \
-         evicts.\n       leaktrace run --interval 1s -- {}",
+         evicts and a config check leaks a descriptor now and then.\n       leaktrace run --interval 1s -- {}",
         demo.display()
     );
     run(as_root(
