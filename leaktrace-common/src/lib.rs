@@ -33,6 +33,46 @@ pub mod kind {
     pub const FD_PATH: u16 = 9;
     /// The OOM killer chose a victim, traced or not ([`super::OomEvent`]).
     pub const OOM: u16 = 10;
+    /// Growth mode: a traced process wrote to a page it had no private copy of, so the
+    /// kernel gave it a new one ([`super::PageEvent`]).
+    pub const PAGE: u16 = 11;
+    /// Growth mode: a traced process gave memory back, `munmap`, `madvise(DONTNEED|FREE|
+    /// REMOVE)` or a lower `brk` ([`super::ReleaseEvent`]).
+    pub const RELEASE: u16 = 12;
+}
+
+/// A page a traced process was given by a write fault (kind [`kind::PAGE`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageEvent {
+    pub hdr: Header,
+    /// The page's address (the faulting address rounded down to 4 KiB).
+    pub addr: u64,
+    /// The stack that touched it; `frames[0]` is the faulting instruction.
+    pub stack_id: u64,
+}
+const _: () = assert!(size_of::<PageEvent>() == 40);
+
+/// Memory a traced process released (kind [`kind::RELEASE`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseEvent {
+    pub hdr: Header,
+    /// `[start, end)` released; for [`release_op::BRK`], `start` is the new program break.
+    pub start: u64,
+    pub end: u64,
+    /// One of [`release_op`].
+    pub op: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ReleaseEvent>() == 48);
+
+/// What a [`ReleaseEvent`] is.
+pub mod release_op {
+    /// `munmap` or `madvise`: `[start, end)` is gone.
+    pub const RANGE: u32 = 0;
+    /// `brk` returned `start`: what lay above it (up to the previous break) is gone.
+    pub const BRK: u32 = 1;
 }
 
 /// Bits of [`Header::flags`].
@@ -318,7 +358,8 @@ pub mod drop_reason {
     pub const STACK_RINGBUF: u32 = 1;
     /// A process lifecycle record found the ring buffer full.
     pub const PROC_RINGBUF: u32 = 2;
-    /// An allocator call could not be remembered between entry and return (map full).
+    /// An allocator call could not be paired with its return: another thread took its
+    /// in-flight slot meanwhile.
     pub const INFLIGHT_FULL: u32 = 3;
     /// A stack's frames were overwritten by a walk preempting it on the same CPU, so they
     /// were not sent (they will be the next time the stack is seen).
@@ -327,8 +368,10 @@ pub mod drop_reason {
     pub const FD_RINGBUF: u32 = 5;
     /// An OOM-kill record found the ring buffer full.
     pub const OOM_RINGBUF: u32 = 6;
+    /// A growth-mode record (page, release) found the ring buffer full.
+    pub const GROWTH_RINGBUF: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// A short name per counter, for reports.
     pub const NAMES: [&str; COUNT as usize] = [
         "heap_ringbuf",
@@ -338,6 +381,7 @@ pub mod drop_reason {
         "stack_race",
         "fd_ringbuf",
         "oom_ringbuf",
+        "growth_ringbuf",
     ];
 }
 
@@ -351,10 +395,13 @@ pub mod traced_flags {
 }
 
 /// What the kernel side remembers about an allocator call between its entry and its return,
-/// keyed by thread.
+/// in the slot of its thread (`tid % INFLIGHT_SLOTS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Inflight {
+    /// The thread owning the slot.
+    pub tid: u32,
+    pub _pad: u32,
     /// Stack pointer at the outermost entry; a deeper entry (lower `sp`) is a nested call.
     pub sp: u64,
     /// First remembered argument (realloc's old block, posix_memalign's `memptr`).
@@ -366,7 +413,23 @@ pub struct Inflight {
     /// Allocator calls of this thread currently entered and not yet returned.
     pub depth: u32,
 }
-const _: () = assert!(size_of::<Inflight>() == 32);
+const _: () = assert!(size_of::<Inflight>() == 40);
+
+/// Slots of the in-flight table: an array indexed by thread id, so entry and return find
+/// their slot without a hash-map helper call. Two threads sharing a slot and both inside the
+/// allocator at once lose one call (counted as `inflight_full`).
+pub const INFLIGHT_SLOTS: u32 = 1 << 16;
+
+/// Bits of the filter of addresses ever returned by a traced allocator (see `free_enter`).
+pub const ADDR_FILTER_BITS: u32 = 1 << 20;
+
+/// Counters of the kernel side's work that are not losses (per CPU, summed by user space).
+pub mod counter {
+    /// Frees of addresses no traced allocation ever returned, filtered in the kernel: they
+    /// count as unmatched frees without crossing to user space.
+    pub const FILTERED_FREES: u32 = 0;
+    pub const COUNT: u32 = 1;
+}
 
 /// One row of a module's unwind table: how to find the caller from any instruction in
 /// `[pc, next row's pc)`, compiled from `.eh_frame`/`.debug_frame` by user space.
@@ -476,6 +539,8 @@ pub mod features {
     pub const FD: u32 = 1 << 0;
     /// Files created (and unlinked or renamed): temp-file leaks.
     pub const TMP: u32 = 1 << 1;
+    /// Growth mode: page faults and memory released, no allocator probe.
+    pub const GROWTH: u32 = 1 << 2;
 }
 
 /// Per-CPU totals of stack walks, kept when [`Config::measure`] is set.

@@ -6,6 +6,9 @@
 //! `reallocarray` calls `realloc`, an interposed `malloc` may call libc's): only the outermost
 //! call of a thread is reported. Depth is tracked per thread in `INFLIGHT`; an entry at a
 //! lower stack pointer than the recorded outer one is nested.
+//!
+//! User space attaches these where the kernel emulates the probed instruction
+//! (`leaktrace::placement`), not always at the first byte of the function.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::pt_regs,
@@ -13,10 +16,12 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use leaktrace_common::{AllocEvent, FreeEvent, Inflight, alloc_fn, drop_reason, kind};
+use leaktrace_common::{AllocEvent, FreeEvent, Inflight, alloc_fn, counter, drop_reason, kind};
 
 use crate::{
-    maps::{INFLIGHT, count_drop, header, send_batched},
+    maps::{
+        addr_maybe_seen, addr_seen, count, count_drop, header_for, inflight_slot, send_batched,
+    },
     stack,
 };
 
@@ -31,34 +36,47 @@ fn stack_pointer(regs: *const pt_regs) -> u64 {
     unsafe { (*regs).rsp }
 }
 
-/// True when the current thread is already inside a traced allocator call below `sp`.
+/// The current thread's in-flight slot, when it is inside a traced allocator call entered
+/// above `sp` (so a call at `sp` is nested in it).
 #[inline(always)]
-fn nested(id: u64, sp: u64) -> Option<*mut Inflight> {
-    let outer = INFLIGHT.get_ptr_mut(id)?;
-    // SAFETY: map value of this thread; only this thread writes it.
-    let o = unsafe { &*outer };
-    (o.depth > 0 && sp < o.sp).then_some(outer)
+fn nested(tid: u32, sp: u64) -> Option<*mut Inflight> {
+    let slot = inflight_slot(tid)?;
+    // SAFETY: an INFLIGHT element; only its owning thread writes it (see INFLIGHT_SLOTS).
+    let o = unsafe { &*slot };
+    (o.tid == tid && o.depth > 0 && sp < o.sp).then_some(slot)
 }
 
 #[inline(always)]
 fn enter(ctx: &ProbeContext, func: u32, arg: u64, size: u64) -> u32 {
-    let id = bpf_get_current_pid_tgid();
+    let tid = bpf_get_current_pid_tgid() as u32;
     let sp = stack_pointer(ctx.as_ptr().cast());
-    if let Some(outer) = nested(id, sp) {
-        // SAFETY: as in `nested`.
-        unsafe { (*outer).depth += 1 };
+    let Some(slot) = inflight_slot(tid) else {
         return 0;
+    };
+    // SAFETY: as in `nested`.
+    let o = unsafe { &mut *slot };
+    if o.depth > 0 {
+        if o.tid == tid {
+            if sp < o.sp {
+                o.depth += 1;
+                return 0;
+            }
+            // Left without returning (a thread unwound by an exception or longjmp through
+            // an allocator hook): start over.
+        } else {
+            // Another thread's call is in flight in this slot; it will not be paired.
+            count_drop(drop_reason::INFLIGHT_FULL);
+        }
     }
-    let call = Inflight {
+    *o = Inflight {
+        tid,
+        _pad: 0,
         sp,
         arg,
         size,
         func,
         depth: 1,
     };
-    if INFLIGHT.insert(id, call, 0).is_err() {
-        count_drop(drop_reason::INFLIGHT_FULL);
-    }
     0
 }
 
@@ -114,20 +132,24 @@ pub fn memalign_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    let Some(call) = INFLIGHT.get_ptr_mut(id) else {
-        // Entered before we attached, or the entry could not be remembered (counted there).
+    let tid = id as u32;
+    let Some(slot) = inflight_slot(tid) else {
         return 0;
     };
-    // SAFETY: map value of this thread.
-    let call = unsafe { &mut *call };
+    // SAFETY: an INFLIGHT element of this thread, checked below.
+    let call = unsafe { &mut *slot };
+    if call.tid != tid || call.depth == 0 {
+        // Entered before we attached, or another thread took the slot (counted there).
+        return 0;
+    }
     if call.depth > 1 {
         call.depth -= 1;
         return 0;
     }
+    call.depth = 0;
     let Inflight {
         arg, size, func, ..
     } = *call;
-    let _ = INFLIGHT.remove(id);
 
     let ret: u64 = ctx.ret();
     let (addr, old_addr) = match func {
@@ -148,7 +170,10 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     if addr == 0 && (old_addr == 0 || size != 0) {
         return 0;
     }
-    let hdr = header(kind::ALLOC);
+    if addr != 0 {
+        addr_seen(addr);
+    }
+    let hdr = header_for(kind::ALLOC, id);
     let stack_id = stack::capture(ctx.as_ptr().cast(), &hdr, false, false);
     let event = AllocEvent {
         hdr,
@@ -163,6 +188,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// `free`, wherever placement put it (past glibc's `test %rdi,%rdi`, with `%rdi` intact).
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let addr = arg(&ctx, 0);
@@ -171,13 +197,31 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     }
     let id = bpf_get_current_pid_tgid();
     // A free inside realloc belongs to the realloc, which reports it.
-    if nested(id, stack_pointer(ctx.as_ptr().cast())).is_some() {
+    if nested(id as u32, stack_pointer(ctx.as_ptr().cast())).is_some() {
+        return 0;
+    }
+    // Nothing traced ever returned it: no user-space work to do but count it.
+    if !addr_maybe_seen(addr) {
+        count(counter::FILTERED_FREES);
         return 0;
     }
     let event = FreeEvent {
-        hdr: header(kind::FREE),
+        hdr: header_for(kind::FREE, id),
         addr,
     };
     send_batched(&event, drop_reason::HEAP_RINGBUF);
+    0
+}
+
+/// Nothing at all: attached instead of the real programs by `--mode floor`, the benchmark's
+/// floor (what the traps alone cost).
+#[uprobe]
+pub fn empty(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+/// Nothing, on return (`--mode floor-return`: what a return probe adds).
+#[uretprobe]
+pub fn empty_return(_ctx: RetProbeContext) -> u32 {
     0
 }

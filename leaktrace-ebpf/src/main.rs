@@ -9,6 +9,7 @@
 
 mod alloc;
 mod fd;
+mod growth;
 mod maps;
 mod oom;
 mod proc;

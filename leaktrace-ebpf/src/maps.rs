@@ -2,9 +2,9 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use leaktrace_common::{Header, Inflight, drop_reason};
+use leaktrace_common::{ADDR_FILTER_BITS, Header, INFLIGHT_SLOTS, Inflight, counter, drop_reason};
 
 /// Every record to user space. User space sets the real size at load time.
 #[map]
@@ -14,10 +14,64 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);
 
-/// Allocator calls between entry and return, by `pid_tgid`. LRU so that a thread that dies
-/// inside the allocator cannot leak an entry forever.
+/// Allocator calls between entry and return, in the slot `tid % INFLIGHT_SLOTS`. An array:
+/// its lookups compile to a bounds check and an add, where a hash map costs helper calls
+/// (~400 ns a malloc/free pair measured here with an LRU hash).
 #[map]
-pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(16384, 0);
+pub static INFLIGHT: Array<Inflight> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
+/// The slot of thread `tid`.
+#[inline(always)]
+pub fn inflight_slot(tid: u32) -> Option<*mut Inflight> {
+    INFLIGHT.get_ptr_mut(tid % INFLIGHT_SLOTS)
+}
+
+/// A filter of the addresses traced allocators returned: a flag byte per hash of the
+/// address, never cleared, so a set flag only means "maybe seen". A free whose flag is clear
+/// frees a block allocated before tracing began, or not by a traced allocator: it is
+/// counted (`counter::FILTERED_FREES`) and not sent. Bytes, not bits: setting one is a
+/// plain store, where setting a bit would need an atomic read-modify-write.
+#[map]
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(ADDR_FILTER_BITS / 8, 0);
+
+/// The element and the byte in it of `addr`'s flag.
+#[inline(always)]
+fn addr_flag(addr: u64) -> (u32, usize) {
+    let h = ((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as u32 % ADDR_FILTER_BITS;
+    (h / 8, (h % 8) as usize)
+}
+
+/// Marks `addr` as returned by a traced allocator.
+#[inline(always)]
+pub fn addr_seen(addr: u64) {
+    let (word, byte) = addr_flag(addr);
+    if let Some(w) = ADDR_FILTER.get_ptr_mut(word) {
+        // SAFETY: a byte of an element of the array.
+        unsafe { core::ptr::write_volatile(w.cast::<u8>().add(byte), 1) };
+    }
+}
+
+/// False when no traced allocator ever returned `addr`.
+#[inline(always)]
+pub fn addr_maybe_seen(addr: u64) -> bool {
+    let (word, byte) = addr_flag(addr);
+    // SAFETY: a byte of an element of the array.
+    ADDR_FILTER
+        .get_ptr(word)
+        .is_none_or(|w| unsafe { core::ptr::read_volatile(w.cast::<u8>().add(byte)) } != 0)
+}
+
+/// Per-CPU [`counter`]s.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(which: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(which) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+}
 
 /// Processes whose lifecycle we follow (tgid → `traced_flags`). User space adds the targets;
 /// the fork hook adds followed children; the exit hook removes the dead.
@@ -41,7 +95,12 @@ pub fn count_drop(reason: u32) {
 /// A header for the current task.
 #[inline(always)]
 pub fn header(kind: u16) -> Header {
-    let id = bpf_get_current_pid_tgid();
+    header_for(kind, bpf_get_current_pid_tgid())
+}
+
+/// A header for the task whose `pid_tgid` is `id`.
+#[inline(always)]
+pub fn header_for(kind: u16, id: u64) -> Header {
     Header {
         kind,
         flags: 0,

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{ProcEvent, drop_reason, header_flags, kind, traced_flags};
 
-use crate::maps::{INFLIGHT, PENDING_FORKS, TRACED, header, send_now};
+use crate::maps::{PENDING_FORKS, TRACED, header, inflight_slot, send_now};
 
 const SIGCONT: u32 = 18;
 const SIGSTOP: u32 = 19;
@@ -75,7 +75,14 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // A thread that dies inside the allocator never returns: forget its call.
-    let _ = INFLIGHT.remove(id);
+    if let Some(slot) = inflight_slot(id as u32) {
+        // SAFETY: the slot of this thread (or of another; then it is left alone).
+        unsafe {
+            if (*slot).tid == id as u32 {
+                (*slot).depth = 0;
+            }
+        }
+    }
     // SAFETY: offset from the format above.
     let group_dead: u8 = unsafe { ctx.read_at(32) }.unwrap_or(0);
     if group_dead != 0 {

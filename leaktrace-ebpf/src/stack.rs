@@ -21,7 +21,7 @@ use aya_ebpf::{
     bindings::pt_regs,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use leaktrace_common::{
     CodeMapping, Config, Header, MAX_CODE_MAPPINGS, MAX_FRAMES, ProcessCode, StackEvent,
@@ -73,9 +73,17 @@ static PROC_CODE: HashMap<u32, ProcessCode> = HashMap::with_max_entries(4096, BP
 #[map]
 static WALK_STATS: PerCpuArray<WalkStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// Stack ids already sent to user space. When one is evicted it is simply sent again.
+/// Stack ids already sent to user space, each in slot `id % SEEN_SLOTS`: a direct-mapped
+/// cache in an array (no helper call to look up). An id whose slot another took is simply
+/// sent again.
 #[map]
-static STACKS_SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+static STACKS_SEEN: Array<u64> = Array::with_max_entries(SEEN_SLOTS, 0);
+const SEEN_SLOTS: u32 = 1 << 16;
+
+#[inline(always)]
+fn seen_slot(id: u64) -> Option<*mut u64> {
+    STACKS_SEEN.get_ptr_mut((id % u64::from(SEEN_SLOTS)) as u32)
+}
 
 /// Where a walk is.
 #[repr(C)]
@@ -581,8 +589,8 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
         0 => 1,
         id => id,
     };
-    // SAFETY: read-only presence check.
-    if unsafe { STACKS_SEEN.get(&id) }.is_none() {
+    // SAFETY: an element of the array; a torn race only resends a stack.
+    if seen_slot(id).is_some_and(|slot| unsafe { *slot } != id) {
         if intact {
             send_frames(hdr, id, nr, flags);
         } else {
@@ -623,5 +631,8 @@ fn send_frames(hdr: Header, id: u64, nr: u32, flags: u32) {
     // Stacks precede the event that refers to them; that event's wakeup covers both.
     entry.submit(1);
     // Mark it sent only once it really was, so a lost stack is sent again next time.
-    let _ = STACKS_SEEN.insert(&id, &1, 0);
+    if let Some(slot) = seen_slot(id) {
+        // SAFETY: as in `capture`.
+        unsafe { *slot = id };
+    }
 }

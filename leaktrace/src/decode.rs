@@ -4,7 +4,7 @@
 //! or misaligned buffer is an error and not undefined behaviour.
 use leaktrace_common::{
     AllocEvent, FD_PATH_LEN, FdEvent, FdPathEvent, FreeEvent, Header, MAX_FRAMES, OomEvent,
-    ProcEvent, StackEvent, kind,
+    PageEvent, ProcEvent, ReleaseEvent, StackEvent, kind,
 };
 use std::mem::size_of;
 
@@ -20,6 +20,8 @@ pub enum Event<'a> {
     Loader(ProcEvent),
     Fd(FdRecord<'a>),
     Oom(OomEvent),
+    Page(PageEvent),
+    Release(ReleaseEvent),
 }
 
 /// A descriptor event, with its path when it carries one (borrowed from the ring buffer,
@@ -40,6 +42,8 @@ impl Event<'_> {
             Event::Exec(e) | Event::Exit(e) | Event::Fork(e) | Event::Loader(e) => &e.hdr,
             Event::Fd(f) => &f.event.hdr,
             Event::Oom(e) => &e.hdr,
+            Event::Page(e) => &e.hdr,
+            Event::Release(e) => &e.hdr,
         }
     }
 }
@@ -189,6 +193,24 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]
             });
             Event::Fd(FdRecord { event, path })
+        }
+        kind::PAGE => {
+            let mut f = need(bytes, "page record", size_of::<PageEvent>())?;
+            Event::Page(PageEvent {
+                hdr: f.header(),
+                addr: f.u64(),
+                stack_id: f.u64(),
+            })
+        }
+        kind::RELEASE => {
+            let mut f = need(bytes, "release record", size_of::<ReleaseEvent>())?;
+            Event::Release(ReleaseEvent {
+                hdr: f.header(),
+                start: f.u64(),
+                end: f.u64(),
+                op: f.u32(),
+                _pad: f.u32(),
+            })
         }
         kind::OOM => {
             let mut f = need(bytes, "OOM record", size_of::<OomEvent>())?;

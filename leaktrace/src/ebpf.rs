@@ -83,7 +83,22 @@ const UPROBES: &[&str] = &[
     "free_enter",
     "alloc_return",
     "loader_state",
+    "empty",
+    "empty_return",
 ];
+
+/// What is attached to an allocator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AllocatorProbes {
+    /// Every entry point, with its return: exact tracing.
+    #[default]
+    Full,
+    /// Empty programs on `malloc` and `free` only, where placement puts them: the cost of
+    /// the traps alone, the floor benchmarks compare with.
+    Floor,
+    /// The floor plus an empty return probe on `malloc`.
+    FloorReturn,
+}
 
 const LIFECYCLE: &[(&str, &str, &str)] = &[
     ("sched_process_exec", "sched", "sched_process_exec"),
@@ -132,6 +147,14 @@ const UNLINKS: &[&str] = &[
     "sys_exit_rename",
     "sys_exit_renameat",
     "sys_exit_renameat2",
+];
+
+/// Growth mode: pages written to, memory given back.
+const GROWTH: &[(&str, &str, &str)] = &[
+    ("page_fault_user", "exceptions", "page_fault_user"),
+    ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
+    ("sys_enter_madvise", "syscalls", "sys_enter_madvise"),
+    ("sys_exit_brk", "syscalls", "sys_exit_brk"),
 ];
 
 const FORK_FOLLOWING: &[(&str, &str, &str)] = &[
@@ -405,6 +428,7 @@ pub struct Source {
     ebpf: Ebpf,
     traced: BpfHashMap<MapData, u32, u32>,
     drops: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
     proc_code: BpfHashMap<MapData, u32, ProcessCode>,
     walk_stats: PerCpuArray<MapData, WalkStats>,
     tables: UnwindTables,
@@ -472,7 +496,13 @@ impl Source {
                 .iter()
                 .copied(),
             )
-            .chain(syscalls);
+            .chain(syscalls)
+            .chain(
+                GROWTH
+                    .iter()
+                    .copied()
+                    .filter(|_| opts.features & features::GROWTH != 0),
+            );
         for (name, category, event) in tracepoints {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -490,6 +520,8 @@ impl Source {
         let traced =
             BpfHashMap::try_from(take(&mut ebpf, "TRACED")?).map_err(map_error("TRACED"))?;
         let drops = PerCpuArray::try_from(take(&mut ebpf, "DROPS")?).map_err(map_error("DROPS"))?;
+        let counters =
+            PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(map_error("COUNTERS"))?;
         let proc_code =
             BpfHashMap::try_from(take(&mut ebpf, "PROC_CODE")?).map_err(map_error("PROC_CODE"))?;
         let walk_stats = PerCpuArray::try_from(take(&mut ebpf, "WALK_STATS")?)
@@ -507,6 +539,7 @@ impl Source {
             ebpf,
             traced,
             drops,
+            counters,
             proc_code,
             walk_stats,
             tables,
@@ -563,15 +596,34 @@ impl Source {
         probes: &mut ProcessProbes,
         pid: u32,
         module: &Arc<Module>,
+        what: AllocatorProbes,
     ) -> Result<(), SourceError> {
         if probes.allocator_modules.iter().any(|m| m.key == module.key) {
             return Ok(());
         }
         let pid = NonZeroU32::new(pid).ok_or(SourceError::Missing("pid"))?;
+        if what != AllocatorProbes::Full {
+            for entry in &module.elf.allocator {
+                let at = entry.probe_offset();
+                match entry.func {
+                    alloc_fn::MALLOC | alloc_fn::FREE => {
+                        self.attach_one(probes, "empty", module, at, pid)?
+                    }
+                    _ => continue,
+                }
+                if entry.func == alloc_fn::MALLOC && what == AllocatorProbes::FloorReturn {
+                    self.attach_one(probes, "empty_return", module, at, pid)?;
+                }
+            }
+            probes.allocator_modules.push(module.clone());
+            return Ok(());
+        }
         for entry in &module.elf.allocator {
-            self.attach_one(probes, entry_program(entry.func), module, entry.offset, pid)?;
+            let at = entry.probe_offset();
+            self.attach_one(probes, entry_program(entry.func), module, at, pid)?;
             if entry.func != alloc_fn::FREE {
-                self.attach_one(probes, "alloc_return", module, entry.offset, pid)?;
+                // Placement guarantees `[rsp]` is still the return address there.
+                self.attach_one(probes, "alloc_return", module, at, pid)?;
             }
         }
         probes.allocator_modules.push(module.clone());
@@ -663,6 +715,14 @@ impl Source {
             frames: a.frames + s.frames,
             ns: a.ns + s.ns,
         })
+    }
+
+    /// A [`leaktrace_common::counter`], summed over CPUs.
+    pub fn counter(&self, which: u32) -> u64 {
+        self.counters
+            .get(&which, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     /// Lost events so far, by cause (summed over CPUs).

@@ -16,6 +16,7 @@ pub mod fdtable;
 pub mod fdtrack;
 pub mod modules;
 pub mod oomwatch;
+pub mod placement;
 pub mod preflight;
 pub mod procfs;
 pub mod report;

@@ -9,9 +9,14 @@ use std::{fs::File, io, os::fd::AsRawFd as _, path::PathBuf, sync::Arc};
 
 use hashbrown::HashMap;
 use leaktrace_common::alloc_fn;
-use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, read::ReadCache};
+use object::{
+    Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, read::ReadCache,
+};
 
-use crate::procfs::{self, Mapping};
+use crate::{
+    placement::{self, ProbePoint},
+    procfs::{self, Mapping},
+};
 
 /// The allocator entry points we hook, by symbol name. Aliases at one address (glibc's
 /// `memalign`/`aligned_alloc`, `free`/`cfree`) are hooked once, as the first name listed.
@@ -38,8 +43,28 @@ pub struct AllocatorEntry {
     /// One of [`alloc_fn`].
     pub func: u32,
     pub symbol: &'static str,
-    /// File offset of the function's first instruction (what uprobes attach to).
+    /// File offset of the function's first instruction.
     pub offset: u64,
+    /// Where its probes go, from the entry (see [`crate::placement`]).
+    pub probe: ProbePoint,
+}
+
+impl AllocatorEntry {
+    /// File offset of the probe point (what uprobes attach to).
+    pub fn probe_offset(&self) -> u64 {
+        self.offset + self.probe.delta
+    }
+}
+
+/// The argument registers each function's entry program reads.
+fn registers_read(func: u32) -> u8 {
+    use crate::placement::regs::{RDI, RDX, RSI};
+    match func {
+        alloc_fn::CALLOC | alloc_fn::REALLOC => RDI | RSI,
+        alloc_fn::REALLOCARRAY | alloc_fn::POSIX_MEMALIGN => RDI | RSI | RDX,
+        alloc_fn::ALIGNED_ALLOC | alloc_fn::MEMALIGN => RSI,
+        _ => RDI,
+    }
 }
 
 /// What leaktrace needs to know about an ELF file.
@@ -94,6 +119,45 @@ impl FileOffsets {
     }
 }
 
+/// The bytes of the code at `address` (`size` of them).
+fn code_at<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    address: u64,
+    size: u64,
+) -> Option<&'d [u8]> {
+    elf.sections()
+        .find(|s| address >= s.address() && address < s.address() + s.size())?
+        .data_range(address, size)
+        .ok()
+        .flatten()
+}
+
+/// The allocator function a jump to `target` reaches: one of `found` directly, or the
+/// symbol a PLT stub at `target` jumps to through its GOT slot.
+fn called_allocator<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    offsets: &FileOffsets,
+    found: &[AllocatorEntry],
+    target: u64,
+) -> Option<&'static str> {
+    if let Some(e) = found.iter().find(|e| offsets.get(target) == Some(e.offset)) {
+        return Some(e.symbol);
+    }
+    let slot = placement::plt_slot(code_at(elf, target, 16)?, target)?;
+    let (_, reloc) = elf.dynamic_relocations()?.find(|(at, _)| *at == slot)?;
+    let object::RelocationTarget::Symbol(index) = reloc.target() else {
+        return None;
+    };
+    let name = object::ObjectSymbolTable::symbol_by_index(&elf.dynamic_symbol_table()?, index)
+        .ok()?
+        .name()
+        .ok()?;
+    ALLOCATOR_SYMBOLS
+        .iter()
+        .find(|(n, f)| *n == name && *f != alloc_fn::FREE)
+        .map(|(n, _)| *n)
+}
+
 /// Reads allocator and loader symbols from an ELF file.
 pub fn inspect_elf(file: &File) -> Result<ElfInfo, object::Error> {
     let cache = ReadCache::new(file);
@@ -103,6 +167,7 @@ pub fn inspect_elf(file: &File) -> Result<ElfInfo, object::Error> {
 
     let mut info = ElfInfo::default();
     let mut found: Vec<AllocatorEntry> = Vec::new();
+    let mut single_stepped = Vec::new();
     // Dynamic symbols first (what other objects bind to), then the full table for static
     // binaries.
     for sym in elf.dynamic_symbols().chain(elf.symbols()) {
@@ -118,13 +183,39 @@ pub fn inspect_elf(file: &File) -> Result<ElfInfo, object::Error> {
             continue;
         };
         if let Some(offset) = file_offset(sym.address()) {
+            let code = code_at(&elf, sym.address(), sym.size()).unwrap_or_default();
+            let (probe, why) = placement::place_or_entry(code, sym.address(), registers_read(func));
             found.push(AllocatorEntry {
                 func,
                 symbol,
                 offset,
+                probe,
             });
+            if let Some(why) = why {
+                single_stepped.push((found.len() - 1, sym.address(), sym.size(), why));
+            }
         }
     }
+    // A function without a safe probe point that only tail-calls another allocator function
+    // is seen whole by that function's probes: it is not probed itself.
+    let mut covered = Vec::new();
+    for (i, address, size, why) in single_stepped {
+        let entry = &found[i];
+        let callee = code_at(&elf, address, size)
+            .and_then(|code| placement::tail_call_target(code, address))
+            .and_then(|target| called_allocator(&elf, &offsets, &found, target));
+        match callee {
+            Some(callee) => {
+                tracing::debug!("{}: not probed, it tail-calls {callee}", entry.symbol);
+                covered.push(entry.offset);
+            }
+            None => tracing::warn!(
+                "{}: probed at its entry, which the kernel single-steps (~10 µs a call): {why}",
+                entry.symbol
+            ),
+        }
+    }
+    found.retain(|e| !covered.contains(&e.offset));
     // One entry per address: aliases keep the name listed first in ALLOCATOR_SYMBOLS.
     found.sort_by_key(|e| {
         (
@@ -318,6 +409,27 @@ mod tests {
             .into_iter()
             .find(|m| m.path.contains("libc.so"))
             .map(|m| m.path)
+    }
+
+    #[test]
+    fn every_glibc_allocator_probe_sits_on_an_emulated_instruction() {
+        let Some(path) = libc_path() else { return };
+        let bytes = std::fs::read(&path).unwrap();
+        let info = inspect_elf(&File::open(&path).unwrap()).unwrap();
+        for e in &info.allocator {
+            assert!(e.probe.emulated, "{}: {:?}", e.symbol, e.probe);
+            let at = e.probe_offset() as usize;
+            let insn = iced_x86::Decoder::with_ip(64, &bytes[at..at + 16], 0, 0).decode();
+            assert!(
+                placement::kernel_emulates(&bytes[at..at + insn.len()]),
+                "{} +{}",
+                e.symbol,
+                e.probe.delta
+            );
+        }
+        // glibc's free starts with `test %rdi,%rdi`, which the kernel single-steps.
+        let free = info.allocator.iter().find(|e| e.symbol == "free").unwrap();
+        assert!(free.probe.delta > 0);
     }
 
     #[test]

@@ -66,6 +66,11 @@ pub struct Summary {
     pub tmp_files_outstanding: u64,
     /// Temp files created beyond the number leaktrace watches at once (not in tmp_leaks).
     pub tmp_files_unwatched: u64,
+    /// leaktrace's own CPU time and peak RSS so far.
+    pub tracer: TracerUsage,
+    /// How the heap was traced: `full` (allocator probes) or `growth` (page faults; then
+    /// allocs/frees count 4 KiB pages written to and given back).
+    pub mode: &'static str,
 }
 
 /// Stack walks timed in the kernel.
@@ -264,6 +269,8 @@ pub struct Report {
 #[derive(Clone, Debug)]
 pub struct ReportOptions {
     pub min_age_ns: u64,
+    /// Growth mode: the tables hold pages written to, not allocations.
+    pub growth_mode: bool,
     /// Keep at most this many leaks (`None`: all).
     pub top: Option<usize>,
 }
@@ -331,6 +338,36 @@ pub struct ReportInput<'a> {
     pub tmp_unwatched: u64,
     pub fd_exhaustion: &'a [FdExhaustion],
     pub oom_kills: &'a [OomKill],
+    /// Frees of never-seen addresses the kernel side counted instead of sending.
+    pub filtered_frees: u64,
+    /// What leaktrace itself has used so far.
+    pub tracer: TracerUsage,
+}
+
+/// The tracer's own CPU time and peak memory, for overhead accounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct TracerUsage {
+    /// User + system CPU seconds of the leaktrace process.
+    pub cpu_s: f64,
+    /// Its peak resident memory.
+    pub peak_rss_bytes: u64,
+}
+
+impl TracerUsage {
+    /// Of the calling process.
+    pub fn current() -> Self {
+        // SAFETY: a zeroed rusage is a valid out-parameter.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: RUSAGE_SELF with a valid pointer.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+            return Self::default();
+        }
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Self {
+            cpu_s: secs(u.ru_utime) + secs(u.ru_stime),
+            peak_rss_bytes: u.ru_maxrss as u64 * 1024,
+        }
+    }
 }
 
 /// A temp file as a report sees it.
@@ -493,7 +530,9 @@ pub fn build(
     );
 
     let mut summary = Summary {
-        unmatched_frees: snap.totals.unmatched_frees,
+        unmatched_frees: snap.totals.unmatched_frees + input.filtered_frees,
+        tracer: input.tracer,
+        mode: if opts.growth_mode { "growth" } else { "full" },
         replaced: snap.totals.replaced,
         lost_events: input
             .lost
@@ -576,7 +615,7 @@ pub fn build(
         };
         keys.push(key);
         let leak = Leak {
-            kind: "heap",
+            kind: if opts.growth_mode { "growth" } else { "heap" },
             pid: m.pid,
             comm: (input.comm)(m.pid),
             outstanding_count: m.counters.0,

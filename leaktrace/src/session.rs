@@ -25,7 +25,7 @@ use tokio::{
 
 use crate::{
     decode::{Event, decode},
-    ebpf::{Detacher, LoadOptions, ProcessProbes, Source, SourceError, Unwind},
+    ebpf::{AllocatorProbes, Detacher, LoadOptions, ProcessProbes, Source, SourceError, Unwind},
     fdtrack::{Exhausted, FdTracker},
     modules::{AddressSpace, Modules},
     oomwatch::{self, OomWatch},
@@ -72,6 +72,8 @@ pub struct SessionConfig {
     pub measure_walks: bool,
     /// Trace the heap (allocator probes).
     pub heap: bool,
+    /// What the allocator probes do (benchmarks attach empty ones).
+    pub allocator_probes: AllocatorProbes,
     /// Bits of [`leaktrace_common::features`]: descriptors, temp files.
     pub features: u32,
     /// Append each OOM-kill record here, as one JSON line, the moment it happens.
@@ -205,6 +207,9 @@ struct Tracer {
     measure_walks: bool,
     /// Allocator probes are attached.
     heap: bool,
+    allocator_probes: AllocatorProbes,
+    /// Growth mode: each process's program break, to see it shrink.
+    brk: HashMap<u32, u64>,
     fd: FdTracker,
     oom: OomWatch,
     /// Full descriptor tables, one record per (pid, failing stack).
@@ -235,6 +240,8 @@ impl Tracer {
             root: 0,
             measure_walks: false,
             heap: true,
+            allocator_probes: AllocatorProbes::Full,
+            brk: HashMap::new(),
             fd: FdTracker::default(),
             oom: OomWatch::default(),
             exhaustion: Vec::new(),
@@ -282,7 +289,8 @@ impl Tracer {
         let probes = self.probes.entry(pid).or_default();
         for module in &modules {
             if self.heap && module.elf.is_allocator() {
-                self.source.attach_allocator(probes, pid, module)?;
+                self.source
+                    .attach_allocator(probes, pid, module, self.allocator_probes)?;
                 tracing::debug!("pid {pid}: hooked the allocator in {}", module.path);
             }
             if module.elf.loader_state.is_some() {
@@ -307,6 +315,7 @@ impl Tracer {
     /// Forgets a process: detaches its probes, keeps what it held at exit.
     fn retire(&mut self, pid: u32, ts_ns: u64) {
         self.tables.exit(pid, ts_ns);
+        self.brk.remove(&pid);
         self.fd.exit(pid, self.tables.ms_since_epoch(ts_ns));
         self.oom.forget(pid);
         if let Some(probes) = self.probes.remove(&pid) {
@@ -393,7 +402,10 @@ impl Tracer {
     /// Applies one event. Gated processes are released afterwards whatever happened.
     fn handle(&mut self, event: Event<'_>) -> Result<(), SessionError> {
         let hdr = *event.header();
-        if !matches!(event, Event::Alloc(_) | Event::Free(_) | Event::Stack(_)) {
+        if !matches!(
+            event,
+            Event::Alloc(_) | Event::Free(_) | Event::Stack(_) | Event::Page(_) | Event::Release(_)
+        ) {
             tracing::debug!("pid {}: {:?}", hdr.pid, event);
         }
         let result = match event {
@@ -437,6 +449,32 @@ impl Tracer {
                 self.on_oom(&e);
                 Ok(())
             }
+            Event::Page(e) => {
+                // A page is a 4 KiB block allocated by the stack that first wrote to it.
+                self.tables.alloc(&leaktrace_common::AllocEvent {
+                    hdr: e.hdr,
+                    addr: e.addr,
+                    size: 4096,
+                    old_addr: 0,
+                    stack_id: e.stack_id,
+                    func: leaktrace_common::alloc_fn::MALLOC,
+                    _pad: 0,
+                });
+                Ok(())
+            }
+            Event::Release(e) => {
+                let pid = e.hdr.pid;
+                let (start, end) = if e.op == leaktrace_common::release_op::BRK {
+                    // The break moved: what lay between the new one and a higher old one is
+                    // gone.
+                    let old = self.brk.insert(pid, e.start).unwrap_or(e.start);
+                    (e.start, old.max(e.start))
+                } else {
+                    (e.start, e.end)
+                };
+                self.tables.release_range(pid, start, end);
+                Ok(())
+            }
         };
         if hdr.flags & header_flags::STOPPED != 0 {
             // The kernel side stopped this process for us. A command we cannot trace at all
@@ -457,6 +495,7 @@ impl Tracer {
         // The old image is gone: its probes (scoped to the pid, not the image) must not fire
         // in the new one, and what it held is kept as in use at exit of that image.
         self.tables.exec(pid, ts_ns);
+        self.brk.remove(&pid);
         self.fd.exec(pid);
         if self.before_exec == Some(pid) {
             self.before_exec = None;
@@ -682,6 +721,10 @@ impl Tracer {
                 tmp: &tmp,
                 tmp_created: self.fd.tmp.created,
                 tmp_unwatched: self.fd.tmp.unwatched,
+                filtered_frees: self
+                    .source
+                    .counter(leaktrace_common::counter::FILTERED_FREES),
+                tracer: report::TracerUsage::current(),
                 fd_exhaustion: &exhaustion,
                 oom_kills: &self.oom.records,
             },
@@ -749,6 +792,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     let mut tracer = Tracer::new(source, config.report.clone(), sink);
     tracer.measure_walks = config.measure_walks;
     tracer.heap = config.heap;
+    tracer.allocator_probes = config.allocator_probes;
     tracer.fd = FdTracker::new(config.features);
     tracer.oom = OomWatch::new(config.oom_log.clone());
     // Declared after the tracer so it runs first when `run` returns, on every path.

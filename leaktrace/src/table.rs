@@ -232,6 +232,36 @@ impl HeapTables {
         }
     }
 
+    /// Releases every block lying in `[start, end)`, counted as freed: growth mode's pages
+    /// given back by `munmap`, `madvise` or a lower `brk`. Returns how many.
+    pub fn release_range(&mut self, pid: u32, start: u64, end: u64) -> u64 {
+        const PAGE: u64 = 4096;
+        let Some(heap) = self.procs.get_mut(&pid) else {
+            return 0;
+        };
+        let start = start & !(PAGE - 1);
+        let end = end.saturating_add(PAGE - 1) & !(PAGE - 1);
+        let pages = end.saturating_sub(start) / PAGE;
+        // Whichever is fewer: the range's pages, or the blocks held.
+        let inside: Vec<u64> = if pages <= heap.blocks.len() as u64 {
+            (0..pages)
+                .map(|i| start + i * PAGE)
+                .filter(|a| heap.blocks.contains_key(a))
+                .collect()
+        } else {
+            heap.blocks
+                .keys()
+                .copied()
+                .filter(|&a| a >= start && a < end)
+                .collect()
+        };
+        for &addr in &inside {
+            heap.release(addr);
+        }
+        self.totals.frees += inside.len() as u64;
+        inside.len() as u64
+    }
+
     /// The process exited: what it still held becomes *in use at exit*.
     pub fn exit(&mut self, pid: u32, ts_ns: u64) {
         self.retire(pid, ts_ns, false);

@@ -39,12 +39,17 @@ enum Task {
     /// Measure tracing overhead and tracer memory (markdown tables on stdout).
     Bench {
         /// Rounds per configuration, interleaved.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Which benchmark: `alloc` (per-call overhead, tracer memory), `unwind` (stack
-        /// walking cost, unwind table sizes) or `fd` (descriptor tracking cost).
-        #[arg(long, default_value = "alloc")]
+        /// Which benchmark: `overhead` (heap tracing against untraced, the floor and
+        /// bcc-style placement, on the churn fixture and real programs; the user-space
+        /// pipeline alone), `alloc` (tracer memory with a million blocks outstanding),
+        /// `unwind` (stack walking cost, unwind table sizes) or `fd` (descriptor tracking).
+        #[arg(long, default_value = "overhead")]
         only: String,
+        /// Also write the overhead figures as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
 }
 
@@ -63,18 +68,21 @@ fn main() -> Result<()> {
             setup()?;
             demo()
         }
-        Task::Bench { rounds, only } => {
+        Task::Bench { rounds, only, json } => {
             setup()?;
             match only.as_str() {
                 "unwind" => bench::unwind(rounds),
                 "fd" => bench::fd(rounds),
-                _ => bench::run(rounds),
+                "alloc" => bench::run(rounds),
+                "overhead" => overhead::run(rounds, json),
+                other => anyhow::bail!("no benchmark `{other}` (overhead, alloc, unwind, fd)"),
             }
         }
     }
 }
 
 mod bench;
+mod overhead;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use leaktrace::{
-    ebpf::Unwind,
+    ebpf::{AllocatorProbes, Unwind},
     report::ReportOptions,
     session::{SessionConfig, Target},
     write::{FoldedKind, FoldedWeight, Format},
@@ -138,6 +138,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "ROWS", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=1 << 26))]
     pub unwind_rows: u32,
 
+    /// What to trace the heap with: allocator probes, exact (full), or no allocator probe at
+    /// all, only page faults and mapping changes, for which stacks make the process grow
+    /// (growth: any allocator, a cost low enough to leave on).
+    #[arg(long, value_enum, default_value_t = Mode::Full)]
+    pub mode: Mode,
+
     /// Time every stack walk in the kernel and add the figures to the summary (benchmarks).
     #[arg(long, hide = true)]
     pub measure_walks: bool,
@@ -145,6 +151,21 @@ pub struct CommonArgs {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); LEAKTRACE_LOG overrides.
     #[arg(long, short, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// How the heap is traced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Every allocation and free, exact, with its stack.
+    Full,
+    /// New resident memory by the stacks that touched it: page faults, brk, mmap, munmap.
+    Growth,
+    /// Benchmarks: empty programs on malloc and free, the cost of the traps alone.
+    #[value(hide = true)]
+    Floor,
+    /// Benchmarks: the floor plus an empty return probe on malloc.
+    #[value(hide = true)]
+    FloorReturn,
 }
 
 /// A kind of leak `--only` can select.
@@ -176,6 +197,7 @@ impl CommonArgs {
             interval,
             report: ReportOptions {
                 min_age_ns: self.min_age.as_nanos().min(u128::from(u64::MAX)) as u64,
+                growth_mode: self.mode == Mode::Growth,
                 top,
             },
             format: self.format,
@@ -185,11 +207,21 @@ impl CommonArgs {
             unwind: self.unwind,
             unwind_rows: self.unwind_rows,
             measure_walks: self.measure_walks,
-            heap: self.traces(Kind::Heap),
+            heap: self.traces(Kind::Heap) && self.mode != Mode::Growth,
+            allocator_probes: match self.mode {
+                Mode::Floor => AllocatorProbes::Floor,
+                Mode::FloorReturn => AllocatorProbes::FloorReturn,
+                Mode::Full | Mode::Growth => AllocatorProbes::Full,
+            },
             features: [(Kind::Fd, features::FD), (Kind::Tmp, features::TMP)]
                 .into_iter()
                 .filter(|&(kind, _)| self.traces(kind))
-                .fold(0, |bits, (_, bit)| bits | bit),
+                .fold(0, |bits, (_, bit)| bits | bit)
+                | if self.mode == Mode::Growth && self.traces(Kind::Heap) {
+                    features::GROWTH
+                } else {
+                    0
+                },
             oom_log: self.oom_log.clone(),
             folded_kind: self.folded_kind,
         }

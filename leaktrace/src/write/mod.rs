@@ -211,6 +211,11 @@ mod golden {
                 unmatched_frees: 3,
                 lost_events: 0,
                 elapsed_s: 60.0,
+                mode: "full",
+                tracer: crate::report::TracerUsage {
+                    cpu_s: 1.25,
+                    peak_rss_bytes: 60 << 20,
+                },
                 fds_opened: 912,
                 fds_closed: 53,
                 fds_outstanding: 859,

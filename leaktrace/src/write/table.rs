@@ -57,17 +57,32 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
     } else {
         "outstanding"
     };
-    let _ = write!(
-        out,
-        "#{rank} {} in {} blocks {when} — pid {} ({}), allocs {}, frees {}, oldest {}",
-        bytes(l.outstanding_bytes),
-        count(l.outstanding_count),
-        l.pid,
-        l.comm,
-        count(l.allocs),
-        count(l.frees),
-        age(l.oldest_age_s),
-    );
+    if l.kind == "growth" {
+        let _ = write!(
+            out,
+            "#{rank} {} in {} pages written and kept{} — pid {} ({}), pages written {}, given back {}, oldest {}",
+            bytes(l.outstanding_bytes),
+            count(l.outstanding_count),
+            if l.at_exit { " to exit" } else { "" },
+            l.pid,
+            l.comm,
+            count(l.allocs),
+            count(l.frees),
+            age(l.oldest_age_s),
+        );
+    } else {
+        let _ = write!(
+            out,
+            "#{rank} {} in {} blocks {when} — pid {} ({}), allocs {}, frees {}, oldest {}",
+            bytes(l.outstanding_bytes),
+            count(l.outstanding_count),
+            l.pid,
+            l.comm,
+            count(l.allocs),
+            count(l.frees),
+            age(l.oldest_age_s),
+        );
+    }
     if let Some(g) = l.growth_bytes_per_s {
         let sign = if g < 0.0 { "-" } else { "+" };
         let _ = write!(out, ", growth {sign}{}/s", bytes(g.abs() as u64));
@@ -247,6 +262,12 @@ pub fn oom_notice(k: &OomKill) -> String {
 pub fn render(report: &Report) -> String {
     let s = &report.summary;
     let mut out = String::new();
+    if s.mode == "growth" {
+        let _ = writeln!(
+            out,
+            "growth mode: no allocator probe; each stack's figures are the 4 KiB pages it first wrote to and the process has not given back (munmap, madvise, brk)",
+        );
+    }
     let _ = writeln!(
         out,
         "leaktrace {} after {}: {} allocs, {} frees, {} outstanding in {} blocks, {} unmatched frees, {} lost events",

@@ -1,0 +1,67 @@
+//! Growth mode on the real kernel: no allocator probe, page faults and releases only.
+mod common;
+
+use common::{c_fixture, privileged, trace_json};
+
+/// Leaks whose stack passes through `function`, anywhere.
+fn through<'a>(r: &'a common::Report, function: &str) -> Vec<&'a serde_json::Value> {
+    r.leaks()
+        .iter()
+        .filter(|l| {
+            l["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["symbol"].as_str() == Some(function))
+        })
+        .collect()
+}
+
+fn bytes(rows: &[&serde_json::Value]) -> u64 {
+    rows.iter()
+        .map(|l| l["outstanding_bytes"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn the_growing_stack_ranks_first_and_released_memory_is_not_counted() {
+    if !privileged() {
+        return;
+    }
+    let (run, r) = trace_json(&c_fixture("growth_sites"), &["--mode", "growth"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(r.0["summary"]["mode"], "growth");
+    assert_eq!(r.summary("lost_events"), 0);
+    // No allocator probe: the pages of each 256 KiB block (65 with malloc's header page),
+    // first written by malloc itself (the header) or by memset, all under leak_pages; and
+    // the page of `kept[]`, first written there too.
+    let leaked = through(&r, "leak_pages");
+    assert_eq!(bytes(&leaked), (40 * 65 + 1) * 4096, "{}", r.pretty());
+    let top = &r.leaks()[0];
+    assert!(
+        top["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["symbol"] == "leak_pages"),
+        "the first row is not leak_pages':\n{}",
+        r.pretty()
+    );
+    assert_eq!(top["kind"], "growth");
+    // The cache is written 20 times but grows once: 1 MiB and its header page.
+    assert_eq!(
+        bytes(&through(&r, "cache_fill")),
+        257 * 4096,
+        "{}",
+        r.pretty()
+    );
+    // Freed blocks went back with munmap, the small ones with brk/madvise: not growth.
+    assert_eq!(bytes(&through(&r, "churn_big")), 0, "{}", r.pretty());
+    assert!(
+        bytes(&through(&r, "brk_churn")) < 256 << 10,
+        "{}",
+        r.pretty()
+    );
+    // Pages written by churn_big were seen, then given back.
+    assert!(r.summary("allocs") >= 40 * 65 + 30 * 256, "{}", r.pretty());
+}

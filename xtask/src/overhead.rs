@@ -1,0 +1,515 @@
+//! `cargo xtask bench` (the default): what heap tracing costs a program, against the floor
+//! and against bcc-style placement, all rows measured side by side in one run.
+//!
+//! Every round runs every (workload, config) once, in the same order, so machine drift hits
+//! all rows alike; the table gives medians and min–max over rounds.
+//!
+//! - untraced: the program alone.
+//! - floor: empty BPF programs on two emulated uprobes per malloc/free pair (`malloc`'s
+//!   entry, `free` past its single-stepped first instruction): what the traps alone cost.
+//!   Defined once, never changed.
+//! - floor+ret: the floor plus an empty return probe on `malloc` (churn only): what getting
+//!   the returned pointer with a uretprobe costs.
+//! - full: `leaktrace run --mode full`, exact, with `.eh_frame` stacks.
+//! - growth: `leaktrace run --mode growth`, no allocator probe at all.
+//! - bcc-style: bpftrace on `malloc` entry + return and `free` entry, as memleak attaches,
+//!   with a stack id per allocation (when bpftrace is installed).
+//!
+//! Workloads time themselves: the churn fixture prints ns per malloc/free pair; the real
+//! programs are timed from inside by a preloaded constructor/destructor (`bench_timer.c`),
+//! so a tracer's start-up is not counted against it.
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{as_root, build_release, c_fixture, cargo, workspace_root};
+
+/// malloc/free pairs per churn run (per thread).
+const PAIRS: &str = "300000";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Config {
+    Untraced,
+    Floor,
+    FloorRet,
+    Full,
+    Growth,
+    BccStyle,
+}
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Config::Untraced => "untraced",
+            Config::Floor => "floor",
+            Config::FloorRet => "floor+ret",
+            Config::Full => "full",
+            Config::Growth => "growth",
+            Config::BccStyle => "bcc-style",
+        }
+    }
+
+    fn leaktrace_mode(self) -> Option<&'static str> {
+        match self {
+            Config::Floor => Some("floor"),
+            Config::FloorRet => Some("floor-return"),
+            Config::Full => Some("full"),
+            Config::Growth => Some("growth"),
+            _ => None,
+        }
+    }
+}
+
+struct Workload {
+    name: String,
+    /// The program and its arguments.
+    argv: Vec<String>,
+    /// Its comm, for the preloaded timer; `None`: it prints ns per pair itself.
+    comm: Option<&'static str>,
+    configs: Vec<Config>,
+}
+
+/// One run's figures.
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    /// ns per allocator call (churn) or seconds (real programs).
+    value: f64,
+    /// Seconds the workload ran, for the event rate.
+    seconds: f64,
+    events: u64,
+    lost: u64,
+    tracer_cpu_s: f64,
+    tracer_rss: u64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(0.0, f64::max),
+    )
+}
+
+fn libc_path() -> Result<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so"))
+        .map(str::to_owned)
+        .context("no libc mapped")
+}
+
+/// memleak's placement in bpftrace: size at `malloc` entry, the block and a stack id at its
+/// return, `free` at its entry (single-stepped on glibc).
+fn bcc_script(libc: &str) -> String {
+    format!(
+        "uprobe:{libc}:malloc {{ @size[tid] = arg0; }}
+uretprobe:{libc}:malloc /@size[tid]/ {{ @allocs[retval] = @size[tid]; @stacks[ustack] = count(); delete(@size[tid]); }}
+uprobe:{libc}:free {{ delete(@allocs[arg0]); }}
+END {{ clear(@size); clear(@allocs); clear(@stacks); }}"
+    )
+}
+
+/// Inputs for the real programs, generated once.
+fn sqlite_script(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("inserts.sql");
+    let mut sql = String::from(
+        "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, payload TEXT);\n\
+         CREATE INDEX t_name ON t(name);\nBEGIN;\n",
+    );
+    let mut x: u64 = 88172645463325252;
+    for i in 0..60_000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let _ = writeln!(
+            sql,
+            "INSERT INTO t(name, payload) VALUES ('user-{}-{}', printf('%.*c', {}, 'x'));",
+            x % 100_000,
+            i,
+            20 + x % 400
+        );
+    }
+    sql.push_str(
+        "COMMIT;\nSELECT count(*), sum(length(payload)) FROM t WHERE name LIKE 'user-1%';\n\
+         SELECT name, count(*) FROM t GROUP BY substr(name, 1, 8) ORDER BY 2 DESC LIMIT 3;\n",
+    );
+    std::fs::write(&path, sql)?;
+    Ok(path)
+}
+
+const PYTHON: &str = "
+import random
+random.seed(7)
+cache = {}
+total = 0
+for i in range(250000):
+    k = random.randrange(40000)
+    cache[k] = {'id': i, 'blob': b'x' * random.randrange(520, 4000), 'tags': [str(i)] * 4}
+    if len(cache) > 5000:
+        cache.pop(next(iter(cache)))
+    total += len(cache[k]['blob'])
+print(total)
+";
+
+fn workloads(dir: &Path, churn: &Path, bpftrace: bool) -> Result<Vec<Workload>> {
+    let mut all = vec![
+        Config::Untraced,
+        Config::Floor,
+        Config::Full,
+        Config::Growth,
+    ];
+    if bpftrace {
+        all.push(Config::BccStyle);
+    }
+    let mut churn_configs = all.clone();
+    churn_configs.insert(2, Config::FloorRet);
+    let churn = churn.to_string_lossy().into_owned();
+    let mut list = vec![
+        Workload {
+            name: "churn (1 thread)".into(),
+            argv: vec![churn.clone(), "churn".into(), PAIRS.into(), "1".into()],
+            comm: None,
+            configs: churn_configs,
+        },
+        Workload {
+            name: "churn (2 threads)".into(),
+            argv: vec![churn, "churn".into(), PAIRS.into(), "2".into()],
+            comm: None,
+            configs: vec![Config::Untraced, Config::Floor, Config::Full],
+        },
+    ];
+    if which("sqlite3") {
+        let script = sqlite_script(dir)?;
+        list.push(Workload {
+            name: "sqlite3 60k inserts".into(),
+            argv: vec![
+                "sqlite3".into(),
+                ":memory:".into(),
+                format!(".read {}", script.display()),
+            ],
+            comm: Some("sqlite3"),
+            configs: all.clone(),
+        });
+    }
+    if Path::new("/usr/bin/python3").exists() {
+        list.push(Workload {
+            name: "python3 dict churn".into(),
+            argv: vec!["/usr/bin/python3".into(), "-c".into(), PYTHON.into()],
+            comm: Some("python3"),
+            configs: all.clone(),
+        });
+    }
+    // GNU sort of a generated file: allocates per buffer rather than per line.
+    let lines = dir.join("lines.txt");
+    if !lines.exists() {
+        let mut text = String::new();
+        let mut x: u64 = 0x9e37_79b9;
+        for _ in 0..400_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let _ = writeln!(text, "{:016x} {}", x, x % 977);
+        }
+        std::fs::write(&lines, text)?;
+    }
+    list.push(Workload {
+        name: "sort 400k lines".into(),
+        argv: vec![
+            "sort".into(),
+            "-o".into(),
+            dir.join("sorted.txt").to_string_lossy().into_owned(),
+            lines.to_string_lossy().into_owned(),
+        ],
+        comm: Some("sort"),
+        configs: all,
+    });
+    Ok(list)
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+struct Env<'a> {
+    leaktrace: &'a str,
+    timer: &'a Path,
+    dir: &'a Path,
+    libc: String,
+}
+
+fn run_once(env: &Env<'_>, w: &Workload, config: Config) -> Result<Sample> {
+    let time_file = env.dir.join("time.txt");
+    let report = env.dir.join("report.json");
+    let _ = std::fs::remove_file(&time_file);
+    let _ = std::fs::remove_file(&report);
+    let mut cmd = match config {
+        Config::Untraced => {
+            let mut c = Command::new(&w.argv[0]);
+            c.args(&w.argv[1..]);
+            c
+        }
+        Config::BccStyle => {
+            // bpftrace -c splits its command on spaces, quotes or not: a wrapper script
+            // that execs the program (same pid) carries arguments with spaces.
+            let wrapper = env.dir.join("bcc-wrapper.sh");
+            std::fs::write(&wrapper, format!("exec {}\n", shell_words(&w.argv)))?;
+            let mut c = as_root("bpftrace");
+            c.args(["-q", "-e", &bcc_script(&env.libc), "-c"])
+                .arg(format!("/bin/sh {}", wrapper.display()));
+            c
+        }
+        _ => {
+            let mut c = as_root(env.leaktrace);
+            c.args(["run", "--only", "heap", "--format", "json", "--mode"])
+                .arg(config.leaktrace_mode().unwrap_or("full"))
+                .arg("--output")
+                .arg(&report)
+                .arg("--")
+                .args(&w.argv);
+            c
+        }
+    };
+    if let Some(comm) = w.comm {
+        cmd.env("LD_PRELOAD", env.timer)
+            .env("LT_BENCH_COMM", comm)
+            .env("LT_BENCH_OUT", &time_file);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{} under {}: {}", w.name, config.name(), out.status);
+    }
+    let mut s = Sample::default();
+    match w.comm {
+        None => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let per_pair: f64 = text
+                .lines()
+                .rev()
+                .find_map(|l| l.trim().parse().ok())
+                .context("no ns per pair in the churn output")?;
+            let pairs: f64 = PAIRS.parse()?;
+            s.value = per_pair / 2.0;
+            s.seconds = per_pair * pairs / 1e9;
+        }
+        Some(_) => {
+            let text = std::fs::read_to_string(&time_file)
+                .with_context(|| format!("{}: the timer wrote nothing", w.name))?;
+            s.value = text
+                .lines()
+                .next()
+                .context("empty timer file")?
+                .trim()
+                .parse()?;
+            s.seconds = s.value;
+        }
+    }
+    if config.leaktrace_mode().is_some()
+        && let Ok(text) = std::fs::read_to_string(&report)
+        && let Some(line) = text.lines().rev().find(|l| l.starts_with('{'))
+    {
+        let r: serde_json::Value = serde_json::from_str(line)?;
+        let sm = &r["summary"];
+        let n = |k: &str| sm[k].as_u64().unwrap_or(0);
+        s.events = n("allocs") + n("frees") + n("unmatched_frees") + n("growth_events");
+        s.lost = n("lost_events");
+        s.tracer_cpu_s = sm["tracer"]["cpu_s"].as_f64().unwrap_or(0.0);
+        s.tracer_rss = sm["tracer"]["peak_rss_bytes"].as_u64().unwrap_or(0);
+    }
+    Ok(s)
+}
+
+/// argv as one shell command line.
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn run(rounds: usize, json: Option<PathBuf>) -> Result<()> {
+    build_release()?;
+    let root = workspace_root();
+    let churn = c_fixture("bench_alloc", &["-O2", "-g", "-pthread"])?;
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let timer = dir.join("bench_timer.so");
+    crate::run(
+        Command::new("cc")
+            .args(["-O2", "-shared", "-fPIC", "-o"])
+            .arg(&timer)
+            .arg(root.join("tests/fixtures/bench_timer.c")),
+    )?;
+    let bpftrace = which("bpftrace");
+    if !bpftrace {
+        eprintln!("bench: bpftrace is not installed: no bcc-style rows (apt-get install bpftrace)");
+    }
+    let leaktrace = root.join("target/release/leaktrace");
+    let env = Env {
+        leaktrace: leaktrace.to_str().context("path")?,
+        timer: &timer,
+        dir: &dir,
+        libc: libc_path()?,
+    };
+    let list = workloads(&dir, &churn, bpftrace)?;
+    let mut samples: Vec<Vec<Vec<Sample>>> = list
+        .iter()
+        .map(|w| vec![Vec::new(); w.configs.len()])
+        .collect();
+    for round in 0..rounds {
+        for (wi, w) in list.iter().enumerate() {
+            eprintln!("bench: round {}/{rounds}: {}", round + 1, w.name);
+            for (ci, &config) in w.configs.iter().enumerate() {
+                samples[wi][ci].push(run_once(&env, w, config)?);
+            }
+        }
+    }
+
+    let mut rows_json = Vec::new();
+    println!(
+        "| workload | config | median | min–max | × untraced | × floor | events/s | lost events | tracer CPU s | tracer peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (wi, w) in list.iter().enumerate() {
+        let med = |ci: usize| median(&samples[wi][ci].iter().map(|s| s.value).collect::<Vec<_>>());
+        let untraced = med(0);
+        let floor = w.configs.iter().position(|&c| c == Config::Floor).map(med);
+        let unit = if w.comm.is_none() { "ns_per_call" } else { "s" };
+        for (ci, &config) in w.configs.iter().enumerate() {
+            let values: Vec<f64> = samples[wi][ci].iter().map(|s| s.value).collect();
+            let m = median(&values);
+            let (lo, hi) = min_max(&values);
+            let last =
+                |f: fn(&Sample) -> f64| median(&samples[wi][ci].iter().map(f).collect::<Vec<_>>());
+            let rate = last(|s| {
+                if s.seconds > 0.0 {
+                    s.events as f64 / s.seconds
+                } else {
+                    0.0
+                }
+            });
+            let lost = samples[wi][ci].iter().map(|s| s.lost).max().unwrap_or(0);
+            let traced = config.leaktrace_mode().is_some();
+            let fmt_value = |v: f64| {
+                if unit == "s" {
+                    format!("{v:.3} s")
+                } else {
+                    format!("{v:.0} ns/call")
+                }
+            };
+            let fmt_range = |v: f64| {
+                if unit == "s" {
+                    format!("{v:.3}")
+                } else {
+                    format!("{v:.0}")
+                }
+            };
+            println!(
+                "| {} | {} | {} | {}–{} | {:.2} | {} | {} | {} | {} | {} |",
+                w.name,
+                config.name(),
+                fmt_value(m),
+                fmt_range(lo),
+                fmt_range(hi),
+                m / untraced,
+                floor.map_or("—".into(), |f| format!("{:.2}", m / f)),
+                if traced {
+                    format!("{:.0}", rate)
+                } else {
+                    "—".into()
+                },
+                if traced {
+                    lost.to_string()
+                } else {
+                    "—".into()
+                },
+                if traced {
+                    format!("{:.2}", last(|s| s.tracer_cpu_s))
+                } else {
+                    "—".into()
+                },
+                if traced {
+                    format!("{:.1} MiB", last(|s| s.tracer_rss as f64) / 1048576.0)
+                } else {
+                    "—".into()
+                },
+            );
+            rows_json.push(serde_json::json!({
+                "workload": w.name,
+                "config": config.name(),
+                "median": m,
+                "min": lo,
+                "max": hi,
+                "unit": unit,
+                "ratio_untraced": m / untraced,
+                "ratio_floor": floor.map(|f| m / f),
+                "events_per_s": traced.then_some(rate),
+                "lost_events": lost,
+                "tracer_cpu_s": traced.then(|| last(|s| s.tracer_cpu_s)),
+                "tracer_peak_rss_bytes": traced.then(|| last(|s| s.tracer_rss as f64) as u64),
+            }));
+        }
+    }
+
+    // The user-space pipeline alone, on one core.
+    println!();
+    let out = cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "leaktrace",
+            "--example",
+            "ingest",
+        ])
+        .current_dir(&root)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ingest example failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ingest: serde_json::Value = serde_json::from_slice(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .context("no ingest output")?
+            .as_bytes(),
+    )?;
+    println!("| user-space pipeline (one core, synthetic ring-buffer feed) | value |");
+    println!("|---|---|");
+    println!(
+        "| records decoded and applied per second ({} malloc/free records) | {:.1} M/s |",
+        ingest["events"],
+        ingest["events_per_s"].as_f64().unwrap_or(0.0) / 1e6
+    );
+    for m in ingest["memory"].as_array().into_iter().flatten() {
+        println!(
+            "| table bytes per outstanding allocation, {} outstanding | {:.1} |",
+            m["outstanding"],
+            m["bytes_per_alloc"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(path) = json {
+        let doc = serde_json::json!({ "rows": rows_json, "ingest": ingest });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+        eprintln!("bench: figures written to {}", path.display());
+    }
+    Ok(())
+}
