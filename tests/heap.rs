@@ -340,3 +340,39 @@ fn a_static_executable_is_hooked_in_itself() {
     r.assert_absent("churn");
     r.assert_balanced();
 }
+
+/// Leaks whose frames[1] is `caller` (frames[0] is `inner`).
+fn through_caller(r: &common::Report, caller: &str) -> u64 {
+    r.site("inner")
+        .iter()
+        .filter(|l| l["frames"][1]["symbol"] == caller)
+        .map(|l| l["outstanding_count"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn cached_walks_never_merge_paths_that_differ_only_further_up() {
+    if !privileged() {
+        return;
+    }
+    for prog in [
+        c_fixture("heap_same_depth"),
+        // No tail calls and no merging of the two identical callers: both must stay frames.
+        c_fixture_with(
+            "heap_same_depth",
+            "-O2-nosibling",
+            &[
+                "-O2",
+                "-g",
+                "-fomit-frame-pointer",
+                "-fno-optimize-sibling-calls",
+                "-fno-ipa-icf",
+            ],
+        ),
+    ] {
+        let (run, r) = trace_json(&prog, &["--only", "heap"], &[]);
+        assert!(run.status.success(), "{}", run.stderr);
+        assert_eq!(through_caller(&r, "via_a"), 100, "{}", r.pretty());
+        assert_eq!(through_caller(&r, "via_b"), 60, "{}", r.pretty());
+    }
+}

@@ -115,6 +115,16 @@ struct Walk {
     /// are often in the same module, or back in the one before).
     last: CodeMapping,
     prev: CodeMapping,
+    /// The stack words this walk read, for [`WALK_CACHE`]: how many, their offsets from
+    /// `start_sp` (in `Scratch::reads`), a hash of their values, and whether every read came
+    /// from the copy and fit the record.
+    nreads: u32,
+    cacheable: u32,
+    read_hash: u64,
+    /// The `WALK_CACHE` slot being checked.
+    slot: u32,
+    /// Bytes from `start_sp` covering every word read (see `nreads`).
+    span: u32,
 }
 
 /// A walk's state and the frames it collected, one per CPU (too large for the BPF stack).
@@ -130,7 +140,59 @@ pub struct Scratch {
     /// `ProcessCode::generation` of `walk.pid` when `walk.last`/`walk.prev` were found.
     generation: u32,
     _pad: u32,
+    /// Offsets from the starting sp of the words the walk read (see `Walk::nreads`).
+    reads: [u16; CACHED_READS],
     frames: [u64; MAX_FRAMES],
+}
+
+/// The most stack words a cached walk may have read (two per frame at most). A power of
+/// two: indexes are masked with it, which the verifier follows where a compare may not be.
+const CACHED_READS: usize = 64;
+/// Cached walks per CPU (direct-mapped by start pc, sp and bp).
+const CACHED_WALKS: u32 = 64;
+
+/// A finished walk, and what it depended on.
+///
+/// A walk is a function of its starting registers (pc, sp, bp), the unwind rows (fixed for
+/// a `generation` of the process's code) and the stack words it reads. When a new walk starts
+/// from the same registers of the same process and generation, and the same offsets hold the
+/// same words, it would take the same steps to the same frames: its stack id is the cached
+/// one, with no row looked up. That is the common case: an allocation site reached by the
+/// same call path, at the same depth.
+#[repr(C)]
+pub struct CachedWalk {
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    pid: u32,
+    generation: u32,
+    nreads: u32,
+    /// Bytes from `sp` covering every word read: one copy checks them all.
+    span: u32,
+    read_hash: u64,
+    stack_id: u64,
+    /// A hash over every field above: an entry torn by a preempting walk does not match.
+    check: u64,
+    reads: [u16; CACHED_READS],
+}
+
+#[map]
+static WALK_CACHE: PerCpuArray<CachedWalk> = PerCpuArray::with_max_entries(CACHED_WALKS, 0);
+
+#[inline(always)]
+fn entry_check(e: &CachedWalk) -> u64 {
+    let mut h = mix(SEED, e.pc);
+    h = mix(h, e.sp);
+    h = mix(h, e.bp);
+    h = mix(h, (u64::from(e.pid) << 32) | u64::from(e.generation));
+    h = mix(h, (u64::from(e.nreads) << 32) | u64::from(e.span));
+    h = mix(h, e.read_hash);
+    mix(h, e.stack_id)
+}
+
+#[inline(always)]
+fn cache_slot(pc: u64, sp: u64, bp: u64) -> u32 {
+    (finish(pc ^ sp.rotate_left(17) ^ bp.rotate_left(41)) % u64::from(CACHED_WALKS)) as u32
 }
 
 #[map]
@@ -378,14 +440,67 @@ fn read(w: &mut Walk, addr: u64) -> Option<u64> {
             let rel = rel as usize;
             if rel <= (COPY_CHUNKS * CHUNK - 8) as usize {
                 // SAFETY: `rel + 8` is within the buffer, checked above.
-                return Some(unsafe {
+                let value = unsafe {
                     core::ptr::read_unaligned((copy as *const u8).add(rel).cast::<u64>())
-                });
+                };
+                record_read(w, addr - w.start_sp, value);
+                return Some(value);
             }
         }
     }
+    w.cacheable = 0;
     // SAFETY: bpf_probe_read_user checks the address and never faults the target.
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Notes a word the walk read from the copy, for the walk cache.
+#[inline(always)]
+fn record_read(w: &mut Walk, offset: u64, value: u64) {
+    let n = w.nreads as usize;
+    if n >= CACHED_READS || offset > u64::from(u16::MAX) {
+        w.cacheable = 0;
+        return;
+    }
+    let Some(s) = STACK_SCRATCH.get_ptr_mut(0) else {
+        w.cacheable = 0;
+        return;
+    };
+    // SAFETY: this CPU's scratch; `n` is checked against the array length.
+    unsafe { (*s).reads[n & (CACHED_READS - 1)] = offset as u16 };
+    w.nreads += 1;
+    w.read_hash = mix(w.read_hash, value);
+    w.span = w.span.max(offset as u32 + 8);
+}
+
+/// Bound on the span a cached walk may cover: with the offset of `sp` in its chunk, the span's
+/// copy stays inside `STACK_COPY`.
+const CACHED_SPAN: u32 = 16 << 10;
+
+/// One step of checking a cached walk: hashes the next recorded word of the span copy.
+#[inline(never)]
+extern "C" fn verify_step(index: u32, _ctx: *mut c_void) -> i64 {
+    let Some(s) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch.
+    let Some(e) = WALK_CACHE.get_ptr(unsafe { (*s).walk.slot }) else {
+        return 1;
+    };
+    let Some(copy) = STACK_COPY.get_ptr(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch and cache entry.
+    let (s, e) = unsafe { (&mut *s, &*e) };
+    // Masked, not compared: the loop runs `nreads <= CACHED_READS` times.
+    let offset = u64::from(e.reads[index as usize & (CACHED_READS - 1)]);
+    let w = &mut s.walk;
+    // Stack words are 8-byte aligned, like sp: the mask keeps `rel + 8` inside the copy.
+    let rel = ((w.start_sp - w.base) + offset) as usize & 0x7ff8;
+    // SAFETY: `rel + 8 <= 32 KiB`, the size of the copy.
+    let value = unsafe { core::ptr::read_unaligned((copy as *const u8).add(rel).cast::<u64>()) };
+    w.read_hash = mix(w.read_hash, value);
+    w.nreads += 1;
+    0
 }
 
 /// One step of the walk: finds the caller of the current frame and pushes its return
@@ -562,10 +677,30 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
             failed: 0,
             last,
             prev,
+            nreads: 0,
+            cacheable: 1,
+            read_hash: SEED,
+            slot: 0,
+            span: 0,
         };
         push(&mut *s, ip);
         (*s).users
     };
+    let slot = cache_slot(ip, sp, bp);
+    let generation = generation.unwrap_or(0);
+    // Timed walks (benchmarks of the walker) always walk.
+    if cfg.measure == 0
+        && let Some(id) = cached_walk(s, slot, ip, sp, bp, hdr.pid, generation)
+    {
+        measured(cfg.measure, started, 0);
+        return id;
+    }
+    // SAFETY: as above: a fresh walk, the copied chunks kept.
+    unsafe {
+        (*s).walk.nreads = 0;
+        (*s).walk.cacheable = 1;
+        (*s).walk.read_hash = SEED;
+    }
     // SAFETY: `step` has the callback signature; it finds its state in the scratch.
     unsafe {
         bpf_loop(
@@ -597,17 +732,115 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
             count_drop(drop_reason::STACK_RACE);
         }
     }
-    if cfg.measure != 0
+    if intact {
+        remember_walk(s, slot, ip, sp, bp, hdr.pid, generation, id);
+    }
+    measured(cfg.measure, started, nr);
+    id
+}
+
+#[inline(always)]
+fn measured(measure: u32, started: u64, frames: u32) {
+    if measure != 0
         && let Some(stats) = WALK_STATS.get_ptr_mut(0)
     {
         // SAFETY: per-CPU value; bpf_ktime_get_ns has no preconditions.
         unsafe {
             (*stats).walks += 1;
-            (*stats).frames += u64::from(nr);
+            (*stats).frames += u64::from(frames);
             (*stats).ns += bpf_ktime_get_ns() - started;
         }
     }
-    id
+}
+
+/// The stack id of a walk from (`pc`, `sp`, `bp`) when a cached walk from the same
+/// registers read the same words (see [`CachedWalk`]) and its frames were sent.
+#[inline(always)]
+fn cached_walk(
+    s: *mut Scratch,
+    slot: u32,
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    pid: u32,
+    generation: u32,
+) -> Option<u64> {
+    let e = WALK_CACHE.get_ptr(slot)?;
+    // SAFETY: this CPU's cache entry and scratch.
+    let (e, s) = unsafe { (&*e, &mut *s) };
+    if e.nreads == 0
+        || e.pc != pc
+        || e.sp != sp
+        || e.bp != bp
+        || e.pid != pid
+        || e.generation != generation
+        || e.check != entry_check(e)
+    {
+        return None;
+    }
+    let (want, id, n) = (e.read_hash, e.stack_id, e.nreads);
+    // One copy of the span the cached walk read, into the copy at sp's offset in its chunk.
+    let head = (s.walk.start_sp - s.walk.base) & (CHUNK - 1);
+    if e.span >= CACHED_SPAN || sp & 7 != 0 {
+        return None;
+    }
+    let copy = STACK_COPY.get_ptr_mut(0)?;
+    // SAFETY: `head < 1 KiB` and `span <= 16 KiB`, masked so the verifier sees it: inside the
+    // 32 KiB copy. The helper never faults the target.
+    let r = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            (copy as *mut u8).add(head as usize & 1023).cast(),
+            e.span & (CACHED_SPAN - 1),
+            sp as *const c_void,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    s.walk.slot = slot;
+    s.walk.nreads = 0;
+    s.walk.read_hash = SEED;
+    // SAFETY: `verify_step` has the callback signature; its state is in the scratch.
+    unsafe { bpf_loop(n, verify_step as *mut c_void, core::ptr::null_mut(), 0) };
+    let ok = s.walk.nreads == n && s.walk.read_hash == want && s.users == s.walk.ticket;
+    // Its frames must have reached user space (a lost stack record is sent again by a walk).
+    // SAFETY: an element of the array.
+    (ok && seen_slot(id).is_some_and(|v| unsafe { *v } == id)).then_some(id)
+}
+
+/// Caches a finished walk that read only words of the copy.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn remember_walk(
+    s: *mut Scratch,
+    slot: u32,
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    pid: u32,
+    generation: u32,
+    id: u64,
+) {
+    let Some(e) = WALK_CACHE.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: this CPU's cache entry and scratch.
+    let (e, s) = unsafe { (&mut *e, &*s) };
+    e.nreads = 0;
+    if s.walk.cacheable == 0 || s.walk.span >= CACHED_SPAN {
+        return;
+    }
+    e.pc = pc;
+    e.sp = sp;
+    e.bp = bp;
+    e.pid = pid;
+    e.generation = generation;
+    e.span = s.walk.span;
+    e.read_hash = s.walk.read_hash;
+    e.stack_id = id;
+    e.reads = s.reads;
+    e.nreads = s.walk.nreads;
+    e.check = entry_check(e);
 }
 
 #[inline(always)]
