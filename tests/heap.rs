@@ -376,3 +376,61 @@ fn cached_walks_never_merge_paths_that_differ_only_further_up() {
         assert_eq!(through_caller(&r, "via_b"), 60, "{}", r.pretty());
     }
 }
+
+#[test]
+fn sampled_bytes_per_stack_are_within_ten_percent() {
+    if !privileged() {
+        return;
+    }
+    let prog = c_fixture_with(
+        "heap_sampling",
+        "-nosibling",
+        &[
+            "-O0",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fno-optimize-sibling-calls",
+        ],
+    );
+    let (run, r) = trace_json(&prog, &["--only", "heap", "--sample-bytes", "1024"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(r.summary("sample_bytes"), 1024);
+    assert_eq!(r.summary("lost_events"), 0);
+    // Each estimate's relative standard deviation is at most ~2% here (24-byte blocks are
+    // kept with p = 24/1024, 2,343 of them on average): 10% is ~5 sigma.
+    for (site, exact) in [
+        ("small_site", 2_400_000u64),
+        ("mid_site", 4_000_000),
+        ("big_site", 4_096_000),
+    ] {
+        let (_, estimate) = r.at(site);
+        let error = (estimate as f64 - exact as f64).abs() / exact as f64;
+        assert!(
+            error < 0.10,
+            "{site}: estimated {estimate} bytes for {exact} ({:.1}% off)",
+            error * 100.0
+        );
+    }
+    // Blocks above the unit are all sampled: exact.
+    assert_eq!(r.at("big_site"), (500, 4_096_000));
+    // Sampled blocks' frees still cross: the churn holds nothing.
+    r.assert_absent("churn");
+}
+
+#[test]
+fn sampling_is_refused_in_growth_mode() {
+    let out = common::leaktrace()
+        .args([
+            "run",
+            "--mode",
+            "growth",
+            "--sample-bytes",
+            "64K",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sample-bytes"));
+}

@@ -530,7 +530,9 @@ pub struct Config {
     pub measure: u32,
     /// Bits of [`features`]: what the descriptor hooks report.
     pub features: u32,
-    pub _pad: u32,
+    /// Non-zero: sample allocations, a block of `size` bytes with probability
+    /// `min(1, size / sample_bytes)` (see `leaktrace::table`'s estimate).
+    pub sample_bytes: u32,
 }
 
 /// What is traced besides the heap ([`Config::features`]).

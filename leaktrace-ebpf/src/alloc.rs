@@ -12,7 +12,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::pt_regs,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -169,6 +169,24 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     // A failed call changes nothing, except realloc(p, 0), which frees p and returns NULL.
     if addr == 0 && (old_addr == 0 || size != 0) {
         return 0;
+    }
+    let sample = u64::from(stack::sample_bytes());
+    if sample != 0 && size < sample {
+        // Size-weighted sampling: kept with probability size / sample. Skipped, the block
+        // costs no walk and no record, and its free is filtered out like any never seen.
+        // SAFETY: no preconditions.
+        let draw = u64::from(unsafe { bpf_get_prandom_u32() });
+        if draw * sample >= size << 32 {
+            // realloc still released its old block, which may be a sampled one.
+            if old_addr != 0 && addr_maybe_seen(old_addr) {
+                let event = FreeEvent {
+                    hdr: header_for(kind::FREE, id),
+                    addr: old_addr,
+                };
+                send_batched(&event, drop_reason::HEAP_RINGBUF);
+            }
+            return 0;
+        }
     }
     if addr != 0 {
         addr_seen(addr);

@@ -37,13 +37,19 @@ static CONFIG: Config = Config {
     unwind: unwind_mode::AUTO,
     measure: 0,
     features: 0,
-    _pad: 0,
+    sample_bytes: 0,
 };
 
 #[inline(always)]
 fn config() -> Config {
     // SAFETY: a plain read of a global user space may patch before loading.
     unsafe { core::ptr::read_volatile(&raw const CONFIG) }
+}
+
+/// Allocations are sampled, one byte in this many on average (0: all).
+#[inline(always)]
+pub fn sample_bytes() -> u32 {
+    config().sample_bytes
 }
 
 /// Bits of `leaktrace_common::features` this session traces.

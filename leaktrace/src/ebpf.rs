@@ -278,6 +278,8 @@ pub struct LoadOptions {
     pub measure_walks: bool,
     /// Bits of [`leaktrace_common::features`]: descriptors, temp files.
     pub features: u32,
+    /// Sample allocations (0: every one), see [`leaktrace_common::Config::sample_bytes`].
+    pub sample_bytes: u32,
 }
 
 /// A BPF array created with `BPF_F_MMAPABLE`, mapped into our memory and filled from the
@@ -461,7 +463,7 @@ impl Source {
             },
             measure: u32::from(opts.measure_walks),
             features: opts.features,
-            _pad: 0,
+            sample_bytes: opts.sample_bytes,
         };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)

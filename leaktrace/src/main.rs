@@ -46,7 +46,11 @@ fn unwind_info(files: &[std::path::PathBuf]) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let (config, verbose) = match cli::Cli::parse().into_action() {
+    let cli = cli::Cli::parse();
+    if let Err(e) = cli.validate() {
+        e.exit();
+    }
+    let (config, verbose) = match cli.into_action() {
         cli::Action::Trace(config, verbose) => (config, verbose),
         cli::Action::UnwindInfo(files) => return unwind_info(&files),
     };

@@ -71,6 +71,10 @@ pub struct Summary {
     /// How the heap was traced: `full` (allocator probes) or `growth` (page faults; then
     /// allocs/frees count 4 KiB pages written to and given back).
     pub mode: &'static str,
+    /// Non-zero: allocations were sampled, one byte in this many on average; heap bytes are
+    /// unbiased estimates, counts are of sampled blocks, and `unmatched_frees` also counts
+    /// some frees of blocks that were not sampled.
+    pub sample_bytes: u64,
 }
 
 /// Stack walks timed in the kernel.
@@ -271,6 +275,8 @@ pub struct ReportOptions {
     pub min_age_ns: u64,
     /// Growth mode: the tables hold pages written to, not allocations.
     pub growth_mode: bool,
+    /// Allocations are sampled one byte in this many (0: exact).
+    pub sample_bytes: u32,
     /// Keep at most this many leaks (`None`: all).
     pub top: Option<usize>,
 }
@@ -533,6 +539,7 @@ pub fn build(
         unmatched_frees: snap.totals.unmatched_frees + input.filtered_frees,
         tracer: input.tracer,
         mode: if opts.growth_mode { "growth" } else { "full" },
+        sample_bytes: u64::from(opts.sample_bytes),
         replaced: snap.totals.replaced,
         lost_events: input
             .lost

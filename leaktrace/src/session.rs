@@ -74,6 +74,8 @@ pub struct SessionConfig {
     pub heap: bool,
     /// What the allocator probes do (benchmarks attach empty ones).
     pub allocator_probes: AllocatorProbes,
+    /// Sample allocations, one byte in this many on average (0: every allocation).
+    pub sample_bytes: u32,
     /// Bits of [`leaktrace_common::features`]: descriptors, temp files.
     pub features: u32,
     /// Append each OOM-kill record here, as one JSON line, the moment it happens.
@@ -208,6 +210,7 @@ struct Tracer {
     /// Allocator probes are attached.
     heap: bool,
     allocator_probes: AllocatorProbes,
+    sample_bytes: u32,
     /// Growth mode: each process's program break, to see it shrink.
     brk: HashMap<u32, u64>,
     fd: FdTracker,
@@ -241,6 +244,7 @@ impl Tracer {
             measure_walks: false,
             heap: true,
             allocator_probes: AllocatorProbes::Full,
+            sample_bytes: 0,
             brk: HashMap::new(),
             fd: FdTracker::default(),
             oom: OomWatch::default(),
@@ -409,7 +413,13 @@ impl Tracer {
             tracing::debug!("pid {}: {:?}", hdr.pid, event);
         }
         let result = match event {
-            Event::Alloc(e) => {
+            Event::Alloc(mut e) => {
+                // A sampled block smaller than the sampling unit stands for `sample / size`
+                // blocks like it: its estimated share of outstanding bytes is `sample`.
+                let sample = u64::from(self.sample_bytes);
+                if e.addr != 0 && e.size < sample {
+                    e.size = sample;
+                }
                 tracing::trace!(
                     func = leaktrace_common::alloc_fn::name(e.func),
                     addr = e.addr,
@@ -721,9 +731,13 @@ impl Tracer {
                 tmp: &tmp,
                 tmp_created: self.fd.tmp.created,
                 tmp_unwatched: self.fd.tmp.unwatched,
-                filtered_frees: self
-                    .source
-                    .counter(leaktrace_common::counter::FILTERED_FREES),
+                // Sampled, the frees of blocks not sampled are filtered too: not "unmatched".
+                filtered_frees: if self.sample_bytes == 0 {
+                    self.source
+                        .counter(leaktrace_common::counter::FILTERED_FREES)
+                } else {
+                    0
+                },
                 tracer: report::TracerUsage::current(),
                 fd_exhaustion: &exhaustion,
                 oom_kills: &self.oom.records,
@@ -782,6 +796,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
         unwind_rows: config.unwind_rows,
         measure_walks: config.measure_walks,
         features: config.features,
+        sample_bytes: config.sample_bytes,
     })?;
     let sink = Sink {
         format: config.format,
@@ -793,6 +808,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     tracer.measure_walks = config.measure_walks;
     tracer.heap = config.heap;
     tracer.allocator_probes = config.allocator_probes;
+    tracer.sample_bytes = config.sample_bytes;
     tracer.fd = FdTracker::new(config.features);
     tracer.oom = OomWatch::new(config.oom_log.clone());
     // Declared after the tracer so it runs first when `run` returns, on every path.

@@ -11,6 +11,7 @@
 //! - floor+ret: the floor plus an empty return probe on `malloc` (churn only): what getting
 //!   the returned pointer with a uretprobe costs.
 //! - full: `leaktrace run --mode full`, exact, with `.eh_frame` stacks.
+//! - full, sampled 64K: the same with `--sample-bytes 64K` (size-weighted sampling).
 //! - growth: `leaktrace run --mode growth`, no allocator probe at all.
 //! - bcc-style: bpftrace on `malloc` entry + return and `free` entry, as memleak attaches,
 //!   with a stack id per allocation (when bpftrace is installed).
@@ -37,6 +38,8 @@ enum Config {
     Floor,
     FloorRet,
     Full,
+    /// Full mode sampling one byte in 64 KiB.
+    Sampled,
     Growth,
     BccStyle,
 }
@@ -48,6 +51,7 @@ impl Config {
             Config::Floor => "floor",
             Config::FloorRet => "floor+ret",
             Config::Full => "full",
+            Config::Sampled => "full, sampled 64K",
             Config::Growth => "growth",
             Config::BccStyle => "bcc-style",
         }
@@ -57,7 +61,7 @@ impl Config {
         match self {
             Config::Floor => Some("floor"),
             Config::FloorRet => Some("floor-return"),
-            Config::Full => Some("full"),
+            Config::Full | Config::Sampled => Some("full"),
             Config::Growth => Some("growth"),
             _ => None,
         }
@@ -166,6 +170,7 @@ fn workloads(dir: &Path, churn: &Path, bpftrace: bool) -> Result<Vec<Workload>> 
         Config::Untraced,
         Config::Floor,
         Config::Full,
+        Config::Sampled,
         Config::Growth,
     ];
     if bpftrace {
@@ -273,6 +278,11 @@ fn run_once(env: &Env<'_>, w: &Workload, config: Config) -> Result<Sample> {
             let mut c = as_root(env.leaktrace);
             c.args(["run", "--only", "heap", "--format", "json", "--mode"])
                 .arg(config.leaktrace_mode().unwrap_or("full"))
+                .args(if config == Config::Sampled {
+                    &["--sample-bytes", "64K"][..]
+                } else {
+                    &[]
+                })
                 .arg("--output")
                 .arg(&report)
                 .arg("--")
@@ -293,6 +303,7 @@ fn run_once(env: &Env<'_>, w: &Workload, config: Config) -> Result<Sample> {
     if !out.status.success() {
         bail!("{} under {}: {}", w.name, config.name(), out.status);
     }
+    settle();
     let mut s = Sample::default();
     match w.comm {
         None => {
@@ -331,6 +342,26 @@ fn run_once(env: &Env<'_>, w: &Workload, config: Config) -> Result<Sample> {
         s.tracer_rss = sm["tracer"]["peak_rss_bytes"].as_u64().unwrap_or(0);
     }
     Ok(s)
+}
+
+/// Waits until no tracer is left releasing its probes: leaktrace hands its BPF links to a
+/// detached child that frees them after it exits (seconds of kernel time), and bpftrace
+/// detaches as it ends. The next run must not share the machine with that.
+fn settle() {
+    let busy = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read_to_string(e.path().join("comm"))
+                    .is_ok_and(|c| matches!(c.trim(), "leaktrace" | "bpftrace"))
+            })
+    };
+    let started = std::time::Instant::now();
+    while busy() && started.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// argv as one shell command line.

@@ -144,6 +144,12 @@ pub struct CommonArgs {
     #[arg(long, value_enum, default_value_t = Mode::Full)]
     pub mode: Mode,
 
+    /// Full mode: sample allocations instead of tracing each, a block of S bytes with
+    /// probability min(1, S/N). Heap bytes per stack become unbiased estimates; each
+    /// allocation still traps, but skipped ones cost no stack walk and no record.
+    #[arg(long, value_name = "N", value_parser = parse_sample_bytes)]
+    pub sample_bytes: Option<u32>,
+
     /// Time every stack walk in the kernel and add the figures to the summary (benchmarks).
     #[arg(long, hide = true)]
     pub measure_walks: bool,
@@ -198,6 +204,7 @@ impl CommonArgs {
             report: ReportOptions {
                 min_age_ns: self.min_age.as_nanos().min(u128::from(u64::MAX)) as u64,
                 growth_mode: self.mode == Mode::Growth,
+                sample_bytes: self.sample_bytes.unwrap_or(0),
                 top,
             },
             format: self.format,
@@ -213,6 +220,7 @@ impl CommonArgs {
                 Mode::FloorReturn => AllocatorProbes::FloorReturn,
                 Mode::Full | Mode::Growth => AllocatorProbes::Full,
             },
+            sample_bytes: self.sample_bytes.unwrap_or(0),
             features: [(Kind::Fd, features::FD), (Kind::Tmp, features::TMP)]
                 .into_iter()
                 .filter(|&(kind, _)| self.traces(kind))
@@ -233,6 +241,22 @@ impl CommonArgs {
 }
 
 impl Cli {
+    /// Checks what clap cannot: option combinations that make no sense together.
+    pub fn validate(&self) -> Result<(), clap::Error> {
+        let common = match &self.command {
+            Some(Command::Run(run)) => &run.common,
+            Some(Command::UnwindInfo { .. }) => return Ok(()),
+            None => &self.common,
+        };
+        if common.sample_bytes.is_some() && common.mode != Mode::Full {
+            return Err(<Self as clap::CommandFactory>::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--sample-bytes samples the allocator probes of --mode full; growth mode has none",
+            ));
+        }
+        Ok(())
+    }
+
     /// What the command line asks for.
     pub fn into_action(self) -> Action {
         match self.command {
@@ -297,6 +321,25 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 }
 
 /// Parses a ring buffer size: bytes, or with a K/M/G suffix; a power of two from 4K to 1G.
+/// `--sample-bytes`: a size like 512K, at least 2 bytes.
+pub fn parse_sample_bytes(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, scale) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512K"))?;
+    match n.checked_mul(scale) {
+        Some(bytes) if (2..=1 << 30).contains(&bytes) => Ok(bytes as u32),
+        _ => Err(format!(
+            "`{s}`: the sampling unit must be between 2 bytes and 1G"
+        )),
+    }
+}
+
 pub fn parse_ring_buffer(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let (num, scale) = match t.char_indices().last() {

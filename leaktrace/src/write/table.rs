@@ -262,6 +262,13 @@ pub fn oom_notice(k: &OomKill) -> String {
 pub fn render(report: &Report) -> String {
     let s = &report.summary;
     let mut out = String::new();
+    if s.sample_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "sampled: one allocated byte in {} on average; heap bytes are estimates, block counts are of sampled blocks",
+            count(s.sample_bytes),
+        );
+    }
     if s.mode == "growth" {
         let _ = writeln!(
             out,
