@@ -428,7 +428,10 @@ pub mod counter {
     /// Frees of addresses no traced allocation ever returned, filtered in the kernel: they
     /// count as unmatched frees without crossing to user space.
     pub const FILTERED_FREES: u32 = 0;
-    pub const COUNT: u32 = 1;
+    /// Stack captures answered by the per-CPU walk cache, and those that walked.
+    pub const WALK_CACHE_HITS: u32 = 1;
+    pub const WALKS: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// One row of a module's unwind table: how to find the caller from any instruction in

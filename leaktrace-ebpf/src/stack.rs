@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     CodeMapping, Config, Header, MAX_CODE_MAPPINGS, MAX_FRAMES, ProcessCode, StackEvent,
-    UNWIND_PAGE_SHIFT, UnwindRow, WalkStats, drop_reason, kind, stack_flags, unwind_kind,
+    UNWIND_PAGE_SHIFT, UnwindRow, WalkStats, counter, drop_reason, kind, stack_flags, unwind_kind,
     unwind_mode,
 };
 
@@ -131,6 +131,27 @@ struct Walk {
     slot: u32,
     /// Bytes from `start_sp` covering every word read (see `nreads`).
     span: u32,
+    /// Where `bp` came from, until a step uses it: the offset from `start_sp` of the slot
+    /// it was loaded from, [`BP_REGISTER`] (the starting register) or [`BP_CHECKED`]. Only
+    /// a used bp is part of what a cached walk depends on: in code built without frame
+    /// pointers rbp is just another register, holding data that changes call to call.
+    bp_src: u32,
+    /// The starting bp was used.
+    bp_reg: u32,
+}
+
+const BP_REGISTER: u32 = u32::MAX;
+const BP_CHECKED: u32 = u32::MAX - 1;
+
+/// The step is about to use `bp`: make its value part of what the walk depends on.
+#[inline(always)]
+fn use_bp(w: &mut Walk) {
+    match w.bp_src {
+        BP_CHECKED => {}
+        BP_REGISTER => w.bp_reg = 1,
+        offset => record_read(w, u64::from(offset), w.bp),
+    }
+    w.bp_src = BP_CHECKED;
 }
 
 /// A walk's state and the frames it collected, one per CPU (too large for the BPF stack).
@@ -154,17 +175,18 @@ pub struct Scratch {
 /// The most stack words a cached walk may have read (two per frame at most). A power of
 /// two: indexes are masked with it, which the verifier follows where a compare may not be.
 const CACHED_READS: usize = 64;
-/// Cached walks per CPU (direct-mapped by start pc, sp and bp).
-const CACHED_WALKS: u32 = 64;
+/// Cached walks per CPU (direct-mapped by start pc and sp), ~200 KiB a CPU.
+const CACHED_WALKS: u32 = 1024;
 
 /// A finished walk, and what it depended on.
 ///
-/// A walk is a function of its starting registers (pc, sp, bp), the unwind rows (fixed for
-/// a `generation` of the process's code) and the stack words it reads. When a new walk starts
-/// from the same registers of the same process and generation, and the same offsets hold the
-/// same words, it would take the same steps to the same frames: its stack id is the cached
-/// one, with no row looked up. That is the common case: an allocation site reached by the
-/// same call path, at the same depth.
+/// A walk is a function of its starting registers (pc, sp, and bp if a step uses it), the
+/// unwind rows (fixed for a `generation` of the process's code) and the stack words it
+/// uses: return addresses, and saved rbp values that a later step uses. When a new walk
+/// starts from the same pc and sp of the same process and generation (and the same bp, if
+/// it mattered), and the same offsets hold the same words, it would take the same steps to
+/// the same frames: its stack id is the cached one, with no row looked up. That is the
+/// common case: an allocation site reached by the same call path, at the same depth.
 #[repr(C)]
 pub struct CachedWalk {
     pc: u64,
@@ -175,6 +197,9 @@ pub struct CachedWalk {
     nreads: u32,
     /// Bytes from `sp` covering every word read: one copy checks them all.
     span: u32,
+    /// The walk used the starting bp: it must match too.
+    bp_reg: u32,
+    _pad: u32,
     read_hash: u64,
     stack_id: u64,
     /// A hash over every field above: an entry torn by a preempting walk does not match.
@@ -192,13 +217,14 @@ fn entry_check(e: &CachedWalk) -> u64 {
     h = mix(h, e.bp);
     h = mix(h, (u64::from(e.pid) << 32) | u64::from(e.generation));
     h = mix(h, (u64::from(e.nreads) << 32) | u64::from(e.span));
+    h = mix(h, u64::from(e.bp_reg));
     h = mix(h, e.read_hash);
     mix(h, e.stack_id)
 }
 
 #[inline(always)]
-fn cache_slot(pc: u64, sp: u64, bp: u64) -> u32 {
-    (finish(pc ^ sp.rotate_left(17) ^ bp.rotate_left(41)) % u64::from(CACHED_WALKS)) as u32
+fn cache_slot(pc: u64, sp: u64) -> u32 {
+    (finish(pc ^ sp.rotate_left(17)) % u64::from(CACHED_WALKS)) as u32
 }
 
 #[map]
@@ -436,9 +462,20 @@ fn copy_chunk(w: &mut Walk, chunk: u64) -> bool {
     }
 }
 
-/// Reads a word of the stack being walked: from the copy when it covers `addr`.
+/// Reads a word of the stack being walked, recorded for the walk cache.
 #[inline(always)]
 fn read(w: &mut Walk, addr: u64) -> Option<u64> {
+    let value = read_unrecorded(w, addr)?;
+    if w.cacheable != 0 {
+        record_read(w, addr.wrapping_sub(w.start_sp), value);
+    }
+    Some(value)
+}
+
+/// Reads a word of the stack being walked: from the copy when it covers `addr`. A word
+/// read directly (outside the copy) makes the walk uncacheable.
+#[inline(always)]
+fn read_unrecorded(w: &mut Walk, addr: u64) -> Option<u64> {
     if addr >= w.start_sp && addr - w.base <= COPY_CHUNKS * CHUNK - 8 {
         let rel = addr - w.base;
         if copy_chunk(w, rel / CHUNK) && copy_chunk(w, (rel + 7) / CHUNK) {
@@ -446,11 +483,9 @@ fn read(w: &mut Walk, addr: u64) -> Option<u64> {
             let rel = rel as usize;
             if rel <= (COPY_CHUNKS * CHUNK - 8) as usize {
                 // SAFETY: `rel + 8` is within the buffer, checked above.
-                let value = unsafe {
+                return Some(unsafe {
                     core::ptr::read_unaligned((copy as *const u8).add(rel).cast::<u64>())
-                };
-                record_read(w, addr - w.start_sp, value);
-                return Some(value);
+                });
             }
         }
     }
@@ -552,11 +587,14 @@ extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
             w.pc = pc;
             w.sp = sp;
             w.bp = bp;
+            // Read (and recorded) from the signal frame.
+            w.bp_src = BP_CHECKED;
             w.exact = 1;
             return if push(s, pc) { 0 } else { 1 };
         }
         Some(row) if row.kind <= unwind_kind::PLT => {
             let base = if row.kind == unwind_kind::CFA_RBP {
+                use_bp(w);
                 w.bp
             } else {
                 w.sp
@@ -580,6 +618,7 @@ extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
         }
         _ if entry => (w.sp + 8, 0),
         _ => {
+            use_bp(w);
             if w.bp == 0 {
                 return 1;
             }
@@ -594,11 +633,19 @@ extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
         w.flags |= stack_flags::BROKEN;
         return 1;
     };
-    let next_bp = if saved_bp == 0 {
-        w.bp
+    let (next_bp, next_src) = if saved_bp == 0 {
+        (w.bp, w.bp_src)
     } else {
-        match read(w, saved_bp) {
-            Some(bp) => bp,
+        // Not recorded now: only if a later step uses it (see `Walk::bp_src`).
+        let offset = saved_bp.wrapping_sub(w.start_sp);
+        let src = if offset <= u64::from(u16::MAX) {
+            offset as u32
+        } else {
+            w.cacheable = 0;
+            BP_CHECKED
+        };
+        match read_unrecorded(w, saved_bp) {
+            Some(bp) => (bp, src),
             None => {
                 w.flags |= stack_flags::BROKEN;
                 return 1;
@@ -617,6 +664,7 @@ extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
     w.pc = ret;
     w.sp = cfa;
     w.bp = next_bp;
+    w.bp_src = next_src;
     if push(s, ret) { 0 } else { 1 }
 }
 
@@ -688,19 +736,24 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
             read_hash: SEED,
             slot: 0,
             span: 0,
+            bp_src: BP_REGISTER,
+            bp_reg: 0,
         };
         push(&mut *s, ip);
         (*s).users
     };
-    let slot = cache_slot(ip, sp, bp);
+    // Keyed by pc and sp only: bp matters only when the walk used it (`bp_reg`).
+    let slot = cache_slot(ip, sp);
     let generation = generation.unwrap_or(0);
     // Timed walks (benchmarks of the walker) always walk.
     if cfg.measure == 0
         && let Some(id) = cached_walk(s, slot, ip, sp, bp, hdr.pid, generation)
     {
+        crate::maps::count(counter::WALK_CACHE_HITS);
         measured(cfg.measure, started, 0);
         return id;
     }
+    crate::maps::count(counter::WALKS);
     // SAFETY: as above: a fresh walk, the copied chunks kept.
     unsafe {
         (*s).walk.nreads = 0;
@@ -777,7 +830,7 @@ fn cached_walk(
     if e.nreads == 0
         || e.pc != pc
         || e.sp != sp
-        || e.bp != bp
+        || (e.bp_reg != 0 && e.bp != bp)
         || e.pid != pid
         || e.generation != generation
         || e.check != entry_check(e)
@@ -842,6 +895,7 @@ fn remember_walk(
     e.pid = pid;
     e.generation = generation;
     e.span = s.walk.span;
+    e.bp_reg = s.walk.bp_reg;
     e.read_hash = s.walk.read_hash;
     e.stack_id = id;
     e.reads = s.reads;

@@ -68,6 +68,9 @@ pub struct Summary {
     pub tmp_files_unwatched: u64,
     /// leaktrace's own CPU time and peak RSS so far.
     pub tracer: TracerUsage,
+    /// Stack captures the kernel side's walk cache answered, and those that walked.
+    pub stack_cache_hits: u64,
+    pub stack_walks: u64,
     /// How the heap was traced: `full` (allocator probes) or `growth` (page faults; then
     /// allocs/frees count 4 KiB pages written to and given back).
     pub mode: &'static str,
@@ -348,6 +351,9 @@ pub struct ReportInput<'a> {
     pub filtered_frees: u64,
     /// What leaktrace itself has used so far.
     pub tracer: TracerUsage,
+    /// Stack captures answered by the walk cache, and walks.
+    pub stack_cache_hits: u64,
+    pub stack_walks: u64,
 }
 
 /// The tracer's own CPU time and peak memory, for overhead accounting.
@@ -538,6 +544,8 @@ pub fn build(
     let mut summary = Summary {
         unmatched_frees: snap.totals.unmatched_frees + input.filtered_frees,
         tracer: input.tracer,
+        stack_cache_hits: input.stack_cache_hits,
+        stack_walks: input.stack_walks,
         mode: if opts.growth_mode { "growth" } else { "full" },
         sample_bytes: u64::from(opts.sample_bytes),
         replaced: snap.totals.replaced,

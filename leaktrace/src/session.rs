@@ -739,6 +739,10 @@ impl Tracer {
                     0
                 },
                 tracer: report::TracerUsage::current(),
+                stack_cache_hits: self
+                    .source
+                    .counter(leaktrace_common::counter::WALK_CACHE_HITS),
+                stack_walks: self.source.counter(leaktrace_common::counter::WALKS),
                 fd_exhaustion: &exhaustion,
                 oom_kills: &self.oom.records,
             },
