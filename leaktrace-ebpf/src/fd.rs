@@ -42,7 +42,7 @@ const RLIMIT_NOFILE: u64 = 7;
 /// # Safety
 /// `offset` and `T` must match the tracepoint's format.
 #[inline(always)]
-unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+pub(crate) unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     // SAFETY: the caller's contract; the context is the record.
     unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
 }

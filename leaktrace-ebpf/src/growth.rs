@@ -7,12 +7,13 @@
 //! and `brk`. Tracepoints only: whatever the allocator (glibc, jemalloc, Go, a JIT), nothing
 //! is trapped, and a process not traced pays the tracepoint's entry alone.
 use aya_ebpf::{
-    EbpfContext as _, bindings::pt_regs, helpers::bpf_get_current_pid_tgid, macros::tracepoint,
+    bindings::pt_regs, helpers::bpf_get_current_pid_tgid, macros::tracepoint,
     programs::TracePointContext,
 };
 use leaktrace_common::{PageEvent, ReleaseEvent, drop_reason, kind, release_op};
 
 use crate::{
+    fd::field,
     maps::{TRACED, header_for, send_batched},
     stack,
 };
@@ -24,14 +25,6 @@ const PAGE_MASK: u64 = !4095;
 const MADV_DONTNEED: i64 = 4;
 const MADV_FREE: i64 = 8;
 const MADV_REMOVE: i64 = 9;
-
-/// # Safety
-/// `offset` and `T` must match the tracepoint's format.
-#[inline(always)]
-unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: the caller's contract; the context is the record.
-    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
-}
 
 /// The calling thread's `pid_tgid`, when its process is traced.
 #[inline(always)]

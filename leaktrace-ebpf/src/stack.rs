@@ -745,9 +745,16 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
     // Keyed by pc and sp only: bp matters only when the walk used it (`bp_reg`).
     let slot = cache_slot(ip, sp);
     let generation = generation.unwrap_or(0);
+    let start = WalkStart {
+        pc: ip,
+        sp,
+        bp,
+        pid: hdr.pid,
+        generation,
+    };
     // Timed walks (benchmarks of the walker) always walk.
     if cfg.measure == 0
-        && let Some(id) = cached_walk(s, slot, ip, sp, bp, hdr.pid, generation)
+        && let Some(id) = cached_walk(s, slot, start)
     {
         crate::maps::count(counter::WALK_CACHE_HITS);
         measured(cfg.measure, started, 0);
@@ -792,7 +799,7 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
         }
     }
     if intact {
-        remember_walk(s, slot, ip, sp, bp, hdr.pid, generation, id);
+        remember_walk(s, slot, start, id);
     }
     measured(cfg.measure, started, nr);
     id
@@ -812,18 +819,27 @@ fn measured(measure: u32, started: u64, frames: u32) {
     }
 }
 
-/// The stack id of a walk from (`pc`, `sp`, `bp`) when a cached walk from the same
-/// registers read the same words (see [`CachedWalk`]) and its frames were sent.
-#[inline(always)]
-fn cached_walk(
-    s: *mut Scratch,
-    slot: u32,
+/// Where a walk starts: what a cached walk must match.
+#[derive(Clone, Copy)]
+struct WalkStart {
     pc: u64,
     sp: u64,
     bp: u64,
     pid: u32,
     generation: u32,
-) -> Option<u64> {
+}
+
+/// The stack id of a walk from `k` when a cached walk from the same registers read the same
+/// words (see [`CachedWalk`]) and its frames were sent.
+#[inline(always)]
+fn cached_walk(s: *mut Scratch, slot: u32, k: WalkStart) -> Option<u64> {
+    let WalkStart {
+        pc,
+        sp,
+        bp,
+        pid,
+        generation,
+    } = k;
     let e = WALK_CACHE.get_ptr(slot)?;
     // SAFETY: this CPU's cache entry and scratch.
     let (e, s) = unsafe { (&*e, &mut *s) };
@@ -868,18 +884,15 @@ fn cached_walk(
 }
 
 /// Caches a finished walk that read only words of the copy.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn remember_walk(
-    s: *mut Scratch,
-    slot: u32,
-    pc: u64,
-    sp: u64,
-    bp: u64,
-    pid: u32,
-    generation: u32,
-    id: u64,
-) {
+fn remember_walk(s: *mut Scratch, slot: u32, k: WalkStart, id: u64) {
+    let WalkStart {
+        pc,
+        sp,
+        bp,
+        pid,
+        generation,
+    } = k;
     let Some(e) = WALK_CACHE.get_ptr_mut(slot) else {
         return;
     };
