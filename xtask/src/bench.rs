@@ -17,9 +17,22 @@ const PAIRS: u64 = 200_000;
 /// Outstanding blocks for the memory figure.
 const HELD: u64 = 1_000_000;
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+pub(crate) fn min_max(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(0.0, f64::max),
+    )
+}
+
+fn range(v: &[f64]) -> String {
+    let (min, max) = min_max(v);
+    format!("{min:.0}–{max:.0}")
 }
 
 /// Runs a command, returning its stdout and the peak RSS (KiB) of it and its children.
@@ -70,12 +83,7 @@ pub fn run(rounds: usize) -> Result<()> {
         traced_wall.push(t.elapsed().as_secs_f64());
         traced.push(out.trim().parse::<f64>()?);
     }
-    let (u, t) = (median(&mut untraced.clone()), median(&mut traced.clone()));
-    let range = |v: &[f64]| {
-        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = v.iter().copied().fold(0.0, f64::max);
-        format!("{min:.0}–{max:.0}")
-    };
+    let (u, t) = (median(&untraced), median(&traced));
 
     // Tracer memory with a million outstanding blocks: peak RSS of leaktrace itself (the
     // traced program's own RSS is measured untraced and subtracted).
@@ -127,7 +135,7 @@ pub fn run(rounds: usize) -> Result<()> {
     );
     println!(
         "| traced run wall time (median, incl. start-up) | {:.2} s |",
-        median(&mut traced_wall)
+        median(&traced_wall)
     );
     Ok(())
 }
@@ -161,7 +169,7 @@ const LIBRARIES: &[&str] = &[
     "libmount.so.1",
 ];
 
-fn json_line(out: &str) -> Result<serde_json::Value> {
+pub(crate) fn json_line(out: &str) -> Result<serde_json::Value> {
     let line = out
         .lines()
         .rev()
@@ -220,9 +228,8 @@ pub fn unwind(rounds: usize) -> Result<()> {
             (".eh_frame tables", &dw, dw_frames),
             ("frame pointers", &fp, fp_frames),
         ] {
-            let m = median(&mut v.clone());
-            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = v.iter().copied().fold(0.0, f64::max);
+            let m = median(v);
+            let (min, max) = min_max(v);
             println!(
                 "| ~{} | {name} | {m:.0} | {min:.0}–{max:.0} | {frames:.0} | {:.1} |",
                 depth + 6,
@@ -478,16 +485,11 @@ pub fn fd(rounds: usize) -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&disk_root);
-    let range = |v: &[f64]| {
-        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = v.iter().copied().fold(0.0, f64::max);
-        format!("{min:.0}–{max:.0}")
-    };
-    let base_pair = median(&mut pairs[0].clone());
+    let base_pair = median(&pairs[0]);
     println!("| workload | config | median | min–max | added | ratio to untraced |");
     println!("|---|---|---|---|---|---|");
     for (i, config) in CONFIGS.iter().enumerate() {
-        let m = median(&mut pairs[i].clone());
+        let m = median(&pairs[i]);
         println!(
             "| {OPENS} open/close pairs, ns per pair | {config} | {m:.0} | {} | {:+.0} ns | {:.2} |",
             range(&pairs[i]),
@@ -496,9 +498,9 @@ pub fn fd(rounds: usize) -> Result<()> {
         );
     }
     for (name, runs) in [("tmpfs", &tars), ("ext4", &disk_tars)] {
-        let base = median(&mut runs[0].clone());
+        let base = median(&runs[0]);
         for (i, config) in CONFIGS.iter().enumerate() {
-            let m = median(&mut runs[i].clone());
+            let m = median(&runs[i]);
             println!(
                 "| tar -xf of {TAR_FILES} files to {name}, ms | {config} | {m:.0} | {} | {:+.1}% | {:.3} |",
                 range(&runs[i]),

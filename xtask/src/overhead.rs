@@ -27,7 +27,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{as_root, build_release, c_fixture, cargo, workspace_root};
+use crate::{
+    as_root,
+    bench::{json_line, median, min_max},
+    build_release, c_fixture, cargo, workspace_root,
+};
 
 /// malloc/free pairs per churn run (per thread).
 const PAIRS: &str = "300000";
@@ -88,19 +92,6 @@ struct Sample {
     lost: u64,
     tracer_cpu_s: f64,
     tracer_rss: u64,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn min_max(v: &[f64]) -> (f64, f64) {
-    (
-        v.iter().copied().fold(f64::INFINITY, f64::min),
-        v.iter().copied().fold(0.0, f64::max),
-    )
 }
 
 fn libc_path() -> Result<String> {
@@ -331,12 +322,11 @@ fn run_once(env: &Env<'_>, w: &Workload, config: Config) -> Result<Sample> {
     }
     if config.leaktrace_mode().is_some()
         && let Ok(text) = std::fs::read_to_string(&report)
-        && let Some(line) = text.lines().rev().find(|l| l.starts_with('{'))
+        && let Ok(r) = json_line(&text)
     {
-        let r: serde_json::Value = serde_json::from_str(line)?;
         let sm = &r["summary"];
         let n = |k: &str| sm[k].as_u64().unwrap_or(0);
-        s.events = n("allocs") + n("frees") + n("unmatched_frees") + n("growth_events");
+        s.events = n("allocs") + n("frees") + n("unmatched_frees");
         s.lost = n("lost_events");
         s.tracer_cpu_s = sm["tracer"]["cpu_s"].as_f64().unwrap_or(0.0);
         s.tracer_rss = sm["tracer"]["peak_rss_bytes"].as_u64().unwrap_or(0);
