@@ -65,10 +65,16 @@ pub fn addr_maybe_seen(addr: u64) -> bool {
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Counts one event of kind `which` (a [`counter`]).
 #[inline(always)]
 pub fn count(which: u32) {
-    if let Some(c) = COUNTERS.get_ptr_mut(which) {
-        // SAFETY: per-CPU slot.
+    increment(&COUNTERS, which);
+}
+
+#[inline(always)]
+fn increment(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; programs do not nest on one CPU for these hooks.
         unsafe { *c += 1 };
     }
 }
@@ -86,10 +92,7 @@ pub static PENDING_FORKS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(10
 /// Counts one lost event.
 #[inline(always)]
 pub fn count_drop(reason: u32) {
-    if let Some(counter) = DROPS.get_ptr_mut(reason) {
-        // SAFETY: per-CPU slot; programs do not nest on one CPU for these hooks.
-        unsafe { *counter += 1 };
-    }
+    increment(&DROPS, reason);
 }
 
 /// A header for the current task.

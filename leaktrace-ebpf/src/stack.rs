@@ -189,11 +189,7 @@ const CACHED_WALKS: u32 = 1024;
 /// common case: an allocation site reached by the same call path, at the same depth.
 #[repr(C)]
 pub struct CachedWalk {
-    pc: u64,
-    sp: u64,
-    bp: u64,
-    pid: u32,
-    generation: u32,
+    start: WalkStart,
     nreads: u32,
     /// Bytes from `sp` covering every word read: one copy checks them all.
     span: u32,
@@ -207,15 +203,27 @@ pub struct CachedWalk {
     reads: [u16; CACHED_READS],
 }
 
+/// Where a walk starts: what a cached walk must match.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct WalkStart {
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    pid: u32,
+    generation: u32,
+}
+
 #[map]
 static WALK_CACHE: PerCpuArray<CachedWalk> = PerCpuArray::with_max_entries(CACHED_WALKS, 0);
 
 #[inline(always)]
 fn entry_check(e: &CachedWalk) -> u64 {
-    let mut h = mix(SEED, e.pc);
-    h = mix(h, e.sp);
-    h = mix(h, e.bp);
-    h = mix(h, (u64::from(e.pid) << 32) | u64::from(e.generation));
+    let k = &e.start;
+    let mut h = mix(SEED, k.pc);
+    h = mix(h, k.sp);
+    h = mix(h, k.bp);
+    h = mix(h, (u64::from(k.pid) << 32) | u64::from(k.generation));
     h = mix(h, (u64::from(e.nreads) << 32) | u64::from(e.span));
     h = mix(h, u64::from(e.bp_reg));
     h = mix(h, e.read_hash);
@@ -819,36 +827,20 @@ fn measured(measure: u32, started: u64, frames: u32) {
     }
 }
 
-/// Where a walk starts: what a cached walk must match.
-#[derive(Clone, Copy)]
-struct WalkStart {
-    pc: u64,
-    sp: u64,
-    bp: u64,
-    pid: u32,
-    generation: u32,
-}
-
 /// The stack id of a walk from `k` when a cached walk from the same registers read the same
 /// words (see [`CachedWalk`]) and its frames were sent.
 #[inline(always)]
 fn cached_walk(s: *mut Scratch, slot: u32, k: WalkStart) -> Option<u64> {
-    let WalkStart {
-        pc,
-        sp,
-        bp,
-        pid,
-        generation,
-    } = k;
     let e = WALK_CACHE.get_ptr(slot)?;
     // SAFETY: this CPU's cache entry and scratch.
     let (e, s) = unsafe { (&*e, &mut *s) };
+    let c = &e.start;
     if e.nreads == 0
-        || e.pc != pc
-        || e.sp != sp
-        || (e.bp_reg != 0 && e.bp != bp)
-        || e.pid != pid
-        || e.generation != generation
+        || c.pc != k.pc
+        || c.sp != k.sp
+        || (e.bp_reg != 0 && c.bp != k.bp)
+        || c.pid != k.pid
+        || c.generation != k.generation
         || e.check != entry_check(e)
     {
         return None;
@@ -856,6 +848,7 @@ fn cached_walk(s: *mut Scratch, slot: u32, k: WalkStart) -> Option<u64> {
     let (want, id, n) = (e.read_hash, e.stack_id, e.nreads);
     // One copy of the span the cached walk read, into the copy at sp's offset in its chunk.
     let head = (s.walk.start_sp - s.walk.base) & (CHUNK - 1);
+    let sp = k.sp;
     if e.span >= CACHED_SPAN || sp & 7 != 0 {
         return None;
     }
@@ -886,13 +879,6 @@ fn cached_walk(s: *mut Scratch, slot: u32, k: WalkStart) -> Option<u64> {
 /// Caches a finished walk that read only words of the copy.
 #[inline(always)]
 fn remember_walk(s: *mut Scratch, slot: u32, k: WalkStart, id: u64) {
-    let WalkStart {
-        pc,
-        sp,
-        bp,
-        pid,
-        generation,
-    } = k;
     let Some(e) = WALK_CACHE.get_ptr_mut(slot) else {
         return;
     };
@@ -902,11 +888,7 @@ fn remember_walk(s: *mut Scratch, slot: u32, k: WalkStart, id: u64) {
     if s.walk.cacheable == 0 || s.walk.span >= CACHED_SPAN {
         return;
     }
-    e.pc = pc;
-    e.sp = sp;
-    e.bp = bp;
-    e.pid = pid;
-    e.generation = generation;
+    e.start = k;
     e.span = s.walk.span;
     e.bp_reg = s.walk.bp_reg;
     e.read_hash = s.walk.read_hash;

@@ -444,6 +444,11 @@ impl std::fmt::Debug for Source {
     }
 }
 
+/// Element `index` of a per-CPU counter array, summed over CPUs (0 if unreadable).
+fn per_cpu_sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
 fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> SourceError {
     move |source| SourceError::Program { name, source }
 }
@@ -721,19 +726,13 @@ impl Source {
 
     /// A [`leaktrace_common::counter`], summed over CPUs.
     pub fn counter(&self, which: u32) -> u64 {
-        self.counters
-            .get(&which, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        per_cpu_sum(&self.counters, which)
     }
 
     /// Lost events so far, by cause (summed over CPUs).
     pub fn drops(&self) -> Vec<(&'static str, u64)> {
         (0..drop_reason::COUNT)
-            .map(|i| {
-                let n = self.drops.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
-                (drop_reason::NAMES[i as usize], n)
-            })
+            .map(|i| (drop_reason::NAMES[i as usize], per_cpu_sum(&self.drops, i)))
             .collect()
     }
 }

@@ -321,26 +321,8 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 }
 
 /// Parses a ring buffer size: bytes, or with a K/M/G suffix; a power of two from 4K to 1G.
-/// `--sample-bytes`: a size like 512K, at least 2 bytes.
-pub fn parse_sample_bytes(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    let (num, scale) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size like 512K"))?;
-    match n.checked_mul(scale) {
-        Some(bytes) if (2..=1 << 30).contains(&bytes) => Ok(bytes as u32),
-        _ => Err(format!(
-            "`{s}`: the sampling unit must be between 2 bytes and 1G"
-        )),
-    }
-}
-
-pub fn parse_ring_buffer(s: &str) -> Result<u32, String> {
+/// A byte count with an optional K, M or G suffix; `example` is shown when it is not one.
+fn parse_size(s: &str, example: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, scale) = match t.char_indices().last() {
         Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
@@ -350,10 +332,23 @@ pub fn parse_ring_buffer(s: &str) -> Result<u32, String> {
     };
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a size like 16M"))?;
-    let bytes = n
-        .checked_mul(scale)
-        .ok_or_else(|| format!("`{s}` is too large"))?;
+        .map_err(|_| format!("`{s}` is not a size like {example}"))?;
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// `--sample-bytes`: a size like 512K, from 2 bytes to 1G.
+pub fn parse_sample_bytes(s: &str) -> Result<u32, String> {
+    match parse_size(s, "512K")? {
+        bytes @ 2..=0x4000_0000 => Ok(bytes as u32),
+        _ => Err(format!(
+            "`{s}`: the sampling unit must be between 2 bytes and 1G"
+        )),
+    }
+}
+
+pub fn parse_ring_buffer(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s, "16M")?;
     if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
         return Err(format!(
             "`{s}`: the ring buffer must be a power of two between 4K and 1G"
