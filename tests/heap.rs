@@ -341,11 +341,15 @@ fn a_static_executable_is_hooked_in_itself() {
     r.assert_balanced();
 }
 
-/// Leaks whose frames[1] is `caller` (frames[0] is `inner`).
+/// Leaks at `inner` (frames[0]) whose stack goes through `caller`.
 fn through_caller(r: &common::Report, caller: &str) -> u64 {
     r.site("inner")
         .iter()
-        .filter(|l| l["frames"][1]["symbol"] == caller)
+        .filter(|l| {
+            l["frames"]
+                .as_array()
+                .is_some_and(|f| f[1..].iter().any(|f| f["symbol"] == caller))
+        })
         .map(|l| l["outstanding_count"].as_u64().unwrap())
         .sum()
 }
@@ -374,6 +378,45 @@ fn cached_walks_never_merge_paths_that_differ_only_further_up() {
         assert!(run.status.success(), "{}", run.stderr);
         assert_eq!(through_caller(&r, "via_a"), 100, "{}", r.pretty());
         assert_eq!(through_caller(&r, "via_b"), 60, "{}", r.pretty());
+    }
+}
+
+#[test]
+fn cached_walks_check_words_far_above_large_frames() {
+    if !privileged() {
+        return;
+    }
+    // The paths part ~21 KiB up, past three 7000-byte frames: the cached walk is checked
+    // with several copied ranges of the stack, not one span.
+    for prog in [
+        c_fixture("heap_same_depth_far"),
+        c_fixture_with(
+            "heap_same_depth_far",
+            "-O2-nosibling",
+            &[
+                "-O2",
+                "-g",
+                "-fomit-frame-pointer",
+                "-fno-optimize-sibling-calls",
+                "-fno-ipa-icf",
+            ],
+        ),
+    ] {
+        let (run, r) = trace_json(&prog, &["--only", "heap"], &[]);
+        assert!(run.status.success(), "{}", run.stderr);
+        assert_eq!(through_caller(&r, "via_a"), 100, "{}", r.pretty());
+        assert_eq!(through_caller(&r, "via_b"), 60, "{}", r.pretty());
+        let frames = &r.site("inner")[0]["frames"];
+        assert!(
+            frames.as_array().unwrap()[1..4]
+                .iter()
+                .all(|f| f["symbol"].as_str().unwrap().starts_with("big")),
+            "{frames}"
+        );
+        // 160 allocations over two paths switching 40 times: all but ~40 walks are cached
+        // (the counters cover every allocation of the process, the loader's included).
+        let hits = r.summary("stack_cache_hits");
+        assert!(hits >= 110, "{hits} cache hits: {}", r.pretty());
     }
 }
 
