@@ -187,7 +187,7 @@ struct Tracer {
     source: Source,
     modules: Modules,
     spaces: HashMap<u32, AddressSpace>,
-    spaces_read: HashMap<u32, Instant>,
+    spaces_read: HashMap<u32, u64>,
     probes: HashMap<u32, ProcessProbes>,
     detacher: Detacher,
     tables: HeapTables,
@@ -271,7 +271,7 @@ impl Tracer {
             tracing::warn!("pid {pid}: stacks fall back to frame pointers: {e}");
         }
         self.spaces.insert(pid, space);
-        self.spaces_read.insert(pid, Instant::now());
+        self.spaces_read.insert(pid, monotonic_ns());
         Ok(())
     }
 
@@ -374,11 +374,12 @@ impl Tracer {
             })
         };
         if !covered(self.spaces.get(&pid)) {
-            // New code (dlopen, JIT) or a process we have not read yet; at most every 10 ms.
-            let stale = self
-                .spaces_read
-                .get(&pid)
-                .is_none_or(|t| t.elapsed() > Duration::from_millis(10));
+            // New code (dlopen, JIT, a library the loader mapped since exec) or a process we
+            // have not read yet. Read again when the maps we have predate the walk (they may
+            // miss what it saw), else at most every 10 ms.
+            let stale = self.spaces_read.get(&pid).is_none_or(|&read| {
+                read <= s.hdr.ts_ns || monotonic_ns().saturating_sub(read) > 10_000_000
+            });
             if stale {
                 let _ = self.read_space(pid);
             }
