@@ -50,6 +50,13 @@ enum Task {
         /// Also write the overhead figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Overhead: only the workloads whose name contains NAME (repeatable), e.g. `sqlite3`.
+        #[arg(long, value_name = "NAME")]
+        workload: Vec<String>,
+        /// Overhead: only these configurations (repeatable, e.g. `growth`); untraced is always
+        /// measured, as the reference.
+        #[arg(long, value_name = "CONFIG")]
+        config: Vec<String>,
     },
 }
 
@@ -68,13 +75,19 @@ fn main() -> Result<()> {
             setup()?;
             demo()
         }
-        Task::Bench { rounds, only, json } => {
+        Task::Bench {
+            rounds,
+            only,
+            json,
+            workload,
+            config,
+        } => {
             setup()?;
             match only.as_str() {
                 "unwind" => bench::unwind(rounds),
                 "fd" => bench::fd(rounds),
                 "alloc" => bench::run(rounds),
-                "overhead" => overhead::run(rounds, json),
+                "overhead" => overhead::run(rounds, json, &workload, &config),
                 other => anyhow::bail!("no benchmark `{other}` (overhead, alloc, unwind, fd)"),
             }
         }

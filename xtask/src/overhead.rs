@@ -157,9 +157,11 @@ print(total)
 ";
 
 fn workloads(dir: &Path, churn: &Path, bpftrace: bool) -> Result<Vec<Workload>> {
+    // floor+ret everywhere: what the return probe alone adds on each workload.
     let mut all = vec![
         Config::Untraced,
         Config::Floor,
+        Config::FloorRet,
         Config::Full,
         Config::Sampled,
         Config::Growth,
@@ -167,15 +169,13 @@ fn workloads(dir: &Path, churn: &Path, bpftrace: bool) -> Result<Vec<Workload>> 
     if bpftrace {
         all.push(Config::BccStyle);
     }
-    let mut churn_configs = all.clone();
-    churn_configs.insert(2, Config::FloorRet);
     let churn = churn.to_string_lossy().into_owned();
     let mut list = vec![
         Workload {
             name: "churn (1 thread)".into(),
             argv: vec![churn.clone(), "churn".into(), PAIRS.into(), "1".into()],
             comm: None,
-            configs: churn_configs,
+            configs: all.clone(),
         },
         Workload {
             name: "churn (2 threads)".into(),
@@ -202,6 +202,40 @@ fn workloads(dir: &Path, churn: &Path, bpftrace: bool) -> Result<Vec<Workload>> 
             name: "python3 dict churn".into(),
             argv: vec!["/usr/bin/python3".into(), "-c".into(), PYTHON.into()],
             comm: Some("python3"),
+            configs: all.clone(),
+        });
+    }
+    // jq reshaping a generated array: a value per node, malloc'd and freed by refcount.
+    if which("jq") {
+        let data = dir.join("records.json");
+        if !data.exists() {
+            let mut text = String::from("[");
+            let mut x: u64 = 0x2545_f491;
+            for i in 0..80_000u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let sep = if i == 0 { "" } else { "," };
+                let _ = write!(
+                    text,
+                    "{sep}{{\"x\":{i},\"y\":{},\"tags\":[\"{}\",\"{}\",\"{}\"]}}",
+                    x % 100_000,
+                    x % 977,
+                    x % 89,
+                    x % 13
+                );
+            }
+            text.push_str("]\n");
+            std::fs::write(&data, text)?;
+        }
+        list.push(Workload {
+            name: "jq 80k records".into(),
+            argv: vec![
+                "jq".into(),
+                "[.[] | {a: .x, b: (.y|tostring), c: (.tags|join(\",\"))}] | length".into(),
+                data.to_string_lossy().into_owned(),
+            ],
+            comm: Some("jq"),
             configs: all.clone(),
         });
     }
@@ -362,7 +396,12 @@ fn shell_words(argv: &[String]) -> String {
         .join(" ")
 }
 
-pub fn run(rounds: usize, json: Option<PathBuf>) -> Result<()> {
+pub fn run(
+    rounds: usize,
+    json: Option<PathBuf>,
+    only: &[String],
+    configs: &[String],
+) -> Result<()> {
     build_release()?;
     let root = workspace_root();
     let churn = c_fixture("bench_alloc", &["-O2", "-g", "-pthread"])?;
@@ -386,7 +425,22 @@ pub fn run(rounds: usize, json: Option<PathBuf>) -> Result<()> {
         dir: &dir,
         libc: libc_path()?,
     };
-    let list = workloads(&dir, &churn, bpftrace)?;
+    let mut list = workloads(&dir, &churn, bpftrace)?;
+    if !only.is_empty() {
+        list.retain(|w| only.iter().any(|name| w.name.contains(name.as_str())));
+        if list.is_empty() {
+            bail!("no workload matches {only:?}");
+        }
+    }
+    if !configs.is_empty() {
+        for w in &mut list {
+            w.configs
+                .retain(|&c| c == Config::Untraced || configs.iter().any(|n| n == c.name()));
+        }
+        if list.iter().all(|w| w.configs.len() == 1) {
+            bail!("no configuration matches {configs:?}");
+        }
+    }
     let mut samples: Vec<Vec<Vec<Sample>>> = list
         .iter()
         .map(|w| vec![Vec::new(); w.configs.len()])
