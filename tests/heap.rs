@@ -354,16 +354,14 @@ fn through_caller(r: &common::Report, caller: &str) -> u64 {
         .sum()
 }
 
-#[test]
-fn cached_walks_never_merge_paths_that_differ_only_further_up() {
-    if !privileged() {
-        return;
-    }
-    for prog in [
-        c_fixture("heap_same_depth"),
-        // No tail calls and no merging of the two identical callers: both must stay frames.
+/// Traces fixture `name` (two call paths reaching malloc at the same depth, 100 blocks via_a
+/// and 60 via_b, alternating) at -O0 and at -O2 without tail calls or merged callers, checks
+/// that each path kept its own stack, and returns the reports.
+fn paths_kept_apart(name: &str) -> Vec<common::Report> {
+    [
+        c_fixture(name),
         c_fixture_with(
-            "heap_same_depth",
+            name,
             "-O2-nosibling",
             &[
                 "-O2",
@@ -373,12 +371,24 @@ fn cached_walks_never_merge_paths_that_differ_only_further_up() {
                 "-fno-ipa-icf",
             ],
         ),
-    ] {
-        let (run, r) = trace_json(&prog, &["--only", "heap"], &[]);
+    ]
+    .iter()
+    .map(|prog| {
+        let (run, r) = trace_json(prog, &["--only", "heap"], &[]);
         assert!(run.status.success(), "{}", run.stderr);
         assert_eq!(through_caller(&r, "via_a"), 100, "{}", r.pretty());
         assert_eq!(through_caller(&r, "via_b"), 60, "{}", r.pretty());
+        r
+    })
+    .collect()
+}
+
+#[test]
+fn cached_walks_never_merge_paths_that_differ_only_further_up() {
+    if !privileged() {
+        return;
     }
+    paths_kept_apart("heap_same_depth");
 }
 
 #[test]
@@ -388,24 +398,7 @@ fn cached_walks_check_words_far_above_large_frames() {
     }
     // The paths part ~21 KiB up, past three 7000-byte frames: the cached walk is checked
     // with several copied ranges of the stack, not one span.
-    for prog in [
-        c_fixture("heap_same_depth_far"),
-        c_fixture_with(
-            "heap_same_depth_far",
-            "-O2-nosibling",
-            &[
-                "-O2",
-                "-g",
-                "-fomit-frame-pointer",
-                "-fno-optimize-sibling-calls",
-                "-fno-ipa-icf",
-            ],
-        ),
-    ] {
-        let (run, r) = trace_json(&prog, &["--only", "heap"], &[]);
-        assert!(run.status.success(), "{}", run.stderr);
-        assert_eq!(through_caller(&r, "via_a"), 100, "{}", r.pretty());
-        assert_eq!(through_caller(&r, "via_b"), 60, "{}", r.pretty());
+    for r in paths_kept_apart("heap_same_depth_far") {
         let frames = &r.site("inner")[0]["frames"];
         assert!(
             frames.as_array().unwrap()[1..4]
