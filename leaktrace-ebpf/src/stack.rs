@@ -196,7 +196,11 @@ const CACHED_BYTES: u32 = 16 << 10;
 /// The most stack words a cached walk may have read (two per frame at most). A power of
 /// two: indexes are masked with it, which the verifier follows where a compare may not be.
 const CACHED_READS: usize = 64;
-/// Cached walks per CPU (direct-mapped by start pc and sp), ~264 KiB a CPU.
+/// Cached walks per CPU, ~264 KiB a CPU: sets of two, chosen by start pc and sp.
+///
+/// Two ways, because the misses of a direct-mapped cache were nearly all (99.97% on
+/// sqlite3) another call path reaching the same instruction at the same depth, the paths
+/// taking turns: with two ways, sqlite3's allocations that hit went from 70% to 89%.
 const CACHED_WALKS: u32 = 1024;
 
 /// A finished walk, and what it depended on.
@@ -258,8 +262,30 @@ fn entry_check(e: &CachedWalk) -> u64 {
 }
 
 #[inline(always)]
-fn cache_slot(pc: u64, sp: u64) -> u32 {
-    (finish(pc ^ sp.rotate_left(17)) % u64::from(CACHED_WALKS)) as u32
+/// The first of the two slots (ways) of the set for a walk from `pc` and `sp`.
+fn cache_set(pc: u64, sp: u64) -> u32 {
+    (finish(pc ^ sp.rotate_left(17)) % u64::from(CACHED_WALKS)) as u32 & !1
+}
+
+/// Which way of `set` a new walk from `k` replaces: one holding a walk from other
+/// registers (another key, or nothing), else either.
+#[inline(always)]
+fn victim(set: u32, k: &WalkStart) -> u32 {
+    let same = |slot: u32| {
+        WALK_CACHE.get_ptr(slot).is_some_and(|e| {
+            // SAFETY: this CPU's cache entry; a torn read only picks another way.
+            let c = unsafe { &(*e).start };
+            c.pc == k.pc && c.sp == k.sp && c.pid == k.pid && c.generation == k.generation
+        })
+    };
+    if !same(set) {
+        set
+    } else if !same(set | 1) {
+        set | 1
+    } else {
+        // SAFETY: no preconditions.
+        set | (unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } & 1)
+    }
 }
 
 #[map]
@@ -864,7 +890,7 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
         (*s).users
     };
     // Keyed by pc and sp only: bp matters only when the walk used it (`bp_reg`).
-    let slot = cache_slot(ip, sp);
+    let set = cache_set(ip, sp);
     let generation = generation.unwrap_or(0);
     let start = WalkStart {
         pc: ip,
@@ -875,7 +901,7 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
     };
     // Timed walks (benchmarks of the walker) always walk.
     if cfg.measure == 0
-        && let Some(id) = cached_walk(s, slot, start)
+        && let Some(id) = cached_walk(s, set, start).or_else(|| cached_walk(s, set | 1, start))
     {
         crate::maps::count(counter::WALK_CACHE_HITS);
         measured(cfg.measure, started, 0);
@@ -920,7 +946,7 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
         }
     }
     if intact {
-        remember_walk(s, slot, start, id);
+        remember_walk(s, victim(set, &start), start, id);
     }
     measured(cfg.measure, started, nr);
     id
@@ -942,7 +968,10 @@ fn measured(measure: u32, started: u64, frames: u32) {
 
 /// The stack id of a walk from `k` when a cached walk from the same registers read the same
 /// words (see [`CachedWalk`]) and its frames were sent.
-#[inline(always)]
+///
+/// A subprogram: inlined once per way, it would take the caller past the 512-byte BPF
+/// stack.
+#[inline(never)]
 fn cached_walk(s: *mut Scratch, slot: u32, k: WalkStart) -> Option<u64> {
     let e = WALK_CACHE.get_ptr(slot)?;
     // SAFETY: this CPU's cache entry and scratch.
