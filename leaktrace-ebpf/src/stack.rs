@@ -200,7 +200,8 @@ const CACHED_READS: usize = 64;
 ///
 /// Two ways, because the misses of a direct-mapped cache were nearly all (99.97% on
 /// sqlite3) another call path reaching the same instruction at the same depth, the paths
-/// taking turns: with two ways, sqlite3's allocations that hit went from 70% to 89%.
+/// taking turns: with two ways, sqlite3's allocations that hit went from 70% to 84–89%
+/// (runs differ: which way a third path replaces is random).
 const CACHED_WALKS: u32 = 1024;
 
 /// A finished walk, and what it depended on.
@@ -245,6 +246,15 @@ struct WalkStart {
     generation: u32,
 }
 
+impl WalkStart {
+    /// The same instruction and stack depth of the same process and code: the key of a
+    /// cached walk (its bp matters only if the walk used it).
+    #[inline(always)]
+    fn same_place(&self, k: &WalkStart) -> bool {
+        self.pc == k.pc && self.sp == k.sp && self.pid == k.pid && self.generation == k.generation
+    }
+}
+
 #[map]
 static WALK_CACHE: PerCpuArray<CachedWalk> = PerCpuArray::with_max_entries(CACHED_WALKS, 0);
 
@@ -261,8 +271,8 @@ fn entry_check(e: &CachedWalk) -> u64 {
     mix(h, e.stack_id)
 }
 
-#[inline(always)]
 /// The first of the two slots (ways) of the set for a walk from `pc` and `sp`.
+#[inline(always)]
 fn cache_set(pc: u64, sp: u64) -> u32 {
     (finish(pc ^ sp.rotate_left(17)) % u64::from(CACHED_WALKS)) as u32 & !1
 }
@@ -274,8 +284,7 @@ fn victim(set: u32, k: &WalkStart) -> u32 {
     let same = |slot: u32| {
         WALK_CACHE.get_ptr(slot).is_some_and(|e| {
             // SAFETY: this CPU's cache entry; a torn read only picks another way.
-            let c = unsafe { &(*e).start };
-            c.pc == k.pc && c.sp == k.sp && c.pid == k.pid && c.generation == k.generation
+            unsafe { &(*e).start }.same_place(k)
         })
     };
     if !same(set) {
@@ -422,12 +431,14 @@ pub struct CachedRow {
 static ROW_CACHE: PerCpuArray<CachedRow> = PerCpuArray::with_max_entries(ROW_CACHE_SLOTS, 0);
 const ROW_CACHE_SLOTS: u32 = 4096;
 
+/// The tag of `row` cached under `key`.
 #[inline(always)]
-fn row_bits(row: &UnwindRow) -> u64 {
-    u64::from(row.pc)
+fn row_tag(key: u64, row: &UnwindRow) -> u64 {
+    let bits = u64::from(row.pc)
         | (u64::from(row.cfa_off) << 32)
         | (u64::from(row.rbp_off as u8) << 48)
-        | (u64::from(row.kind) << 56)
+        | (u64::from(row.kind) << 56);
+    key ^ finish(bits ^ SEED)
 }
 
 /// The unwind row for `pc`, if a table covers it.
@@ -468,14 +479,17 @@ fn row_for(w: &mut Walk, pc: u64) -> Option<UnwindRow> {
         return None;
     }
     let rel = pc - w.last.start + w.last.offset;
-    let start = w.last.table_start;
-    // Offsets past 4 GiB have no row (rows hold u32 offsets): the search below finds none.
-    let key = (u64::from(start) << 32) | (rel & 0xffff_ffff);
+    // Rows hold u32 offsets: an offset past 4 GiB has no key of its own, so it is searched
+    // and never cached.
+    if rel > u64::from(u32::MAX) {
+        return search_row(w, rel);
+    }
+    let key = (u64::from(w.last.table_start) << 32) | rel;
     let slot = (finish(key) as u32) & (ROW_CACHE_SLOTS - 1);
     if let Some(e) = ROW_CACHE.get_ptr(slot) {
         // SAFETY: this CPU's entry; a torn one fails the tag check.
         let (tag, row) = unsafe { ((*e).tag, (*e).row) };
-        if tag == key ^ finish(row_bits(&row) ^ SEED) && rel <= u64::from(u32::MAX) {
+        if tag == row_tag(key, &row) {
             return Some(row);
         }
     }
@@ -484,7 +498,7 @@ fn row_for(w: &mut Walk, pc: u64) -> Option<UnwindRow> {
         // SAFETY: this CPU's entry (see above).
         unsafe {
             (*e).row = row;
-            (*e).tag = key ^ finish(row_bits(&row) ^ SEED);
+            (*e).tag = row_tag(key, &row);
         }
     }
     Some(row)
@@ -976,13 +990,9 @@ fn cached_walk(s: *mut Scratch, slot: u32, k: WalkStart) -> Option<u64> {
     let e = WALK_CACHE.get_ptr(slot)?;
     // SAFETY: this CPU's cache entry and scratch.
     let (e, s) = unsafe { (&*e, &mut *s) };
-    let c = &e.start;
     if e.nreads == 0
-        || c.pc != k.pc
-        || c.sp != k.sp
-        || (e.bp_reg != 0 && c.bp != k.bp)
-        || c.pid != k.pid
-        || c.generation != k.generation
+        || !e.start.same_place(&k)
+        || (e.bp_reg != 0 && e.start.bp != k.bp)
         || e.check != entry_check(e)
     {
         return None;
