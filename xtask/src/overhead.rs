@@ -114,6 +114,13 @@ END {{ clear(@size); clear(@allocs); clear(@stacks); }}"
     )
 }
 
+/// Steps `x` to the next of Marsaglia's xorshift64 numbers: inputs that are the same every run.
+fn xorshift(x: &mut u64) {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+}
+
 /// Inputs for the real programs, generated once.
 fn sqlite_script(dir: &Path) -> Result<PathBuf> {
     let path = dir.join("inserts.sql");
@@ -123,9 +130,7 @@ fn sqlite_script(dir: &Path) -> Result<PathBuf> {
     );
     let mut x: u64 = 88172645463325252;
     for i in 0..60_000u64 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        xorshift(&mut x);
         let _ = writeln!(
             sql,
             "INSERT INTO t(name, payload) VALUES ('user-{}-{}', printf('%.*c', {}, 'x'));",
@@ -212,9 +217,7 @@ fn workloads(dir: &Path, churn: &Path, bpftrace: bool) -> Result<Vec<Workload>> 
             let mut text = String::from("[");
             let mut x: u64 = 0x2545_f491;
             for i in 0..80_000u64 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                xorshift(&mut x);
                 let sep = if i == 0 { "" } else { "," };
                 let _ = write!(
                     text,
@@ -245,9 +248,7 @@ fn workloads(dir: &Path, churn: &Path, bpftrace: bool) -> Result<Vec<Workload>> 
         let mut text = String::new();
         let mut x: u64 = 0x9e37_79b9;
         for _ in 0..400_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            xorshift(&mut x);
             let _ = writeln!(text, "{:016x} {}", x, x % 977);
         }
         std::fs::write(&lines, text)?;
