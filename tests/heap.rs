@@ -263,6 +263,29 @@ fn followed_children_that_exec_are_traced_in_their_new_image() {
     r.assert_balanced();
 }
 
+/// A process that execs keeps its pid and, for the modules the new image maps again (libc,
+/// the loader), the probes it already had: every allocator call of the new image is reported
+/// once, not once per image that hooked it.
+#[test]
+fn an_exec_into_the_same_libc_reports_each_call_once() {
+    if !privileged() {
+        return;
+    }
+    let prog = c_fixture("heap_every_fn");
+    // env execs the fixture in its own process.
+    let (run, r) = trace_json(Path::new("/usr/bin/env"), &[], &[prog.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", run.stderr);
+    r.assert_site("leak_malloc", 10, 1000);
+    r.assert_site("leak_calloc", 5, 600);
+    r.assert_site("leak_realloc_grow", 3, 3 * 4096);
+    r.assert_site("leak_posix_memalign", 3, 600);
+    r.assert_absent("churn");
+    // The fixture's churn frees 1,300 blocks: a second probe on free would report each again.
+    assert_eq!(r.summary("unmatched_frees"), 0, "{}", r.pretty());
+    assert_eq!(r.summary("lost_events"), 0);
+    r.assert_balanced();
+}
+
 #[test]
 fn cpp_names_are_demangled() {
     if !privileged() {

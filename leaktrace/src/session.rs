@@ -11,6 +11,7 @@ use std::{
     ffi::OsString,
     io::{self, Write as _},
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
@@ -27,7 +28,7 @@ use crate::{
     decode::{Event, decode},
     ebpf::{AllocatorProbes, Detacher, LoadOptions, ProcessProbes, Source, SourceError, Unwind},
     fdtrack::{Exhausted, FdTracker},
-    modules::{AddressSpace, Modules},
+    modules::{AddressSpace, Module, Modules},
     oomwatch::{self, OomWatch},
     preflight::{self, PreflightError},
     procfs,
@@ -276,14 +277,20 @@ impl Tracer {
     }
 
     /// Re-reads the process's maps and hooks every allocator and loader it maps that is not
-    /// hooked yet. Returns how many allocator modules are hooked now.
+    /// hooked yet. Returns how many of the modules it maps now have their allocator hooked.
     fn hook(&mut self, pid: u32) -> Result<usize, SessionError> {
+        Ok(self.hook_modules(pid)?.0)
+    }
+
+    /// [`Self::hook`], also telling whether a loader it maps now is hooked.
+    fn hook_modules(&mut self, pid: u32) -> Result<(usize, bool), SessionError> {
         if let Err(e) = self.read_space(pid) {
             tracing::debug!("pid {pid}: cannot read maps: {e}");
-            return Ok(self
-                .probes
-                .get(&pid)
-                .map_or(0, |p| p.allocator_modules.len()));
+            let probes = self.probes.get(&pid);
+            return Ok((
+                probes.map_or(0, |p| p.allocator_modules.len()),
+                probes.is_some_and(|p| !p.loader_modules.is_empty()),
+            ));
         }
         let modules = self
             .spaces
@@ -301,12 +308,21 @@ impl Tracer {
                 self.source.attach_loader(probes, pid, module)?;
             }
         }
-        let n = probes.allocator_modules.len();
+        // Probes kept from an image the process exec'd away from count only where this image
+        // maps the same module.
+        let mapped = |hooked: &[Arc<Module>]| {
+            modules
+                .iter()
+                .filter(|m| hooked.iter().any(|h| h.key == m.key))
+                .count()
+        };
+        let n = mapped(&probes.allocator_modules);
+        let loader = mapped(&probes.loader_modules) > 0;
         if n > 0 {
             self.hooked.insert(pid);
         }
         // Without heap tracing, any module will do: nothing is hooked, nothing is missing.
-        Ok(if self.heap { n } else { modules.len() })
+        Ok((if self.heap { n } else { modules.len() }, loader))
     }
 
     fn start_tracking(&mut self, pid: u32) {
@@ -503,25 +519,24 @@ impl Tracer {
     }
 
     fn on_exec(&mut self, pid: u32, ts_ns: u64) -> Result<(), SessionError> {
-        // The old image is gone: its probes (scoped to the pid, not the image) must not fire
-        // in the new one, and what it held is kept as in use at exit of that image.
+        // The old image is gone; what it held is kept as in use at exit of that image.
+        //
+        // Its probes stay. A uprobe is placed on a file, scoped to the process, so a probe on
+        // a module the new image maps again (libc, the loader) is exactly the probe the new
+        // image needs, and `hook` will not attach a second one; a probe on a module it does
+        // not map never fires. Detaching them instead takes ~90 ms a probe (see `Detacher`),
+        // and until that is done the new image would run under both the old probes and the
+        // new: every free reported twice.
         self.tables.exec(pid, ts_ns);
         self.brk.remove(&pid);
         self.fd.exec(pid);
         if self.before_exec == Some(pid) {
             self.before_exec = None;
         }
-        if let Some(probes) = self.probes.remove(&pid) {
-            self.detacher.detach(probes);
-        }
         self.comms.insert(pid, procfs::comm(pid));
         self.fd.note_process(pid);
         self.oom.track(pid);
-        let hooked = self.hook(pid)?;
-        let has_loader = self
-            .probes
-            .get(&pid)
-            .is_some_and(|p| !p.loader_modules.is_empty());
+        let (hooked, has_loader) = self.hook_modules(pid)?;
         if hooked == 0 && !has_loader && procfs::is_alive(pid) {
             // A static executable without malloc: nothing will ever be hooked.
             if pid != self.root {
