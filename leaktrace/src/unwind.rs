@@ -13,7 +13,7 @@ use gimli::{
     UnwindContext, UnwindSection, X86_64,
 };
 use leaktrace_common::{UNWIND_PAGE_SHIFT, UnwindRow, unwind_kind};
-use object::{Object as _, ObjectSection as _, read::ReadCache};
+use object::{Object as _, ObjectSection as _};
 
 /// Why a module has no table.
 #[derive(Debug, thiserror::Error)]
@@ -230,8 +230,8 @@ pub fn compile_path(path: &Path) -> Result<UnwindTable, UnwindError> {
 /// Compiles the unwind table of an ELF file: `.eh_frame`, and `.debug_frame` for code that
 /// `.eh_frame` does not cover.
 pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
-    let cache = ReadCache::new(file);
-    let elf = object::File::parse(&cache)?;
+    let data = crate::modules::map_file(file)?;
+    let elf = object::File::parse(&*data)?;
     let section = |name: &str| elf.section_by_name(name);
     let mut bases = BaseAddresses::default();
     if let Some(text) = section(".text") {
@@ -262,7 +262,8 @@ pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
         // Stripped of its debug info: a separate debug file, found by build id, may hold a
         // .debug_frame. Its addresses are the same; file offsets still come from this file.
         if let Some(file) = debug_file(&elf)
-            && let Ok(dbg) = object::File::parse(&ReadCache::new(&file))
+            && let Ok(data) = crate::modules::map_file(&file)
+            && let Ok(dbg) = object::File::parse(&*data)
         {
             fdes += debug_frame(&dbg, &bases, &plt, &mut debug)?;
         }
@@ -487,7 +488,7 @@ mod tests {
             t.rows.len()
         );
         // malloc's first instruction: nothing pushed yet, the caller's frame is rsp + 8.
-        let info = crate::modules::inspect_elf(&File::open(&libc).unwrap()).unwrap();
+        let info = crate::modules::inspect_path(&libc);
         let malloc = info
             .allocator
             .iter()
