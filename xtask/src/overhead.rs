@@ -403,6 +403,15 @@ pub fn run(
     only: &[String],
     configs: &[String],
 ) -> Result<()> {
+    // With run-time statistics on, the kernel times every BPF program run (~74 ns each
+    // here): a cost no production node pays, added to every traced row.
+    if std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() != "0")
+    {
+        bail!(
+            "kernel.bpf_stats_enabled is on: every BPF program run is timed, which adds to every \
+             traced row; turn it off (sysctl kernel.bpf_stats_enabled=0) and run again"
+        );
+    }
     build_release()?;
     let root = workspace_root();
     let churn = c_fixture("bench_alloc", &["-O2", "-g", "-pthread"])?;
