@@ -157,7 +157,8 @@ fn called_allocator<'d, R: object::ReadRef<'d>>(
 }
 
 /// An ELF file's bytes, mapped. Parsing through `object::ReadCache` instead costs a seek and
-/// a read per symbol name: ~5,700 of each to start python3, ~0.13 s of system calls here.
+/// a read per symbol name (~5,700 of each to start python3): 50 ms of the 0.33 s it took to
+/// attach to a binary with 14,600 symbols.
 pub fn map_file(file: &File) -> io::Result<memmap2::Mmap> {
     // SAFETY: a private read-only mapping. A file truncated while mapped would fault on
     // access; these are executables and libraries a process has mapped, which is the same
