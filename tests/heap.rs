@@ -280,7 +280,7 @@ fn an_exec_into_the_same_libc_reports_each_call_once() {
     r.assert_site("leak_realloc_grow", 3, 3 * 4096);
     r.assert_site("leak_posix_memalign", 3, 600);
     r.assert_absent("churn");
-    // The fixture's churn frees 1,300 blocks: a second probe on free would report each again.
+    // The fixture's churn frees 1,200 blocks: a second probe on free would report each again.
     assert_eq!(r.summary("unmatched_frees"), 0, "{}", r.pretty());
     assert_eq!(r.summary("lost_events"), 0);
     r.assert_balanced();
