@@ -65,3 +65,34 @@ fn the_growing_stack_ranks_first_and_released_memory_is_not_counted() {
     // Pages written by churn_big were seen, then given back.
     assert!(r.summary("allocs") >= 40 * 65 + 30 * 256, "{}", r.pretty());
 }
+
+/// A fault that maps a transparent huge page gives the process 2 MiB, not a page: what a
+/// fault added is read from the process's memory counts (`kmem:rss_stat`), not assumed.
+#[test]
+fn a_fault_that_maps_a_huge_page_is_charged_2_mib() {
+    if !privileged() {
+        return;
+    }
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        eprintln!("transparent huge pages are off here: nothing to check");
+        return;
+    }
+    let (run, r) = trace_json(&c_fixture("growth_thp"), &["--mode", "growth"], &[]);
+    // The fixture exits 3 when the kernel did not map its region with huge pages.
+    assert!(run.status.success(), "no huge pages mapped? {}", run.stderr);
+    assert_eq!(r.summary("lost_events"), 0);
+    // Four faults, 2 MiB each; a page per fault would be 16 KiB.
+    assert_eq!(bytes(&through(&r, "touch_huge")), 8 << 20, "{}", r.pretty());
+    let top = &r.leaks()[0];
+    assert!(
+        top["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["symbol"] == "touch_huge"),
+        "the first row is not touch_huge's:\n{}",
+        r.pretty()
+    );
+}

@@ -41,17 +41,20 @@ pub mod kind {
     pub const RELEASE: u16 = 12;
 }
 
-/// A page a traced process was given by a write fault (kind [`kind::PAGE`]).
+/// Memory a traced process was given by a write fault (kind [`kind::PAGE`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PageEvent {
     pub hdr: Header,
-    /// The page's address (the faulting address rounded down to 4 KiB).
+    /// Where it starts: the faulting address rounded down to `size` when that is a power of
+    /// two (a 4 KiB page, a transparent huge page), else to 4 KiB.
     pub addr: u64,
     /// The stack that touched it; `frames[0]` is the faulting instruction.
     pub stack_id: u64,
+    /// Bytes the fault added to the process's anonymous (or shmem) memory.
+    pub size: u64,
 }
-const _: () = assert!(size_of::<PageEvent>() == 40);
+const _: () = assert!(size_of::<PageEvent>() == 48);
 
 /// Memory a traced process released (kind [`kind::RELEASE`]).
 #[repr(C)]

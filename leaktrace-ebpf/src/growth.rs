@@ -1,13 +1,24 @@
 //! Growth mode: which stacks make a process grow, with no allocator probe at all.
 //!
-//! A write fault on a page the process has no private copy of (first touch of anonymous
-//! memory, copy-on-write) is the moment the kernel hands it a new page; `exceptions:
-//! page_fault_user` sees it in the faulting thread, whose stack is walked from the faulting
-//! instruction. Memory given back is seen at `munmap`, `madvise(MADV_DONTNEED|FREE|REMOVE)`
-//! and `brk`. Tracepoints only: whatever the allocator (glibc, jemalloc, Go, a JIT), nothing
-//! is trapped, and a process not traced pays the tracepoint's entry alone.
+//! A write fault is when the kernel may hand a process new memory. `exceptions:
+//! page_fault_user` sees it in the faulting thread and notes where it happened. While the
+//! fault is handled, `kmem:rss_stat` reports the process's new count of anonymous (or
+//! shmem) bytes. If that count grew, the growth is charged to the noted fault, and its
+//! stack is walked from the faulting instruction (the thread's user registers have not
+//! moved). The count tells what the fault gave:
+//! - 4 KiB for a page;
+//! - 2 MiB for a transparent huge page, which a fault address alone would count as 4 KiB;
+//! - nothing for a fault that gave no new memory, such as copy-on-write of a page after
+//!   fork, which the process already counted.
+//!
+//! Memory given back is seen at `munmap`, `madvise(MADV_DONTNEED|FREE|REMOVE)` and `brk`.
+//! Tracepoints only: whatever the allocator (glibc, jemalloc, Go, a JIT), nothing is
+//! trapped, and a process not traced pays the tracepoints' entries alone.
 use aya_ebpf::{
-    bindings::pt_regs, helpers::bpf_get_current_pid_tgid, macros::tracepoint,
+    bindings::pt_regs,
+    helpers::bpf_get_current_pid_tgid,
+    macros::{map, tracepoint},
+    maps::{Array, HashMap},
     programs::TracePointContext,
 };
 use leaktrace_common::{PageEvent, ReleaseEvent, drop_reason, kind, release_op};
@@ -20,7 +31,6 @@ use crate::{
 
 /// Page-fault error code bit (x86): the access was a write.
 const PF_WRITE: u64 = 1 << 1;
-const PAGE_MASK: u64 = !4095;
 
 const MADV_DONTNEED: i64 = 4;
 const MADV_FREE: i64 = 8;
@@ -34,34 +44,159 @@ fn traced() -> Option<u64> {
     unsafe { TRACED.get((id >> 32) as u32) }.map(|_| id)
 }
 
+/// A write fault being handled: its thread, where the thread was, and the address.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PendingFault {
+    tid: u32,
+    _pad: u32,
+    ip: u64,
+    sp: u64,
+    addr: u64,
+}
+
+const PENDING_SLOTS: u32 = 1 << 14;
+
+/// The write fault each thread is in, in slot `tid % PENDING_SLOTS` (an array, like
+/// `INFLIGHT`: no hash-map helper on the fault path). Two threads sharing a slot and
+/// faulting at once lose one fault.
+#[map]
+static PENDING_FAULTS: Array<PendingFault> = Array::with_max_entries(PENDING_SLOTS, 0);
+
+/// A process's last reported memory counts, in bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MemCounts {
+    /// `rss_stat`'s hash of the mm they belong to: a new one after exec.
+    mm_id: u32,
+    _pad: u32,
+    anon: u64,
+    shmem: u64,
+}
+
+/// Per traced process (tgid): its last `MM_ANONPAGES` and `MM_SHMEMPAGES`. The exit hook
+/// removes the entry.
+#[map]
+pub static MEM_COUNTS: HashMap<u32, MemCounts> = HashMap::with_max_entries(8192, 0);
+
+const MM_ANONPAGES: i32 = 1;
+const MM_SHMEMPAGES: i32 = 3;
+const PAGE_SIZE: u64 = 4096;
+
+/// The current task's saved user registers.
+#[inline(always)]
+fn user_regs() -> Option<*const pt_regs> {
+    // SAFETY: the current task; its registers were saved on entry to the kernel.
+    let regs = unsafe {
+        let task = aya_ebpf::helpers::generated::bpf_get_current_task_btf();
+        aya_ebpf::helpers::generated::bpf_task_pt_regs(task) as *const pt_regs
+    };
+    (!regs.is_null()).then_some(regs)
+}
+
 /// `exceptions:page_fault_user`: address at 8, ip at 16, error_code at 24.
 #[tracepoint]
 pub fn page_fault_user(ctx: TracePointContext) -> u32 {
     let Some(id) = traced() else { return 0 };
     // SAFETY: offsets from the format.
     let (addr, error) = unsafe { (field::<u64>(&ctx, 8), field::<u64>(&ctx, 24)) };
-    // A read fault maps the shared zero page (or a file's page): nothing new for the
-    // process. A write fault gives it a page of its own, unless the page was present and
-    // writable in another way (a protection fault on a private page is copy-on-write, which
-    // also allocates, so PF_PROT is kept).
+    // A read fault maps the shared zero page (or a file's page, or swaps a page back in):
+    // nothing new for the process. A write fault may give it memory; `rss_stat` tells.
     if error & PF_WRITE == 0 {
         return 0;
     }
-    let hdr = header_for(kind::PAGE, id);
-    // SAFETY: the faulting task's user registers, saved on entry to the fault.
-    let regs = unsafe {
-        let task = aya_ebpf::helpers::generated::bpf_get_current_task_btf();
-        aya_ebpf::helpers::generated::bpf_task_pt_regs(task) as *const pt_regs
+    let Some(regs) = user_regs() else { return 0 };
+    let tid = id as u32;
+    if let Some(slot) = PENDING_FAULTS.get_ptr_mut(tid % PENDING_SLOTS) {
+        // SAFETY: an element of the array; `regs` is the task's saved registers.
+        unsafe {
+            *slot = PendingFault {
+                tid,
+                _pad: 0,
+                ip: (*regs).rip,
+                sp: (*regs).rsp,
+                addr,
+            };
+        }
+    }
+    0
+}
+
+/// `kmem:rss_stat`: mm_id at 8, curr at 12, member at 16, size (bytes) at 24. Reported
+/// whenever a counter of an mm changes; `curr` when that mm is the current task's.
+#[tracepoint]
+pub fn rss_stat(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets from the format.
+    let (mm_id, curr, member) = unsafe {
+        (
+            field::<u32>(&ctx, 8),
+            field::<u32>(&ctx, 12),
+            field::<i32>(&ctx, 16),
+        )
     };
-    if regs.is_null() {
+    if curr == 0 || (member != MM_ANONPAGES && member != MM_SHMEMPAGES) {
         return 0;
     }
+    let Some(id) = traced() else { return 0 };
+    // SAFETY: offset from the format.
+    let now = unsafe { field::<i64>(&ctx, 24) }.max(0) as u64;
+    let pid = (id >> 32) as u32;
+    // SAFETY: a value of the map, copied.
+    let last = unsafe { MEM_COUNTS.get(pid) }.copied();
+    let mut counts = match last {
+        Some(c) if c.mm_id == mm_id => c,
+        _ => MemCounts {
+            mm_id,
+            _pad: 0,
+            anon: u64::MAX,
+            shmem: u64::MAX,
+        },
+    };
+    let before = if member == MM_ANONPAGES {
+        core::mem::replace(&mut counts.anon, now)
+    } else {
+        core::mem::replace(&mut counts.shmem, now)
+    };
+    let _ = MEM_COUNTS.insert(pid, counts, 0);
+    // The first count seen for this mm has nothing to compare with: a page, the usual case.
+    let grown = if before == u64::MAX {
+        PAGE_SIZE
+    } else {
+        now.saturating_sub(before)
+    };
+    if grown == 0 {
+        return 0;
+    }
+    // Charged to the write fault this thread is handling, if it is one: the same thread at
+    // the same instruction and stack pointer. Memory populated by a system call is not a
+    // fault's.
+    let tid = id as u32;
+    let Some(slot) = PENDING_FAULTS.get_ptr_mut(tid % PENDING_SLOTS) else {
+        return 0;
+    };
+    let Some(regs) = user_regs() else { return 0 };
+    // SAFETY: an element of the array; `regs` is the task's saved registers.
+    let fault = unsafe {
+        let f = *slot;
+        if f.tid != tid || f.ip != (*regs).rip || f.sp != (*regs).rsp {
+            return 0;
+        }
+        (*slot).tid = 0;
+        f
+    };
+    let align = if grown.is_power_of_two() && grown >= PAGE_SIZE {
+        grown
+    } else {
+        PAGE_SIZE
+    };
+    let hdr = header_for(kind::PAGE, id);
     let stack_id = stack::capture(regs, &hdr, true, false);
     send_batched(
         &PageEvent {
             hdr,
-            addr: addr & PAGE_MASK,
+            addr: fault.addr & !(align - 1),
             stack_id,
+            size: grown,
         },
         drop_reason::GROWTH_RINGBUF,
     );

@@ -88,6 +88,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if group_dead != 0 {
         // The pid may be reused at once: stop treating it as traced before anything else.
         let _ = TRACED.remove(pid);
+        let _ = crate::growth::MEM_COUNTS.remove(pid);
         notify(kind::EXIT, 0, 0);
     }
     0

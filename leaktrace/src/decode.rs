@@ -200,6 +200,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 hdr: f.header(),
                 addr: f.u64(),
                 stack_id: f.u64(),
+                size: f.u64(),
             })
         }
         kind::RELEASE => {

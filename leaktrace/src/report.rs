@@ -72,7 +72,8 @@ pub struct Summary {
     pub stack_cache_hits: u64,
     pub stack_walks: u64,
     /// How the heap was traced: `full` (allocator probes) or `growth` (page faults; then
-    /// allocs/frees count 4 KiB pages written to and given back).
+    /// allocs/frees count what write faults added (a page, a huge page) and what was given
+    /// back).
     pub mode: &'static str,
     /// Non-zero: allocations were sampled, one byte in this many on average; heap bytes are
     /// unbiased estimates, counts are of sampled blocks, and `unmatched_frees` also counts

@@ -477,11 +477,11 @@ impl Tracer {
                 Ok(())
             }
             Event::Page(e) => {
-                // A page is a 4 KiB block allocated by the stack that first wrote to it.
+                // What a fault added is a block allocated by the stack that first wrote there.
                 self.tables.alloc(&leaktrace_common::AllocEvent {
                     hdr: e.hdr,
                     addr: e.addr,
-                    size: 4096,
+                    size: e.size,
                     old_addr: 0,
                     stack_id: e.stack_id,
                     func: leaktrace_common::alloc_fn::MALLOC,
