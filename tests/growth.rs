@@ -17,6 +17,20 @@ fn through<'a>(r: &'a common::Report, function: &str) -> Vec<&'a serde_json::Val
         .collect()
 }
 
+/// Asserts that the first (largest) row's stack passes through `function`.
+fn ranks_first(r: &common::Report, function: &str) {
+    let top = &r.leaks()[0];
+    assert!(
+        top["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["symbol"] == function),
+        "the first row is not {function}'s:\n{}",
+        r.pretty()
+    );
+}
+
 fn bytes(rows: &[&serde_json::Value]) -> u64 {
     rows.iter()
         .map(|l| l["outstanding_bytes"].as_u64().unwrap())
@@ -37,17 +51,8 @@ fn the_growing_stack_ranks_first_and_released_memory_is_not_counted() {
     // the page of `kept[]`, first written there too.
     let leaked = through(&r, "leak_pages");
     assert_eq!(bytes(&leaked), (40 * 65 + 1) * 4096, "{}", r.pretty());
-    let top = &r.leaks()[0];
-    assert!(
-        top["frames"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f["symbol"] == "leak_pages"),
-        "the first row is not leak_pages':\n{}",
-        r.pretty()
-    );
-    assert_eq!(top["kind"], "growth");
+    ranks_first(&r, "leak_pages");
+    assert_eq!(r.leaks()[0]["kind"], "growth");
     // The cache is written 20 times but grows once: 1 MiB and its header page.
     assert_eq!(
         bytes(&through(&r, "cache_fill")),
@@ -85,14 +90,5 @@ fn a_fault_that_maps_a_huge_page_is_charged_2_mib() {
     assert_eq!(r.summary("lost_events"), 0);
     // Four faults, 2 MiB each; a page per fault would be 16 KiB.
     assert_eq!(bytes(&through(&r, "touch_huge")), 8 << 20, "{}", r.pretty());
-    let top = &r.leaks()[0];
-    assert!(
-        top["frames"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f["symbol"] == "touch_huge"),
-        "the first row is not touch_huge's:\n{}",
-        r.pretty()
-    );
+    ranks_first(&r, "touch_huge");
 }
