@@ -92,3 +92,32 @@ fn a_fault_that_maps_a_huge_page_is_charged_2_mib() {
     assert_eq!(bytes(&through(&r, "touch_huge")), 8 << 20, "{}", r.pretty());
     ranks_first(&r, "touch_huge");
 }
+
+/// Pages the kernel first writes for the process (a `read` into an untouched buffer) are
+/// growth too, charged to the stack of the system call that asked for them.
+#[test]
+fn pages_the_kernel_fills_for_a_read_belong_to_the_read() {
+    if !privileged() {
+        return;
+    }
+    let (run, r) = trace_json(&c_fixture("growth_read"), &["--mode", "growth"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert_eq!(r.summary("lost_events"), 0);
+    // The 8 MiB read into the buffer, at the line of the read() call; malloc's and printf's
+    // own pages are other lines' rows.
+    let source =
+        std::fs::read_to_string(common::workspace().join("tests/fixtures/growth_read.c")).unwrap();
+    let read_line = 1 + source
+        .lines()
+        .position(|l| l.contains("read(fd, p + got"))
+        .unwrap() as u64;
+    let at_read: Vec<_> = r
+        .leaks()
+        .iter()
+        .filter(|l| {
+            l["frames"][0]["symbol"] == "fill_by_read" && l["frames"][0]["line"] == read_line
+        })
+        .collect();
+    assert_eq!(bytes(&at_read), 8 << 20, "{}", r.pretty());
+    ranks_first(&r, "fill_by_read");
+}

@@ -1,7 +1,9 @@
 //! Growth mode: which stacks make a process grow, with no allocator probe at all.
 //!
 //! A write fault is when the kernel may hand a process new memory. `exceptions:
-//! page_fault_user` sees it in the faulting thread and notes where it happened. While the
+//! page_fault_user` sees it in the faulting thread and notes where it happened;
+//! `exceptions:page_fault_kernel` sees the kernel write to a user address on the thread's
+//! behalf (a `read` into a buffer never touched), noted at the system call. While the
 //! fault is handled, `kmem:rss_stat` reports the process's new count of anonymous (or
 //! shmem) bytes. If that count grew, the growth is charged to the noted fault, and its
 //! stack is walked from the faulting instruction (the thread's user registers have not
@@ -97,9 +99,30 @@ fn user_regs() -> Option<*const pt_regs> {
 /// `exceptions:page_fault_user`: address at 8, ip at 16, error_code at 24.
 #[tracepoint]
 pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+    note_fault(&ctx)
+}
+
+/// `exceptions:page_fault_kernel`, same format: a fault the kernel took on a user address
+/// while working for the thread (copying a `read`'s data out, say). The thread's user
+/// registers are where it entered the kernel, so the growth goes to that call's stack.
+#[tracepoint]
+pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the format.
+    if unsafe { field::<u64>(&ctx, 8) } >= USER_END {
+        return 0;
+    }
+    note_fault(&ctx)
+}
+
+/// The end of the user half of the address space (x86-64, 4-level paging; 5-level user
+/// addresses reach further, and those faults are only not seen).
+const USER_END: u64 = 1 << 47;
+
+#[inline(always)]
+fn note_fault(ctx: &TracePointContext) -> u32 {
     let Some(id) = traced() else { return 0 };
     // SAFETY: offsets from the format.
-    let (addr, error) = unsafe { (field::<u64>(&ctx, 8), field::<u64>(&ctx, 24)) };
+    let (addr, error) = unsafe { (field::<u64>(ctx, 8), field::<u64>(ctx, 24)) };
     // A read fault maps the shared zero page (or a file's page, or swaps a page back in):
     // nothing new for the process. A write fault may give it memory; `rss_stat` tells.
     if error & PF_WRITE == 0 {

@@ -152,6 +152,7 @@ const UNLINKS: &[&str] = &[
 /// Growth mode: pages written to, memory given back.
 const GROWTH: &[(&str, &str, &str)] = &[
     ("page_fault_user", "exceptions", "page_fault_user"),
+    ("page_fault_kernel", "exceptions", "page_fault_kernel"),
     ("rss_stat", "kmem", "rss_stat"),
     ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
     ("sys_enter_madvise", "syscalls", "sys_enter_madvise"),

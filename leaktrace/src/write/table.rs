@@ -272,7 +272,7 @@ pub fn render(report: &Report) -> String {
     if s.mode == "growth" {
         let _ = writeln!(
             out,
-            "growth mode: no allocator probe; each stack's figures are the 4 KiB pages it first wrote to and the process has not given back (munmap, madvise, brk)",
+            "growth mode: no allocator probe; each stack's figures are the pages (4 KiB, or 2 MiB huge pages) its writes, or the kernel's writes for its system calls, first added to the process and the process has not given back (munmap, madvise, brk)",
         );
     }
     let _ = writeln!(
