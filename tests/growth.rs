@@ -3,29 +3,27 @@ mod common;
 
 use common::{c_fixture, privileged, trace_json};
 
-/// Leaks whose stack passes through `function`, anywhere.
+/// True when `leak`'s stack passes through `function`, anywhere.
+fn passes_through(leak: &serde_json::Value, function: &str) -> bool {
+    leak["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["symbol"].as_str() == Some(function))
+}
+
+/// Leaks whose stack passes through `function`.
 fn through<'a>(r: &'a common::Report, function: &str) -> Vec<&'a serde_json::Value> {
     r.leaks()
         .iter()
-        .filter(|l| {
-            l["frames"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|f| f["symbol"].as_str() == Some(function))
-        })
+        .filter(|l| passes_through(l, function))
         .collect()
 }
 
 /// Asserts that the first (largest) row's stack passes through `function`.
 fn ranks_first(r: &common::Report, function: &str) {
-    let top = &r.leaks()[0];
     assert!(
-        top["frames"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f["symbol"] == function),
+        passes_through(&r.leaks()[0], function),
         "the first row is not {function}'s:\n{}",
         r.pretty()
     );

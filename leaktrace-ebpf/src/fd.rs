@@ -54,19 +54,21 @@ fn ret(ctx: &TracePointContext) -> i64 {
     unsafe { field::<i64>(ctx, 16) }
 }
 
+/// Where the current task's user registers were saved on entry to the kernel (a system
+/// call, a fault).
+#[inline(always)]
+pub(crate) fn task_regs() -> Option<*const pt_regs> {
+    // SAFETY: both helpers take the current task.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs };
+    (!regs.is_null()).then_some(regs)
+}
+
 /// The calling task's user registers as saved at syscall entry.
 #[inline(always)]
 fn user_regs() -> Option<pt_regs> {
-    // SAFETY: both helpers take the current task; the read goes through the kernel's
-    // fault-tolerant copy.
-    unsafe {
-        let task = bpf_get_current_task_btf();
-        let regs = bpf_task_pt_regs(task) as *const pt_regs;
-        if regs.is_null() {
-            return None;
-        }
-        Some(core::ptr::read_volatile(regs))
-    }
+    // SAFETY: the task's saved registers; the read goes through the kernel's fault-tolerant
+    // copy.
+    task_regs().map(|regs| unsafe { core::ptr::read_volatile(regs) })
 }
 
 /// The n-th syscall argument (x86-64: rdi, rsi, rdx, r10, r8, r9).

@@ -17,7 +17,6 @@
 //! Tracepoints only: whatever the allocator (glibc, jemalloc, Go, a JIT), nothing is
 //! trapped, and a process not traced pays the tracepoints' entries alone.
 use aya_ebpf::{
-    bindings::pt_regs,
     helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
     maps::{Array, HashMap},
@@ -26,7 +25,7 @@ use aya_ebpf::{
 use leaktrace_common::{PageEvent, ReleaseEvent, drop_reason, kind, release_op};
 
 use crate::{
-    fd::field,
+    fd::{field, task_regs},
     maps::{TRACED, header_for, send_batched},
     stack,
 };
@@ -85,17 +84,6 @@ const MM_ANONPAGES: i32 = 1;
 const MM_SHMEMPAGES: i32 = 3;
 const PAGE_SIZE: u64 = 4096;
 
-/// The current task's saved user registers.
-#[inline(always)]
-fn user_regs() -> Option<*const pt_regs> {
-    // SAFETY: the current task; its registers were saved on entry to the kernel.
-    let regs = unsafe {
-        let task = aya_ebpf::helpers::generated::bpf_get_current_task_btf();
-        aya_ebpf::helpers::generated::bpf_task_pt_regs(task) as *const pt_regs
-    };
-    (!regs.is_null()).then_some(regs)
-}
-
 /// `exceptions:page_fault_user`: address at 8, ip at 16, error_code at 24.
 #[tracepoint]
 pub fn page_fault_user(ctx: TracePointContext) -> u32 {
@@ -128,7 +116,7 @@ fn note_fault(ctx: &TracePointContext) -> u32 {
     if error & PF_WRITE == 0 {
         return 0;
     }
-    let Some(regs) = user_regs() else { return 0 };
+    let Some(regs) = task_regs() else { return 0 };
     let tid = id as u32;
     if let Some(slot) = PENDING_FAULTS.get_ptr_mut(tid % PENDING_SLOTS) {
         // SAFETY: an element of the array; `regs` is the task's saved registers.
@@ -191,13 +179,13 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // Charged to the write fault this thread is handling, if it is one: the same thread at
-    // the same instruction and stack pointer. Memory populated by a system call is not a
-    // fault's.
+    // the same instruction and stack pointer. Memory a system call populates without a fault
+    // (`MAP_POPULATE`, `mlock`) is not charged.
     let tid = id as u32;
     let Some(slot) = PENDING_FAULTS.get_ptr_mut(tid % PENDING_SLOTS) else {
         return 0;
     };
-    let Some(regs) = user_regs() else { return 0 };
+    let Some(regs) = task_regs() else { return 0 };
     // SAFETY: an element of the array; `regs` is the task's saved registers.
     let fault = unsafe {
         let f = *slot;
