@@ -7,6 +7,14 @@
 
 use core::mem::size_of;
 
+mod catalogue;
+pub mod linux;
+pub mod names;
+
+pub use catalogue::{
+    ALLOCATOR_FNS, AllocatorFn, TRACEPOINTS, Tracepoint, alloc_shape, arg_regs, hook_family,
+};
+
 /// Most frames a stack can hold (the kernel's own `PERF_MAX_STACK_DEPTH`).
 pub const MAX_FRAMES: usize = 127;
 
@@ -103,37 +111,6 @@ pub struct Header {
 }
 const _: () = assert!(size_of::<Header>() == 24);
 
-/// The allocator entry points leaktrace hooks, carried in [`AllocEvent::func`].
-pub mod alloc_fn {
-    pub const MALLOC: u32 = 1;
-    pub const CALLOC: u32 = 2;
-    pub const REALLOC: u32 = 3;
-    pub const REALLOCARRAY: u32 = 4;
-    pub const POSIX_MEMALIGN: u32 = 5;
-    pub const ALIGNED_ALLOC: u32 = 6;
-    pub const MEMALIGN: u32 = 7;
-    pub const VALLOC: u32 = 8;
-    pub const PVALLOC: u32 = 9;
-    pub const FREE: u32 = 10;
-
-    /// The C name of an entry point, or `"?"`.
-    pub const fn name(func: u32) -> &'static str {
-        match func {
-            MALLOC => "malloc",
-            CALLOC => "calloc",
-            REALLOC => "realloc",
-            REALLOCARRAY => "reallocarray",
-            POSIX_MEMALIGN => "posix_memalign",
-            ALIGNED_ALLOC => "aligned_alloc",
-            MEMALIGN => "memalign",
-            VALLOC => "valloc",
-            PVALLOC => "pvalloc",
-            FREE => "free",
-            _ => "?",
-        }
-    }
-}
-
 /// A block handed out by the allocator (kind [`kind::ALLOC`]).
 ///
 /// `realloc` and `reallocarray` set `old_addr`; user space applies C's rules: a non-null
@@ -151,8 +128,8 @@ pub struct AllocEvent {
     pub old_addr: u64,
     /// The calling stack; its frames arrive once in a [`StackEvent`] with the same id.
     pub stack_id: u64,
-    /// One of [`alloc_fn`].
-    pub func: u32,
+    /// One of [`alloc_shape`]: how the call's arguments were read.
+    pub shape: u32,
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<AllocEvent>() == 64);
@@ -411,8 +388,8 @@ pub struct Inflight {
     pub arg: u64,
     /// Requested size.
     pub size: u64,
-    /// One of [`alloc_fn`].
-    pub func: u32,
+    /// One of [`alloc_shape`].
+    pub shape: u32,
     /// Allocator calls of this thread currently entered and not yet returned.
     pub depth: u32,
 }
@@ -540,6 +517,7 @@ pub struct Config {
     /// `min(1, size / sample_bytes)` (see `leaktrace::table`'s estimate).
     pub sample_bytes: u32,
 }
+const _: () = assert!(size_of::<Config>() == 16);
 
 /// What is traced besides the heap ([`Config::features`]).
 pub mod features {

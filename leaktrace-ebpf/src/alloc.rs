@@ -16,7 +16,7 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use leaktrace_common::{AllocEvent, FreeEvent, Inflight, alloc_fn, counter, drop_reason, kind};
+use leaktrace_common::{AllocEvent, FreeEvent, Inflight, alloc_shape, counter, drop_reason, kind};
 
 use crate::{
     maps::{
@@ -47,7 +47,7 @@ fn nested(tid: u32, sp: u64) -> Option<*mut Inflight> {
 }
 
 #[inline(always)]
-fn enter(ctx: &ProbeContext, func: u32, arg: u64, size: u64) -> u32 {
+fn enter(ctx: &ProbeContext, shape: u32, arg: u64, size: u64) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     let sp = stack_pointer(ctx.as_ptr().cast());
     let Some(slot) = inflight_slot(tid) else {
@@ -74,58 +74,56 @@ fn enter(ctx: &ProbeContext, func: u32, arg: u64, size: u64) -> u32 {
         sp,
         arg,
         size,
-        func,
+        shape,
         depth: 1,
     };
     0
 }
 
+// One entry program per argument shape (`leaktrace_common::alloc_shape`); the allocator
+// catalogue (`ALLOCATOR_FNS`) says which function has which shape.
+
+/// `p = f(size)`.
 #[uprobe]
-pub fn malloc_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, alloc_fn::MALLOC, 0, arg(&ctx, 0))
+pub fn size_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, alloc_shape::SIZE, 0, arg(&ctx, 0))
 }
 
+/// `p = f(nmemb, size)`.
 #[uprobe]
-pub fn valloc_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, alloc_fn::VALLOC, 0, arg(&ctx, 0))
-}
-
-#[uprobe]
-pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, alloc_fn::PVALLOC, 0, arg(&ctx, 0))
-}
-
-#[uprobe]
-pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+pub fn count_size_enter(ctx: ProbeContext) -> u32 {
     let size = arg(&ctx, 0).wrapping_mul(arg(&ctx, 1));
-    enter(&ctx, alloc_fn::CALLOC, 0, size)
+    enter(&ctx, alloc_shape::COUNT_SIZE, 0, size)
 }
 
+/// `q = f(p, size)`.
 #[uprobe]
-pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, alloc_fn::REALLOC, arg(&ctx, 0), arg(&ctx, 1))
+pub fn resize_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, alloc_shape::RESIZE, arg(&ctx, 0), arg(&ctx, 1))
 }
 
+/// `q = f(p, nmemb, size)`.
 #[uprobe]
-pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+pub fn resize_array_enter(ctx: ProbeContext) -> u32 {
     let size = arg(&ctx, 1).wrapping_mul(arg(&ctx, 2));
-    enter(&ctx, alloc_fn::REALLOCARRAY, arg(&ctx, 0), size)
+    enter(&ctx, alloc_shape::RESIZE_ARRAY, arg(&ctx, 0), size)
 }
 
+/// `err = f(&p, alignment, size)`.
 #[uprobe]
-pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-    // posix_memalign(void **memptr, size_t alignment, size_t size)
-    enter(&ctx, alloc_fn::POSIX_MEMALIGN, arg(&ctx, 0), arg(&ctx, 2))
+pub fn out_align_size_enter(ctx: ProbeContext) -> u32 {
+    enter(
+        &ctx,
+        alloc_shape::OUT_ALIGN_SIZE,
+        arg(&ctx, 0),
+        arg(&ctx, 2),
+    )
 }
 
+/// `p = f(alignment, size)`.
 #[uprobe]
-pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, alloc_fn::ALIGNED_ALLOC, 0, arg(&ctx, 1))
-}
-
-#[uprobe]
-pub fn memalign_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, alloc_fn::MEMALIGN, 0, arg(&ctx, 1))
+pub fn align_size_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, alloc_shape::ALIGN_SIZE, 0, arg(&ctx, 1))
 }
 
 /// The return of every allocating entry point.
@@ -148,12 +146,12 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     }
     call.depth = 0;
     let Inflight {
-        arg, size, func, ..
+        arg, size, shape, ..
     } = *call;
 
     let ret: u64 = ctx.ret();
-    let (addr, old_addr) = match func {
-        alloc_fn::POSIX_MEMALIGN => {
+    let (addr, old_addr) = match shape {
+        alloc_shape::OUT_ALIGN_SIZE => {
             // Returns 0 on success and stores the block through `memptr`.
             // SAFETY: bpf_probe_read_user never faults the target.
             let addr = if ret as u32 == 0 {
@@ -163,7 +161,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
             };
             (addr, 0)
         }
-        alloc_fn::REALLOC | alloc_fn::REALLOCARRAY => (ret, arg),
+        alloc_shape::RESIZE | alloc_shape::RESIZE_ARRAY => (ret, arg),
         _ => (ret, 0),
     };
     // A failed call changes nothing, except realloc(p, 0), which frees p and returns NULL.
@@ -199,7 +197,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         size,
         old_addr,
         stack_id,
-        func,
+        shape,
         _pad: 0,
     };
     send_batched(&event, drop_reason::HEAP_RINGBUF);

@@ -11,9 +11,9 @@ use std::{hint::black_box, time::Instant};
 
 use leaktrace::{
     decode::{Event, decode, encode},
-    table::HeapTables,
+    track::heap::HeapTables,
 };
-use leaktrace_common::{AllocEvent, FreeEvent, Header, alloc_fn, kind};
+use leaktrace_common::{AllocEvent, FreeEvent, Header, alloc_shape, kind};
 
 const PID: u32 = 4242;
 /// Distinct stacks in the feed (the stack store is not what is measured).
@@ -37,7 +37,7 @@ fn alloc(addr: u64, size: u64, n: u64) -> Vec<u8> {
         size,
         old_addr: 0,
         stack_id: 1 + n % STACKS,
-        func: alloc_fn::MALLOC,
+        shape: alloc_shape::SIZE,
         _pad: 0,
     })
 }

@@ -141,7 +141,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 size: f.u64(),
                 old_addr: f.u64(),
                 stack_id: f.u64(),
-                func: f.u32(),
+                shape: f.u32(),
                 _pad: f.u32(),
             })
         }
@@ -266,7 +266,7 @@ pub mod encode {
         for v in [e.addr, e.size, e.old_addr, e.stack_id] {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        out.extend_from_slice(&e.func.to_le_bytes());
+        out.extend_from_slice(&e.shape.to_le_bytes());
         out.extend_from_slice(&e._pad.to_le_bytes());
         out
     }
@@ -355,7 +355,7 @@ mod tests {
             size: 4096,
             old_addr: 0x10,
             stack_id: 7,
-            func: leaktrace_common::alloc_fn::REALLOC,
+            shape: leaktrace_common::alloc_shape::RESIZE,
             _pad: 0,
         };
         assert_eq!(decode(&encode::alloc(&e)), Ok(Event::Alloc(e)));

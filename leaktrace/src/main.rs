@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use leaktrace::session;
+use leaktrace::driver;
 use tracing_subscriber::EnvFilter;
 
 mod cli;
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(session::run(config)) {
+    match runtime.block_on(driver::run(config)) {
         Ok(outcome) => ExitCode::from(outcome.exit_code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("leaktrace: error: {e}");

@@ -3,10 +3,11 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use leaktrace::{
-    ebpf::{AllocatorProbes, Unwind},
+    driver::{SessionConfig, Target},
+    export::{FoldedKind, FoldedWeight, Format},
     report::ReportOptions,
-    session::{SessionConfig, Target},
-    write::{FoldedKind, FoldedWeight, Format},
+    source::AllocatorProbes,
+    unwind::Unwind,
 };
 use leaktrace_common::features;
 
@@ -232,6 +233,7 @@ impl CommonArgs {
                 },
             oom_log: self.oom_log.clone(),
             folded_kind: self.folded_kind,
+            bpf_log: self.verbose >= 2,
         }
     }
 

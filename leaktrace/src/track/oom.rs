@@ -13,8 +13,8 @@ use std::{
 use hashbrown::HashMap;
 
 use crate::{
-    cgroup::{self, OomKillCounters, Placement},
     report::{GrowthSample, OomKill},
+    targets::cgroup::{self, OomKillCounters, Placement},
 };
 
 /// How far back growth is kept, and how often it is sampled (by the session's tick).

@@ -96,8 +96,8 @@ pub fn ensure_tracefs() -> Result<(), PreflightError> {
 
 /// All checks, in the order a user can fix them.
 pub fn check() -> Result<(), PreflightError> {
-    let effective =
-        crate::procfs::effective_capabilities().map_err(PreflightError::ReadCapabilities)?;
+    let effective = crate::targets::procfs::effective_capabilities()
+        .map_err(PreflightError::ReadCapabilities)?;
     if let Some(missing) = missing_capabilities(effective) {
         return Err(PreflightError::Capabilities(missing));
     }

@@ -1,8 +1,10 @@
 //! Frames to names: function, module, file and line, with inlined calls expanded.
 //!
 //! One long-lived blazesym [`Symbolizer`] serves the whole session; lookups go through the
-//! held module files (see [`crate::modules`]), so they work after the process is gone, and
+//! held module files (see [`crate::targets::modules`]), so they work after the process is gone, and
 //! results are cached per (module, offset).
+pub mod stacks;
+
 use std::sync::Arc;
 
 use blazesym::symbolize::{
@@ -12,8 +14,8 @@ use blazesym::symbolize::{
 use hashbrown::HashMap;
 
 use crate::{
-    modules::{Module, ModuleKey},
-    stacks::Stack,
+    symbolize::stacks::Stack,
+    targets::modules::{Module, ModuleKey},
 };
 
 /// One symbolized frame, innermost first in a stack.

@@ -8,7 +8,7 @@
 //! still matches.
 use hashbrown::HashMap;
 
-use crate::table::StackId;
+use crate::track::heap::StackId;
 
 /// Directories whose files are temporary by convention.
 pub const TEMP_DIRS: &[&str] = &["/tmp/", "/var/tmp/", "/dev/shm/"];

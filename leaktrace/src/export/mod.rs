@@ -353,7 +353,7 @@ mod golden {
 
     fn check(name: &str, got: &str) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src/write/golden")
+            .join("src/export/golden")
             .join(name);
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(&path, got).unwrap();

@@ -1,16 +1,16 @@
 //! A finished report: the tables at one moment, stacks symbolized and trimmed, rows merged
-//! and ranked. Writers ([`crate::write`]) render it; they know nothing of how it was gathered.
+//! and ranked. Writers ([`crate::export`]) render it; they know nothing of how it was gathered.
 use std::collections::VecDeque;
 
 use hashbrown::HashMap;
 use serde::Serialize;
 
 use crate::{
-    fdtable::{FdKind, FdSnapshot},
-    stacks::StackStore,
+    symbolize::stacks::StackStore,
     symbolize::{SymFrame, Symbols, runtime_owned, trim},
-    table::StackId,
-    table::{Snapshot, StackRow},
+    track::fd::{FdKind, FdSnapshot},
+    track::heap::StackId,
+    track::heap::{Snapshot, StackRow},
 };
 
 /// Session-wide figures (the JSON `summary`).
@@ -411,7 +411,7 @@ pub fn stack_frames(
 
 fn merge_paths(into: &mut Vec<String>, from: &[String]) {
     for p in from {
-        if into.len() < crate::fdtable::PATH_SAMPLES && !into.contains(p) {
+        if into.len() < crate::track::fd::PATH_SAMPLES && !into.contains(p) {
             into.push(p.clone());
         }
     }

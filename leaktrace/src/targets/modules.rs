@@ -8,29 +8,13 @@
 use std::{fs::File, io, os::fd::AsRawFd as _, path::PathBuf, sync::Arc};
 
 use hashbrown::HashMap;
-use leaktrace_common::alloc_fn;
+use leaktrace_common::{ALLOCATOR_FNS, alloc_shape};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 
 use crate::{
-    placement::{self, ProbePoint},
-    procfs::{self, Mapping},
+    targets::probe_point::{self, ProbePoint},
+    targets::procfs::{self, Mapping},
 };
-
-/// The allocator entry points we hook, by symbol name. Aliases at one address (glibc's
-/// `memalign`/`aligned_alloc`, `free`/`cfree`) are hooked once, as the first name listed.
-pub const ALLOCATOR_SYMBOLS: &[(&str, u32)] = &[
-    ("malloc", alloc_fn::MALLOC),
-    ("calloc", alloc_fn::CALLOC),
-    ("realloc", alloc_fn::REALLOC),
-    ("reallocarray", alloc_fn::REALLOCARRAY),
-    ("free", alloc_fn::FREE),
-    ("cfree", alloc_fn::FREE),
-    ("posix_memalign", alloc_fn::POSIX_MEMALIGN),
-    ("aligned_alloc", alloc_fn::ALIGNED_ALLOC),
-    ("memalign", alloc_fn::MEMALIGN),
-    ("valloc", alloc_fn::VALLOC),
-    ("pvalloc", alloc_fn::PVALLOC),
-];
 
 /// The dynamic loader's hook for debuggers, called whenever its object list changes.
 pub const LOADER_STATE_SYMBOL: &str = "_dl_debug_state";
@@ -38,12 +22,12 @@ pub const LOADER_STATE_SYMBOL: &str = "_dl_debug_state";
 /// An allocator function found in a module.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllocatorEntry {
-    /// One of [`alloc_fn`].
-    pub func: u32,
+    /// One of [`alloc_shape`].
+    pub shape: u32,
     pub symbol: &'static str,
     /// File offset of the function's first instruction.
     pub offset: u64,
-    /// Where its probes go, from the entry (see [`crate::placement`]).
+    /// Where its probes go, from the entry (see [`crate::targets::probe_point`]).
     pub probe: ProbePoint,
 }
 
@@ -51,17 +35,6 @@ impl AllocatorEntry {
     /// File offset of the probe point (what uprobes attach to).
     pub fn probe_offset(&self) -> u64 {
         self.offset + self.probe.delta
-    }
-}
-
-/// The argument registers each function's entry program reads.
-fn registers_read(func: u32) -> u8 {
-    use crate::placement::regs::{RDI, RDX, RSI};
-    match func {
-        alloc_fn::CALLOC | alloc_fn::REALLOC => RDI | RSI,
-        alloc_fn::REALLOCARRAY | alloc_fn::POSIX_MEMALIGN => RDI | RSI | RDX,
-        alloc_fn::ALIGNED_ALLOC | alloc_fn::MEMALIGN => RSI,
-        _ => RDI,
     }
 }
 
@@ -77,8 +50,9 @@ pub struct ElfInfo {
 impl ElfInfo {
     /// True when it defines `malloc` and `free`: an allocator worth hooking.
     pub fn is_allocator(&self) -> bool {
-        let has = |f| self.allocator.iter().any(|e| e.func == f);
-        has(alloc_fn::MALLOC) && has(alloc_fn::FREE)
+        let malloc = ALLOCATOR_FNS[0].symbol;
+        self.allocator.iter().any(|e| e.symbol == malloc)
+            && self.allocator.iter().any(|e| e.shape == alloc_shape::FREE)
     }
 }
 
@@ -141,7 +115,7 @@ fn called_allocator<'d, R: object::ReadRef<'d>>(
     if let Some(e) = found.iter().find(|e| offsets.get(target) == Some(e.offset)) {
         return Some(e.symbol);
     }
-    let slot = placement::plt_slot(code_at(elf, target, 16)?, target)?;
+    let slot = probe_point::plt_slot(code_at(elf, target, 16)?, target)?;
     let (_, reloc) = elf.dynamic_relocations()?.find(|(at, _)| *at == slot)?;
     let object::RelocationTarget::Symbol(index) = reloc.target() else {
         return None;
@@ -150,10 +124,10 @@ fn called_allocator<'d, R: object::ReadRef<'d>>(
         .ok()?
         .name()
         .ok()?;
-    ALLOCATOR_SYMBOLS
+    ALLOCATOR_FNS
         .iter()
-        .find(|(n, f)| *n == name && *f != alloc_fn::FREE)
-        .map(|(n, _)| *n)
+        .find(|f| f.symbol == name && alloc_shape::allocates(f.shape))
+        .map(|f| f.symbol)
 }
 
 /// An ELF file's bytes, mapped. Parsing through `object::ReadCache` instead costs a seek and
@@ -192,14 +166,20 @@ pub fn inspect_elf(data: &[u8]) -> Result<ElfInfo, object::Error> {
             info.loader_state = info.loader_state.or_else(|| file_offset(sym.address()));
             continue;
         }
-        let Some(&(symbol, func)) = ALLOCATOR_SYMBOLS.iter().find(|(n, _)| *n == name) else {
+        let Some(&leaktrace_common::AllocatorFn { symbol, shape }) =
+            ALLOCATOR_FNS.iter().find(|f| f.symbol == name)
+        else {
             continue;
         };
         if let Some(offset) = file_offset(sym.address()) {
             let code = code_at(&elf, sym.address(), sym.size()).unwrap_or_default();
-            let (probe, why) = placement::place_or_entry(code, sym.address(), registers_read(func));
+            let (probe, why) = probe_point::place_or_entry(
+                code,
+                sym.address(),
+                alloc_shape::registers_read(shape),
+            );
             found.push(AllocatorEntry {
-                func,
+                shape,
                 symbol,
                 offset,
                 probe,
@@ -215,7 +195,7 @@ pub fn inspect_elf(data: &[u8]) -> Result<ElfInfo, object::Error> {
     for (i, address, size, why) in single_stepped {
         let entry = &found[i];
         let callee = code_at(&elf, address, size)
-            .and_then(|code| placement::tail_call_target(code, address))
+            .and_then(|code| probe_point::tail_call_target(code, address))
             .and_then(|target| called_allocator(&elf, &offsets, &found, target));
         match callee {
             Some(callee) => {
@@ -229,15 +209,11 @@ pub fn inspect_elf(data: &[u8]) -> Result<ElfInfo, object::Error> {
         }
     }
     found.retain(|e| !covered.contains(&e.offset));
-    // One entry per address: aliases keep the name listed first in ALLOCATOR_SYMBOLS.
-    found.sort_by_key(|e| {
-        (
-            e.offset,
-            ALLOCATOR_SYMBOLS.iter().position(|(n, _)| *n == e.symbol),
-        )
-    });
+    // One entry per address: aliases keep the name listed first in ALLOCATOR_FNS.
+    let rank = |e: &AllocatorEntry| ALLOCATOR_FNS.iter().position(|f| f.symbol == e.symbol);
+    found.sort_by_key(|e| (e.offset, rank(e)));
     found.dedup_by_key(|e| e.offset);
-    found.sort_by_key(|e| ALLOCATOR_SYMBOLS.iter().position(|(n, _)| *n == e.symbol));
+    found.sort_by_key(rank);
     info.allocator = found;
     Ok(info)
 }
@@ -439,7 +415,7 @@ mod tests {
             let at = e.probe_offset() as usize;
             let insn = iced_x86::Decoder::with_ip(64, &bytes[at..at + 16], 0, 0).decode();
             assert!(
-                placement::kernel_emulates(&bytes[at..at + insn.len()]),
+                probe_point::kernel_emulates(&bytes[at..at + insn.len()]),
                 "{} +{}",
                 e.symbol,
                 e.probe.delta

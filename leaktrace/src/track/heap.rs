@@ -364,7 +364,7 @@ impl HeapTables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use leaktrace_common::{Header, alloc_fn, kind};
+    use leaktrace_common::{Header, alloc_shape, kind};
 
     const MS: u64 = 1_000_000;
 
@@ -386,7 +386,7 @@ mod tests {
             size,
             old_addr: 0,
             stack_id: stack,
-            func: alloc_fn::MALLOC,
+            shape: alloc_shape::SIZE,
             _pad: 0,
         }
     }
@@ -394,7 +394,7 @@ mod tests {
     fn realloc(pid: u32, old: u64, new: u64, size: u64, stack: u64) -> AllocEvent {
         AllocEvent {
             old_addr: old,
-            func: alloc_fn::REALLOC,
+            shape: alloc_shape::RESIZE,
             ..alloc(pid, new, size, stack)
         }
     }

@@ -20,12 +20,7 @@
 //! Otherwise the probe stays at the entry (slower, never wrong), and the caller logs why.
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, OpAccess};
 
-/// Registers a probe program reads, as a set of bits.
-pub mod regs {
-    pub const RDI: u8 = 1;
-    pub const RSI: u8 = 2;
-    pub const RDX: u8 = 4;
-}
+pub use leaktrace_common::arg_regs as regs;
 
 /// How far into a function the search for an emulated instruction goes.
 const MAX_SKIPPED: usize = 16;

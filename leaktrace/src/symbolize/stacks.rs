@@ -7,8 +7,8 @@ use hashbrown::HashMap;
 use leaktrace_common::stack_flags;
 
 use crate::{
-    modules::{AddressSpace, Module},
-    table::StackId,
+    targets::modules::{AddressSpace, Module},
+    track::heap::StackId,
 };
 
 /// One frame, normalized.

@@ -230,7 +230,7 @@ pub fn compile_path(path: &Path) -> Result<UnwindTable, UnwindError> {
 /// Compiles the unwind table of an ELF file: `.eh_frame`, and `.debug_frame` for code that
 /// `.eh_frame` does not cover.
 pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
-    let data = crate::modules::map_file(file)?;
+    let data = crate::targets::modules::map_file(file)?;
     let elf = object::File::parse(&*data)?;
     let section = |name: &str| elf.section_by_name(name);
     let mut bases = BaseAddresses::default();
@@ -262,7 +262,7 @@ pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
         // Stripped of its debug info: a separate debug file, found by build id, may hold a
         // .debug_frame. Its addresses are the same; file offsets still come from this file.
         if let Some(file) = debug_file(&elf)
-            && let Ok(data) = crate::modules::map_file(&file)
+            && let Ok(data) = crate::targets::modules::map_file(&file)
             && let Ok(dbg) = object::File::parse(&*data)
         {
             fdes += debug_frame(&dbg, &bases, &plt, &mut debug)?;
@@ -279,7 +279,7 @@ pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
         return Err(UnwindError::NoUnwindInfo);
     }
 
-    let offsets = crate::modules::FileOffsets::of(&elf);
+    let offsets = crate::targets::modules::FileOffsets::of(&elf);
     let file_offset = |addr| offsets.get(addr);
 
     ranges.sort_by_key(|&(start, _, _)| start);
@@ -437,10 +437,25 @@ pub fn walk<'t>(
     }
 }
 
+/// The native unwinder: `.eh_frame`, or `.debug_frame` from the file or its separate debug
+/// file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dwarf;
+
+impl super::Unwinder for Dwarf {
+    fn name(&self) -> &'static str {
+        "dwarf"
+    }
+
+    fn compile(&self, path: &Path) -> Result<UnwindTable, UnwindError> {
+        compile_path(path)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::procfs;
+    use crate::targets::procfs;
 
     fn mapped(name: &str) -> Option<String> {
         procfs::read_maps(std::process::id())
@@ -488,7 +503,7 @@ mod tests {
             t.rows.len()
         );
         // malloc's first instruction: nothing pushed yet, the caller's frame is rsp + 8.
-        let info = crate::modules::inspect_path(&libc);
+        let info = crate::targets::modules::inspect_path(&libc);
         let malloc = info
             .allocator
             .iter()
@@ -568,8 +583,9 @@ mod tests {
     #[test]
     fn the_walk_matches_glibcs_backtrace_frame_for_frame() {
         // glibc's backtrace() is libgcc's .eh_frame unwinder: the oracle no one tunes.
-        let mut modules = crate::modules::Modules::default();
-        let space = crate::modules::AddressSpace::read(std::process::id(), &mut modules).unwrap();
+        let mut modules = crate::targets::modules::Modules::default();
+        let space =
+            crate::targets::modules::AddressSpace::read(std::process::id(), &mut modules).unwrap();
         let tables: hashbrown::HashMap<_, _> = space
             .modules()
             .iter()

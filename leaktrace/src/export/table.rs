@@ -346,7 +346,7 @@ pub fn render(report: &Report) -> String {
                 format!(
                     " ({} more not watched: over {} at once)",
                     count(s.tmp_files_unwatched),
-                    count(crate::tmpfiles::MAX_WATCHED as u64)
+                    count(crate::track::tmp::MAX_WATCHED as u64)
                 )
             } else {
                 String::new()

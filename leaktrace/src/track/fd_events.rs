@@ -10,11 +10,11 @@ use leaktrace_common::{fd_call, fd_op, features};
 
 use crate::{
     decode::FdRecord,
-    fdtable::{Creation, FdKind, FdTables},
-    procfs,
     report::TmpRow,
-    table::StackId,
-    tmpfiles::{self, TmpFile, TmpFiles},
+    targets::procfs,
+    track::fd::{Creation, FdKind, FdTables},
+    track::heap::StackId,
+    track::tmp::{self, TmpFile, TmpFiles},
 };
 
 const O_CREAT: u32 = 0o100;
@@ -57,7 +57,7 @@ pub fn temp_creation(
     }
     match born() {
         Some(created) => created.then_some(false),
-        None => tmpfiles::in_temp_dir(abs_path).then_some(false),
+        None => tmp::in_temp_dir(abs_path).then_some(false),
     }
 }
 
@@ -71,7 +71,7 @@ pub fn born_at(pid: u32, path: &str, at_mono_ns: u64) -> Option<bool> {
     let rooted = procfs::path(pid, "root").join(path.trim_start_matches('/'));
     let meta = fs::metadata(&rooted).or_else(|_| fs::metadata(path)).ok()?;
     let birth = meta.created().ok()?;
-    let ago = Duration::from_nanos(crate::session::monotonic_ns().saturating_sub(at_mono_ns));
+    let ago = Duration::from_nanos(crate::driver::monotonic_ns().saturating_sub(at_mono_ns));
     let at = SystemTime::now().checked_sub(ago)?;
     Some(birth + BIRTH_SLACK >= at && birth <= at + Duration::from_millis(5))
 }
@@ -81,7 +81,7 @@ pub fn born_at(pid: u32, path: &str, at_mono_ns: u64) -> Option<bool> {
 /// A path that cannot be resolved stays as given.
 pub fn resolve(pid: u32, dirfd: i32, path: &str, cwd: Option<&str>) -> String {
     if path.starts_with('/') {
-        return tmpfiles::normalize("/", path);
+        return tmp::normalize("/", path);
     }
     let base = if dirfd == AT_FDCWD {
         "cwd".to_owned()
@@ -89,9 +89,9 @@ pub fn resolve(pid: u32, dirfd: i32, path: &str, cwd: Option<&str>) -> String {
         format!("fd/{dirfd}")
     };
     match fs::read_link(procfs::path(pid, &base)) {
-        Ok(dir) => tmpfiles::normalize(&dir.to_string_lossy(), path),
+        Ok(dir) => tmp::normalize(&dir.to_string_lossy(), path),
         Err(_) => match cwd {
-            Some(dir) if dirfd == AT_FDCWD => tmpfiles::normalize(dir, path),
+            Some(dir) if dirfd == AT_FDCWD => tmp::normalize(dir, path),
             _ => path.to_owned(),
         },
     }
@@ -302,7 +302,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         let new = dir.join("new");
         std::fs::write(&new, b"y").unwrap();
-        let now = crate::session::monotonic_ns();
+        let now = crate::driver::monotonic_ns();
         let me = std::process::id();
         if old_born.is_ok() {
             assert_eq!(born_at(me, new.to_str().unwrap(), now), Some(true));

@@ -5,7 +5,7 @@
 //! ```text
 //! probes ─► ring buffer ─► decode ─► Tracer::handle ─┬─► HeapTables / StackStore
 //!                                                    └─► attach probes, SIGCONT
-//! interval / end ─► report::build ─► write::render ─► stdout or --output
+//! interval / end ─► report::build ─► export::render ─► stdout or --output
 //! ```
 use std::{
     ffi::OsString,
@@ -26,21 +26,22 @@ use tokio::{
 
 use crate::{
     decode::{Event, decode},
-    ebpf::{AllocatorProbes, Detacher, LoadOptions, ProcessProbes, Source, SourceError, Unwind},
-    fdtrack::{Exhausted, FdTracker},
-    modules::{AddressSpace, Module, Modules},
-    oomwatch::{self, OomWatch},
-    preflight::{self, PreflightError},
-    procfs,
+    export::{self, FoldedKind, FoldedWeight, Format},
     report::{
         self, FdExhaustion, FdHolder, Growth, HeapHolder, OomKill, Report, ReportInput,
         ReportOptions,
     },
-    spawn::{self, Child, SpawnError},
-    stacks::{Stack, StackStore, normalize},
+    source::{AllocatorProbes, Detacher, LoadOptions, ProcessProbes, Source, SourceError},
     symbolize::Symbols,
-    table::HeapTables,
-    write::{self, FoldedKind, FoldedWeight, Format},
+    symbolize::stacks::{Stack, StackStore, normalize},
+    targets::modules::{AddressSpace, Module, Modules},
+    targets::preflight::{self, PreflightError},
+    targets::procfs,
+    targets::spawn::{self, Child, SpawnError},
+    track::fd_events::{Exhausted, FdTracker},
+    track::heap::HeapTables,
+    track::oom::{self, OomWatch},
+    unwind::{Dwarf, Unwind},
 };
 
 /// What to trace.
@@ -83,6 +84,8 @@ pub struct SessionConfig {
     pub oom_log: Option<PathBuf>,
     /// Which stacks folded output shows.
     pub folded_kind: FoldedKind,
+    /// Forward the eBPF side's diagnostics to the log (`-vv`).
+    pub bpf_log: bool,
 }
 
 /// Why a session failed. Each variant maps to a documented exit code.
@@ -144,12 +147,12 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Hands the probes' release to a child process when the session ends (see
-/// [`crate::ebpf::release_probes_after_exit`]).
+/// [`crate::source::release_probes_after_exit`]).
 struct FastExit;
 
 impl Drop for FastExit {
     fn drop(&mut self) {
-        crate::ebpf::release_probes_after_exit();
+        crate::source::release_probes_after_exit();
     }
 }
 
@@ -163,10 +166,10 @@ struct Sink {
 
 impl Sink {
     fn emit(&self, report: &Report) -> Result<(), SessionError> {
-        let text = write::render(report, self.format, self.weight, self.folded_kind);
+        let text = export::render(report, self.format, self.weight, self.folded_kind);
         match &self.output {
             Some(path) => {
-                write::to_path(path, &text).map_err(|e| SessionError::Io("cannot write report", e))
+                export::to_path(path, &text).map_err(|e| SessionError::Io("cannot write report", e))
             }
             None => {
                 let mut out = io::stdout().lock();
@@ -438,7 +441,7 @@ impl Tracer {
                     e.size = sample;
                 }
                 tracing::trace!(
-                    func = leaktrace_common::alloc_fn::name(e.func),
+                    shape = e.shape,
                     addr = e.addr,
                     size = e.size,
                     stack = e.stack_id,
@@ -484,7 +487,7 @@ impl Tracer {
                     size: e.size,
                     old_addr: 0,
                     stack_id: e.stack_id,
-                    func: leaktrace_common::alloc_fn::MALLOC,
+                    shape: leaktrace_common::alloc_shape::SIZE,
                     _pad: 0,
                 });
                 Ok(())
@@ -623,7 +626,7 @@ impl Tracer {
             frames: self.frames(x.stack_id),
             top_holders: self.holders(x.pid),
         };
-        eprint!("{}", write::table::exhaustion_notice(&record));
+        eprint!("{}", export::table::exhaustion_notice(&record));
         self.exhaustion.push(Exhaustion {
             pid: x.pid,
             stack_id: x.stack_id,
@@ -667,7 +670,7 @@ impl Tracer {
             limit_bytes: placement.and_then(|p| p.limit_bytes),
             oom_score_adj: e.oom_score_adj,
             traced,
-            time: oomwatch::utc_now(),
+            time: oom::utc_now(),
             frames_top: heap_top
                 .first()
                 .map(|h| h.frames.clone())
@@ -677,7 +680,7 @@ impl Tracer {
             growth,
             growth_bytes_per_s: rate,
         };
-        eprint!("{}", write::table::oom_notice(&kill));
+        eprint!("{}", export::table::oom_notice(&kill));
         self.oom.record(kill);
         self.report_now();
     }
@@ -740,7 +743,7 @@ impl Tracer {
                         frames_per_walk: per(w.frames),
                         ns_per_walk: per(w.ns),
                         unwind_rows: self.source.unwind_rows_used().0 as u64,
-                        bpf_map_bytes: crate::ebpf::map_memory_bytes(),
+                        bpf_map_bytes: crate::source::map_memory_bytes(),
                     }
                 }),
                 fds: &fds,
@@ -809,15 +812,19 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
             ..
         }
     );
-    let (source, ring) = Source::load(&LoadOptions {
-        ring_buffer_bytes: config.ring_buffer_bytes,
-        follow_forks,
-        unwind: config.unwind,
-        unwind_rows: config.unwind_rows,
-        measure_walks: config.measure_walks,
-        features: config.features,
-        sample_bytes: config.sample_bytes,
-    })?;
+    let (source, ring) = Source::load(
+        &LoadOptions {
+            ring_buffer_bytes: config.ring_buffer_bytes,
+            follow_forks,
+            unwind: config.unwind,
+            unwind_rows: config.unwind_rows,
+            measure_walks: config.measure_walks,
+            features: config.features,
+            sample_bytes: config.sample_bytes,
+            bpf_log: config.bpf_log,
+        },
+        Box::new(Dwarf),
+    )?;
     let sink = Sink {
         format: config.format,
         weight: config.weight,

@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
+    export::{FoldedKind, FoldedWeight},
     report::{Frame, Report},
-    write::{FoldedKind, FoldedWeight},
 };
 
 fn name(f: &Frame) -> String {

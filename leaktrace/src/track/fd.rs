@@ -1,4 +1,4 @@
-//! The open-descriptor tables: pure bookkeeping, like [`crate::table`] for the heap.
+//! The open-descriptor tables: pure bookkeeping, like [`crate::track::heap`] for the heap.
 //!
 //! Per process, every descriptor we saw created maps its number to the stack that created
 //! it, its kind and whether it closes on exec. A number reused after a close belongs to its
@@ -6,7 +6,7 @@
 //! still open and how many were opened and closed.
 use hashbrown::HashMap;
 
-use crate::table::StackId;
+use crate::track::heap::StackId;
 
 /// What a descriptor refers to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

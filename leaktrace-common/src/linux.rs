@@ -1,0 +1,37 @@
+//! Kernel ABI constants (x86-64) both sides read: flags of the calls the hooks decode.
+//!
+//! Defined once here rather than taken from `libc`, which the eBPF side cannot use.
+
+/// `open(2)` flags.
+pub const O_CREAT: u32 = 0o100;
+pub const O_EXCL: u32 = 0o200;
+pub const O_CLOEXEC: u32 = 0o2000000;
+/// `O_TMPFILE` includes `O_DIRECTORY`: test with `flags & O_TMPFILE == O_TMPFILE`.
+pub const O_TMPFILE: u32 = 0o20000000 | 0o200000;
+/// The "current directory" `dirfd` of the `*at` calls.
+pub const AT_FDCWD: i32 = -100;
+
+/// `fcntl(2)` commands and the descriptor flag.
+pub const F_DUPFD: u64 = 0;
+pub const F_SETFD: u64 = 2;
+pub const F_DUPFD_CLOEXEC: u64 = 1030;
+pub const FD_CLOEXEC: u32 = 1;
+/// `close_range(2)`: mark close-on-exec instead of closing.
+pub const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+/// `memfd_create(2)`: close on exec.
+pub const MFD_CLOEXEC: u64 = 1;
+/// `setrlimit(2)`: the descriptor limit.
+pub const RLIMIT_NOFILE: u64 = 7;
+
+/// errno values: the process's, and the system's, descriptor table is full.
+pub const EMFILE: i32 = 24;
+pub const ENFILE: i32 = 23;
+
+/// `madvise(2)` advice that gives memory back.
+pub const MADV_DONTNEED: i64 = 4;
+pub const MADV_FREE: i64 = 8;
+pub const MADV_REMOVE: i64 = 9;
+
+/// Signals the lifecycle gate sends.
+pub const SIGCONT: u32 = 18;
+pub const SIGSTOP: u32 = 19;

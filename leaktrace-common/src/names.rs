@@ -1,0 +1,58 @@
+//! The one spelling of every program, map and global that crosses the kernel boundary.
+//!
+//! The eBPF side names its items after these (a program is its function's name, a map its
+//! static's name); user space finds them by these constants, never by a literal. The
+//! `leaktrace` crate checks the built object against this list in a unit test.
+
+/// Maps and globals of the eBPF object.
+pub mod map {
+    /// The ring buffer every record leaves through.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU counters of lost events, indexed by [`crate::drop_reason`].
+    pub const DROPS: &str = "DROPS";
+    /// Per-CPU counters of work that is not a loss, indexed by [`crate::counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Processes traced, with their [`crate::traced_flags`].
+    pub const TRACED: &str = "TRACED";
+    /// Each traced process's executable mappings ([`crate::ProcessCode`]).
+    pub const PROC_CODE: &str = "PROC_CODE";
+    /// Stack walking cost ([`crate::WalkStats`]), kept with [`crate::Config::measure`].
+    pub const WALK_STATS: &str = "WALK_STATS";
+    /// Unwind rows of every module ([`crate::UnwindRow`]), shared memory.
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// The page index into [`UNWIND_ROWS`], shared memory.
+    pub const UNWIND_INDEX: &str = "UNWIND_INDEX";
+    /// aya-log's records (diagnostics, debug level).
+    pub const AYA_LOGS: &str = "AYA_LOGS";
+    /// The global [`crate::Config`] written before loading.
+    pub const CONFIG: &str = "CONFIG";
+
+    /// Every map user space opens by name (for the object check).
+    pub const ALL: &[&str] = &[
+        EVENTS,
+        DROPS,
+        COUNTERS,
+        TRACED,
+        PROC_CODE,
+        WALK_STATS,
+        UNWIND_ROWS,
+        UNWIND_INDEX,
+        CONFIG,
+    ];
+}
+
+/// Uprobe programs (the tracepoint programs are listed in [`crate::TRACEPOINTS`], the
+/// allocator entry programs in [`crate::alloc_shape`]).
+pub mod program {
+    /// The return of every allocating entry point: pairs it with its entry, sends the block.
+    pub const ALLOC_RETURN: &str = "alloc_return";
+    /// The dynamic loader's `_dl_debug_state`: its object list changed.
+    pub const LOADER_STATE: &str = "loader_state";
+    /// Nothing at all: the benchmark's floor, what the traps alone cost.
+    pub const EMPTY: &str = "empty";
+    /// Nothing, on return: what a return probe adds to the floor.
+    pub const EMPTY_RETURN: &str = "empty_return";
+
+    /// The uprobes besides the allocator entry programs.
+    pub const UPROBES: &[&str] = &[ALLOC_RETURN, LOADER_STATE, EMPTY, EMPTY_RETURN];
+}

@@ -1,0 +1,260 @@
+//! The kernel source: loading leaktrace's eBPF object, attaching its programs, and the maps
+//! user space reads or writes. It is the only code in the crate that talks to the kernel's
+//! BPF interface (through aya); what it attaches is read from `leaktrace-common`'s
+//! catalogues, and every name it looks up is a constant from there.
+//!
+//! - [`probes`]: the allocator and loader uprobes of each process, and their release;
+//! - [`code`]: the stack walker's view of each process (mappings, unwind tables);
+//! - here: loading, the tracepoints, the traced-process map and the kernel's counters.
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint, UProbe},
+};
+use leaktrace_common::{
+    Config, ProcessCode, TRACEPOINTS, WalkStats, alloc_shape, drop_reason, features, hook_family,
+    names::{map, program},
+};
+
+use crate::unwind::{Unwind, Unwinder};
+
+mod code;
+mod probes;
+
+pub use code::map_memory_bytes;
+pub use probes::{AllocatorProbes, Detacher, ProcessProbes, release_probes_after_exit};
+
+/// The eBPF object built from `leaktrace-ebpf` (empty when built without the toolchain).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
+
+/// Why the kernel side could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "this leaktrace binary was built without its eBPF programs (nightly with rust-src and \
+         bpf-linker were missing); run `cargo xtask setup` and rebuild"
+    )]
+    NoObject,
+    #[error("cannot load the eBPF programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF object lacks {0}")]
+    Missing(&'static str),
+    #[error("cannot map the unwind table: {0}")]
+    Mmap(std::io::Error),
+}
+
+/// Options for loading.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    pub ring_buffer_bytes: u32,
+    /// Attach the hooks that follow forked children.
+    pub follow_forks: bool,
+    pub unwind: Unwind,
+    /// Capacity of the kernel-side unwind table, in rows (8 bytes each), for all modules.
+    pub unwind_rows: u32,
+    /// Time every stack walk (`Source::walk_stats`), for benchmarks.
+    pub measure_walks: bool,
+    /// Bits of [`leaktrace_common::features`]: descriptors, temp files.
+    pub features: u32,
+    /// Sample allocations (0: every one), see [`leaktrace_common::Config::sample_bytes`].
+    pub sample_bytes: u32,
+    /// Forward the eBPF side's diagnostics (aya-log, debug level) to the log; off, they
+    /// cost one load and branch each.
+    pub bpf_log: bool,
+}
+
+/// The loaded kernel side.
+pub struct Source {
+    ebpf: Ebpf,
+    traced: BpfHashMap<MapData, u32, u32>,
+    drops: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    proc_code: BpfHashMap<MapData, u32, ProcessCode>,
+    walk_stats: PerCpuArray<MapData, WalkStats>,
+    tables: code::UnwindTables,
+    /// Reads the eBPF side's diagnostics, when asked for.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Stamped on every PROC_CODE value written.
+    generation: u32,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").finish_non_exhaustive()
+    }
+}
+
+/// Element `index` of a per-CPU counter array, summed over CPUs (0 if unreadable).
+fn per_cpu_sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> SourceError {
+    move |source| SourceError::Program { name, source }
+}
+
+impl Source {
+    /// Loads every program and attaches the tracepoints `opts` asks for. Returns the source
+    /// and the ring buffer to drain.
+    pub fn load(
+        opts: &LoadOptions,
+        unwinder: Box<dyn Unwinder>,
+    ) -> Result<(Self, RingBuf<MapData>), SourceError> {
+        if OBJECT.is_empty() {
+            return Err(SourceError::NoObject);
+        }
+        let config = Config {
+            unwind: opts.unwind.mode(),
+            measure: u32::from(opts.measure_walks),
+            features: opts.features,
+            sample_bytes: opts.sample_bytes,
+        };
+        // aya-log-ebpf checks this level before it reserves a record.
+        let log_level: u32 = if opts.bpf_log {
+            aya_log::Level::Debug as u32
+        } else {
+            0
+        };
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map::EVENTS, opts.ring_buffer_bytes)
+            .map_max_entries(map::UNWIND_ROWS, opts.unwind_rows)
+            .map_max_entries(map::UNWIND_INDEX, code::index_capacity(opts.unwind_rows))
+            .override_global(map::CONFIG, &config, true)
+            .override_global(aya_log::LEVEL, &log_level, false)
+            .load(OBJECT)?;
+        let entries = alloc_shape::ALL.map(alloc_shape::entry_program);
+        for &name in entries.iter().chain(program::UPROBES) {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or(SourceError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            prog.load().map_err(program_error(name))?;
+        }
+        for tp in TRACEPOINTS.iter().filter(|tp| wanted(tp.family, opts)) {
+            let name = tp.program;
+            let prog: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(SourceError::Missing(name))?
+                .try_into()
+                .map_err(program_error(name))?;
+            prog.load().map_err(program_error(name))?;
+            prog.attach(tp.category, tp.event)
+                .map_err(program_error(name))?;
+        }
+        let logger = if opts.bpf_log {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(logger) => Some(logger),
+                Err(e) => {
+                    tracing::warn!("eBPF diagnostics unavailable: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let map_error = |name: &'static str| move |source| SourceError::Map { name, source };
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(SourceError::Missing(name));
+        let events = RingBuf::try_from(take(map::EVENTS)?).map_err(map_error(map::EVENTS))?;
+        let traced = BpfHashMap::try_from(take(map::TRACED)?).map_err(map_error(map::TRACED))?;
+        let drops = PerCpuArray::try_from(take(map::DROPS)?).map_err(map_error(map::DROPS))?;
+        let counters =
+            PerCpuArray::try_from(take(map::COUNTERS)?).map_err(map_error(map::COUNTERS))?;
+        let proc_code =
+            BpfHashMap::try_from(take(map::PROC_CODE)?).map_err(map_error(map::PROC_CODE))?;
+        let walk_stats =
+            PerCpuArray::try_from(take(map::WALK_STATS)?).map_err(map_error(map::WALK_STATS))?;
+        let tables = code::UnwindTables::new(&mut ebpf, opts.unwind_rows, unwinder)?;
+        let source = Self {
+            ebpf,
+            traced,
+            drops,
+            counters,
+            proc_code,
+            walk_stats,
+            tables,
+            logger,
+            generation: 0,
+        };
+        Ok((source, events))
+    }
+
+    /// The eBPF side's diagnostics, when asked for: poll its descriptor, then [`Self::flush_log`].
+    pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        self.logger.as_ref().map(|l| l.as_fd())
+    }
+
+    /// Writes the eBPF side's pending diagnostics to the log.
+    pub fn flush_log(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+    }
+
+    /// Marks a process as traced, with [`leaktrace_common::traced_flags`].
+    pub fn trace(&mut self, pid: u32, flags: u32) -> Result<(), SourceError> {
+        self.traced
+            .insert(pid, flags, 0)
+            .map_err(|source| SourceError::Map {
+                name: map::TRACED,
+                source,
+            })
+    }
+
+    /// Stops following a process's lifecycle.
+    pub fn untrace(&mut self, pid: u32) {
+        let _ = self.traced.remove(&pid);
+    }
+
+    /// Stack walks so far, summed over CPUs (counted only with `measure_walks`).
+    pub fn walk_stats(&self) -> WalkStats {
+        let per_cpu = self
+            .walk_stats
+            .get(&0, 0)
+            .map(|v| v.iter().copied().collect::<Vec<_>>())
+            .unwrap_or_default();
+        per_cpu.iter().fold(WalkStats::default(), |a, s| WalkStats {
+            walks: a.walks + s.walks,
+            frames: a.frames + s.frames,
+            ns: a.ns + s.ns,
+        })
+    }
+
+    /// A [`leaktrace_common::counter`], summed over CPUs.
+    pub fn counter(&self, which: u32) -> u64 {
+        per_cpu_sum(&self.counters, which)
+    }
+
+    /// Lost events so far, by cause (summed over CPUs).
+    pub fn drops(&self) -> Vec<(&'static str, u64)> {
+        (0..drop_reason::COUNT)
+            .map(|i| (drop_reason::NAMES[i as usize], per_cpu_sum(&self.drops, i)))
+            .collect()
+    }
+}
+
+/// Whether the tracepoints of a [`hook_family`] are attached under `opts`.
+fn wanted(family: u32, opts: &LoadOptions) -> bool {
+    match family {
+        hook_family::LIFECYCLE => true,
+        hook_family::FORKS => opts.follow_forks,
+        // Temp files need the descriptor hooks too: opens with O_CREAT, closes of unnamed
+        // temp files.
+        hook_family::FD => opts.features & (features::FD | features::TMP) != 0,
+        hook_family::TMP => opts.features & features::TMP != 0,
+        hook_family::GROWTH => opts.features & features::GROWTH != 0,
+        _ => false,
+    }
+}

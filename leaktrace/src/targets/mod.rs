@@ -1,0 +1,9 @@
+//! What is traced, as the system shows it: processes read from procfs, commands spawned and
+//! held at their first instruction, the modules they map and where an allocator's probes go,
+//! and the cgroup (container, pod) a process runs in.
+pub mod cgroup;
+pub mod modules;
+pub mod preflight;
+pub mod probe_point;
+pub mod procfs;
+pub mod spawn;
