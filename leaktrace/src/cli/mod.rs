@@ -120,6 +120,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "FILE")]
     pub oom_log: Option<PathBuf>,
 
+    /// Record the session to FILE (JSON lines: every kernel record and what was read about
+    /// the processes), to replay it without the processes or privileges: for bug reports and
+    /// test fixtures.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+
     /// What folded stacks are weighted by.
     #[arg(long, value_enum, default_value_t = FoldedWeight::Bytes)]
     pub folded_weight: FoldedWeight,
@@ -234,6 +240,7 @@ impl CommonArgs {
             oom_log: self.oom_log.clone(),
             folded_kind: self.folded_kind,
             bpf_log: self.verbose >= 2,
+            record: self.record.clone(),
         }
     }
 

@@ -82,7 +82,7 @@ pub struct Summary {
 }
 
 /// Stack walks timed in the kernel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct WalkSummary {
     pub walks: u64,
     pub frames_per_walk: f64,
@@ -274,7 +274,7 @@ pub struct Report {
 }
 
 /// Knobs of report building.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct ReportOptions {
     pub min_age_ns: u64,
     /// Growth mode: the tables hold pages written to, not allocations.
@@ -358,7 +358,7 @@ pub struct ReportInput<'a> {
 }
 
 /// The tracer's own CPU time and peak memory, for overhead accounting.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct TracerUsage {
     /// User + system CPU seconds of the leaktrace process.
     pub cpu_s: f64,

@@ -35,15 +35,17 @@ pub struct SymFrame {
     pub inlined: bool,
 }
 
-/// What one address resolves to: the function and its inlined callees, innermost first.
-#[derive(Clone, Debug, Default)]
-struct Resolved {
+/// What one address resolves to: the function and its inlined callees, innermost first,
+/// each as (name, file, line).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resolved {
     names: Vec<(Option<String>, Option<String>, Option<u32>)>,
 }
 
 /// A symbolizer with a per-address cache.
 pub struct Symbols {
-    symbolizer: Symbolizer,
+    /// `None` when replaying a recording: only what the cache holds is known.
+    symbolizer: Option<Symbolizer>,
     cache: HashMap<(ModuleKey, u64), Arc<Resolved>>,
 }
 
@@ -88,13 +90,40 @@ impl Symbols {
             .enable_demangling(true)
             .build();
         Self {
-            symbolizer,
+            symbolizer: Some(symbolizer),
             cache: HashMap::new(),
         }
     }
 
+    /// Symbols known in advance, as (device, inode, file offset, resolved); nothing else
+    /// is looked up (replaying a recording).
+    pub fn recorded(entries: impl IntoIterator<Item = (u64, u64, u64, Resolved)>) -> Self {
+        let cache = entries
+            .into_iter()
+            .map(|(dev, inode, offset, r)| ((ModuleKey { dev, inode }, offset), Arc::new(r)))
+            .collect();
+        Self {
+            symbolizer: None,
+            cache,
+        }
+    }
+
+    /// Everything looked up so far, as [`Self::recorded`] takes it, in a stable order.
+    pub fn known(&self) -> Vec<(u64, u64, u64, Resolved)> {
+        let mut out: Vec<_> = self
+            .cache
+            .iter()
+            .map(|((k, offset), r)| (k.dev, k.inode, *offset, (**r).clone()))
+            .collect();
+        out.sort_by_key(|&(dev, inode, offset, _)| (dev, inode, offset));
+        out
+    }
+
     /// Looks up every (module, offset) of `stacks` that is not cached yet, one batch per module.
     pub fn prepare<'a>(&mut self, stacks: impl IntoIterator<Item = &'a Stack>) {
+        let Some(symbolizer) = &self.symbolizer else {
+            return;
+        };
         let mut todo: HashMap<ModuleKey, (Arc<Module>, Vec<u64>)> = HashMap::new();
         for stack in stacks {
             for (module, offset) in stack.frames.iter().filter_map(|f| f.place.as_ref()) {
@@ -110,7 +139,7 @@ impl Symbols {
             offsets.sort_unstable();
             offsets.dedup();
             let src = Source::Elf(Elf::new(module.open_path()));
-            let results = match self.symbolizer.symbolize(&src, Input::FileOffset(&offsets)) {
+            let results = match symbolizer.symbolize(&src, Input::FileOffset(&offsets)) {
                 Ok(r) => r,
                 Err(err) => {
                     tracing::debug!("cannot symbolize {}: {err}", module.path);

@@ -107,7 +107,7 @@ pub fn parse_limit(text: &str) -> Option<u64> {
 }
 
 /// What an OOM record says about where a process lived.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Placement {
     pub cgroup: String,
     pub container_id: Option<String>,

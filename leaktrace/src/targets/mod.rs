@@ -2,6 +2,7 @@
 //! held at their first instruction, the modules they map and where an allocator's probes go,
 //! and the cgroup (container, pod) a process runs in.
 pub mod cgroup;
+pub mod host;
 pub mod modules;
 pub mod preflight;
 pub mod probe_point;

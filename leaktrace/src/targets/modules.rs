@@ -12,8 +12,9 @@ use leaktrace_common::{ALLOCATOR_FNS, alloc_shape};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 
 use crate::{
+    targets::host::Host,
     targets::probe_point::{self, ProbePoint},
-    targets::procfs::{self, Mapping},
+    targets::procfs::Mapping,
 };
 
 /// The dynamic loader's hook for debuggers, called whenever its object list changes.
@@ -231,33 +232,19 @@ pub struct Module {
     pub key: ModuleKey,
     /// The path as the (first) process that mapped it sees it.
     pub path: String,
-    file: File,
+    /// The file, held open; `None` when only its name is known (a recording).
+    file: Option<File>,
     pub elf: ElfInfo,
 }
 
 impl Module {
     /// A path that reaches this exact file from leaktrace, for as long as it is held.
     pub fn open_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        match &self.file {
+            Some(file) => PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
+            None => PathBuf::from(&self.path),
+        }
     }
-}
-
-/// Opens the file behind a mapping: through the process's root (works across mount
-/// namespaces) when that still names the mapped inode, else through `map_files`, which
-/// reaches it even when it was deleted or replaced.
-fn open_mapped(pid: u32, m: &Mapping) -> io::Result<File> {
-    use std::os::unix::fs::MetadataExt as _;
-    let rooted = procfs::path(pid, "root").join(m.path.trim_start_matches('/'));
-    if let Ok(file) = File::open(&rooted)
-        && let Ok(meta) = file.metadata()
-        && (meta.dev(), meta.ino()) == (m.dev, m.inode)
-    {
-        return Ok(file);
-    }
-    File::open(procfs::path(
-        pid,
-        &format!("map_files/{:x}-{:x}", m.start, m.end),
-    ))
 }
 
 /// Every module opened so far, shared across processes.
@@ -268,7 +255,12 @@ pub struct Modules {
 
 impl Modules {
     /// The module behind a file mapping of `pid`, opened and inspected on first sight.
-    pub fn get_or_open(&mut self, pid: u32, m: &Mapping) -> Result<Arc<Module>, ModuleError> {
+    pub fn get_or_open(
+        &mut self,
+        host: &dyn Host,
+        pid: u32,
+        m: &Mapping,
+    ) -> Result<Arc<Module>, ModuleError> {
         let key = ModuleKey {
             dev: m.dev,
             inode: m.inode,
@@ -276,20 +268,22 @@ impl Modules {
         if let Some(module) = self.by_key.get(&key) {
             return Ok(module.clone());
         }
-        let file = open_mapped(pid, m).map_err(|source| ModuleError::Open {
+        let open_error = |source| ModuleError::Open {
             pid,
             path: m.path.clone(),
             source,
-        })?;
-        let data = map_file(&file).map_err(|source| ModuleError::Open {
-            pid,
-            path: m.path.clone(),
-            source,
-        })?;
-        let elf = inspect_elf(&data).map_err(|source| ModuleError::Elf {
-            path: m.path.clone(),
-            source,
-        })?;
+        };
+        let file = host.open_module(pid, m).map_err(open_error)?;
+        let elf = match &file {
+            Some(file) => {
+                let data = map_file(file).map_err(open_error)?;
+                inspect_elf(&data).map_err(|source| ModuleError::Elf {
+                    path: m.path.clone(),
+                    source,
+                })?
+            }
+            None => ElfInfo::default(),
+        };
         let module = Arc::new(Module {
             key,
             path: m.path.clone(),
@@ -335,14 +329,14 @@ pub struct AddressSpace {
 impl AddressSpace {
     /// Reads `/proc/PID/maps` and opens every executable module. Modules that cannot be
     /// opened are skipped (their frames stay unsymbolized) and logged.
-    pub fn read(pid: u32, modules: &mut Modules) -> io::Result<Self> {
-        let maps = procfs::read_maps(pid)?;
+    pub fn read(host: &dyn Host, pid: u32, modules: &mut Modules) -> io::Result<Self> {
+        let maps = host.maps(pid)?;
         let exe = maps.iter().find(|m| m.is_file()).map(|m| m.path.clone());
         let mut ranges = Vec::new();
         for m in maps.iter().filter(|m| m.executable) {
             let module = if m.is_file() {
                 modules
-                    .get_or_open(pid, m)
+                    .get_or_open(host, pid, m)
                     .inspect_err(|err| tracing::debug!("{err}"))
                     .ok()
             } else {
@@ -398,7 +392,7 @@ mod tests {
     use super::*;
 
     fn libc_path() -> Option<String> {
-        procfs::read_maps(std::process::id())
+        crate::targets::procfs::read_maps(std::process::id())
             .ok()?
             .into_iter()
             .find(|m| m.path.contains("libc.so"))
@@ -454,7 +448,7 @@ mod tests {
 
     #[test]
     fn the_loader_has_its_debugger_hook_and_no_allocator() {
-        let Some(ld) = procfs::read_maps(std::process::id())
+        let Some(ld) = crate::targets::procfs::read_maps(std::process::id())
             .unwrap()
             .into_iter()
             .find(|m| m.path.contains("ld-linux"))
@@ -469,7 +463,7 @@ mod tests {
     #[test]
     fn address_space_maps_code_addresses_to_file_offsets() {
         let mut modules = Modules::default();
-        let space = AddressSpace::read(std::process::id(), &mut modules).unwrap();
+        let space = AddressSpace::read(&crate::targets::host::Live::new(), std::process::id(), &mut modules).unwrap();
         let here = address_space_maps_code_addresses_to_file_offsets as *const () as usize as u64;
         let (module, offset) = space.lookup(here).expect("own code is mapped");
         assert_eq!(Some(&module.path), space.exe.as_ref());

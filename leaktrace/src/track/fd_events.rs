@@ -1,29 +1,20 @@
 //! Descriptor and temp-file records, from decode to tables: which descriptor kinds the calls
 //! create, which opens make temp files, paths made absolute while the process lives.
-use std::{
-    fs,
-    time::{Duration, SystemTime},
-};
-
 use hashbrown::HashMap;
-use leaktrace_common::{fd_call, fd_op, features};
+use leaktrace_common::{
+    fd_call, fd_op, features,
+    linux::{AT_FDCWD, CLOSE_RANGE_CLOEXEC, FD_CLOEXEC, O_CLOEXEC, O_CREAT, O_EXCL, O_TMPFILE},
+};
 
 use crate::{
     decode::FdRecord,
     report::TmpRow,
-    targets::procfs,
+    targets::host::Host,
     track::fd::{Creation, FdKind, FdTables},
     track::heap::StackId,
     track::tmp::{self, TmpFile, TmpFiles},
 };
 
-const O_CREAT: u32 = 0o100;
-const O_EXCL: u32 = 0o200;
-const O_TMPFILE: u32 = 0o20000000 | 0o200000;
-const O_CLOEXEC: u32 = 0o2000000;
-const FD_CLOEXEC: u32 = 1;
-const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
-const AT_FDCWD: i32 = -100;
 
 /// What a creating call makes.
 pub fn kind_of_call(call: u16) -> FdKind {
@@ -61,25 +52,10 @@ pub fn temp_creation(
     }
 }
 
-/// How far a coarse filesystem clock may lag the event's timestamp (a few ticks).
-const BIRTH_SLACK: Duration = Duration::from_millis(20);
-
-/// Whether the file at `path` (as `pid` sees it) was born at about `at_mono_ns`, the
-/// monotonic time of the open that returned: `None` when its filesystem keeps no birth
-/// time or it is gone.
-pub fn born_at(pid: u32, path: &str, at_mono_ns: u64) -> Option<bool> {
-    let rooted = procfs::path(pid, "root").join(path.trim_start_matches('/'));
-    let meta = fs::metadata(&rooted).or_else(|_| fs::metadata(path)).ok()?;
-    let birth = meta.created().ok()?;
-    let ago = Duration::from_nanos(crate::driver::monotonic_ns().saturating_sub(at_mono_ns));
-    let at = SystemTime::now().checked_sub(ago)?;
-    Some(birth + BIRTH_SLACK >= at && birth <= at + Duration::from_millis(5))
-}
-
 /// Makes a path the process passed absolute: relative to its working directory or to
 /// `dirfd`, read while it lives (`cwd`: the working directory to assume once it is gone).
 /// A path that cannot be resolved stays as given.
-pub fn resolve(pid: u32, dirfd: i32, path: &str, cwd: Option<&str>) -> String {
+pub fn resolve(host: &dyn Host, pid: u32, dirfd: i32, path: &str, cwd: Option<&str>) -> String {
     if path.starts_with('/') {
         return tmp::normalize("/", path);
     }
@@ -88,9 +64,9 @@ pub fn resolve(pid: u32, dirfd: i32, path: &str, cwd: Option<&str>) -> String {
     } else {
         format!("fd/{dirfd}")
     };
-    match fs::read_link(procfs::path(pid, &base)) {
-        Ok(dir) => tmp::normalize(&dir.to_string_lossy(), path),
-        Err(_) => match cwd {
+    match host.proc_link(pid, &base) {
+        Some(dir) => tmp::normalize(&dir, path),
+        None => match cwd {
             Some(dir) if dirfd == AT_FDCWD => tmp::normalize(dir, path),
             _ => path.to_owned(),
         },
@@ -132,12 +108,17 @@ impl FdTracker {
     }
 
     /// Applies one record; a full descriptor table comes back for the session to report.
-    pub fn on_record(&mut self, r: &FdRecord<'_>, at_ms: u32) -> Option<Exhausted> {
+    pub fn on_record(
+        &mut self,
+        host: &dyn Host,
+        r: &FdRecord<'_>,
+        at_ms: u32,
+    ) -> Option<Exhausted> {
         let e = &r.event;
         let pid = e.hdr.pid;
         let path = r.path.map(|p| {
             let cwd = self.cwds.get(&pid).map(String::as_str);
-            resolve(pid, e.dirfd, &String::from_utf8_lossy(p), cwd)
+            resolve(host, pid, e.dirfd, &String::from_utf8_lossy(p), cwd)
         });
         let cloexec = e.flags & O_CLOEXEC != 0;
         match e.op {
@@ -166,7 +147,7 @@ impl FdTracker {
                 if self.tracks(features::TMP)
                     && let Some(path) = path
                     && let Some(unnamed) =
-                        temp_creation(e.flags, &path, || born_at(pid, &path, e.hdr.ts_ns))
+                        temp_creation(e.flags, &path, || host.born_at(pid, &path, e.hdr.ts_ns))
                 {
                     self.tmp.created(TmpFile {
                         pid,
@@ -226,12 +207,12 @@ impl FdTracker {
 
     /// Reads what a record may need after the process is gone: its descriptor limit and
     /// working directory.
-    pub fn note_process(&mut self, pid: u32) {
-        if let Some(limit) = procfs::open_files_limit(pid) {
+    pub fn note_process(&mut self, host: &dyn Host, pid: u32) {
+        if let Some(limit) = host.open_files_limit(pid) {
             self.limits.insert(pid, limit);
         }
-        if let Ok(dir) = fs::read_link(procfs::path(pid, "cwd")) {
-            self.cwds.insert(pid, dir.to_string_lossy().into_owned());
+        if let Some(dir) = host.proc_link(pid, "cwd") {
+            self.cwds.insert(pid, dir);
         }
     }
 
@@ -259,28 +240,16 @@ impl FdTracker {
     }
 
     /// Watched temp files that still exist, with their size now.
-    pub fn tmp_rows(&self) -> Vec<TmpRow> {
+    pub fn tmp_rows(&self, host: &dyn Host) -> Vec<TmpRow> {
         self.tmp
             .files()
             .filter_map(|f| {
-                let bytes = if f.unnamed {
-                    // Reachable only through the descriptor.
-                    fs::metadata(procfs::path(f.pid, &format!("fd/{}", f.fd)))
-                        .ok()?
-                        .len()
-                } else {
-                    // Through the process's root while it lives (containers), else directly.
-                    let rooted = procfs::path(f.pid, "root").join(f.path.trim_start_matches('/'));
-                    fs::metadata(&rooted)
-                        .or_else(|_| fs::metadata(&f.path))
-                        .ok()?
-                        .len()
-                };
+                let fd = f.unnamed.then_some(f.fd);
                 Some(TmpRow {
                     pid: f.pid,
                     stack_id: f.stack_id,
                     path: f.path.clone(),
-                    bytes,
+                    bytes: host.file_size(f.pid, &f.path, fd)?,
                     created_ms: f.created_ms,
                 })
             })
@@ -291,6 +260,7 @@ impl FdTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::targets::host::Live;
 
     #[test]
     fn birth_times_tell_created_from_reopened() {
@@ -299,16 +269,18 @@ mod tests {
         let old = dir.join("old");
         std::fs::write(&old, b"x").unwrap();
         let old_born = std::fs::metadata(&old).unwrap().created();
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(std::time::Duration::from_millis(60));
         let new = dir.join("new");
         std::fs::write(&new, b"y").unwrap();
-        let now = crate::driver::monotonic_ns();
+        let host = Live::new();
+        let now = host.now_ns();
         let me = std::process::id();
+        let born_at = |path: &std::path::Path| host.born_at(me, path.to_str().unwrap(), now);
         if old_born.is_ok() {
-            assert_eq!(born_at(me, new.to_str().unwrap(), now), Some(true));
-            assert_eq!(born_at(me, old.to_str().unwrap(), now), Some(false));
+            assert_eq!(born_at(&new), Some(true));
+            assert_eq!(born_at(&old), Some(false));
         }
-        assert_eq!(born_at(me, dir.join("gone").to_str().unwrap(), now), None);
+        assert_eq!(born_at(&dir.join("gone")), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -362,20 +334,20 @@ mod tests {
         let me = std::process::id();
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(
-            resolve(me, AT_FDCWD, "a/../b", None),
+            resolve(&Live::new(), me, AT_FDCWD, "a/../b", None),
             format!("{}/b", cwd.display())
         );
-        assert_eq!(resolve(me, AT_FDCWD, "/tmp//x", None), "/tmp/x");
+        assert_eq!(resolve(&Live::new(), me, AT_FDCWD, "/tmp//x", None), "/tmp/x");
         assert_eq!(
-            resolve(u32::MAX - 1, AT_FDCWD, "rel", None),
+            resolve(&Live::new(), u32::MAX - 1, AT_FDCWD, "rel", None),
             "rel",
             "unresolvable stays as given"
         );
         assert_eq!(
-            resolve(u32::MAX - 1, AT_FDCWD, "./rel", Some("/srv/app")),
+            resolve(&Live::new(), u32::MAX - 1, AT_FDCWD, "./rel", Some("/srv/app")),
             "/srv/app/rel",
             "a process gone resolves against its last known working directory"
         );
-        assert_eq!(resolve(u32::MAX - 1, 5, "rel", Some("/srv/app")), "rel");
+        assert_eq!(resolve(&Live::new(), u32::MAX - 1, 5, "rel", Some("/srv/app")), "rel");
     }
 }

@@ -7,14 +7,13 @@ use std::{
     fs::OpenOptions,
     io::Write as _,
     path::PathBuf,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use hashbrown::HashMap;
 
 use crate::{
     report::{GrowthSample, OomKill},
-    targets::cgroup::{self, OomKillCounters, Placement},
+    targets::{cgroup::Placement, host::Host},
 };
 
 /// How far back growth is kept, and how often it is sampled (by the session's tick).
@@ -25,8 +24,6 @@ const HISTORY_MS: u32 = 10 * 60 * 1000;
 pub struct OomWatch {
     history: HashMap<u32, VecDeque<(u32, u64)>>,
     placements: HashMap<u32, Placement>,
-    /// OOM kills per memory cgroup, to place victims already gone.
-    counters: Option<OomKillCounters>,
     /// Every OOM kill seen, oldest first.
     pub records: Vec<OomKill>,
     log: Option<PathBuf>,
@@ -37,14 +34,13 @@ impl OomWatch {
     pub fn new(log: Option<PathBuf>) -> Self {
         Self {
             log,
-            counters: OomKillCounters::new(),
             ..Default::default()
         }
     }
 
     /// Remembers where a traced process lives, while it certainly exists.
-    pub fn track(&mut self, pid: u32) {
-        if let Some(p) = cgroup::placement(pid) {
+    pub fn track(&mut self, host: &dyn Host, pid: u32) {
+        if let Some(p) = host.placement(pid) {
             self.placements.insert(pid, p);
         }
     }
@@ -67,33 +63,9 @@ impl OomWatch {
         }
     }
 
-    /// Where the victim `pid` of the kill just seen lived: the memory cgroup whose OOM-kill
-    /// count went up (read at once; the count lands just after the tracepoint, hence the
-    /// short retries), else its `/proc/PID/cgroup` if it is still there, else as remembered.
-    pub fn victim_placement(&mut self, pid: u32) -> Option<Placement> {
-        let read = cgroup::memory_cgroup_of(pid);
-        let remembered = self.placements.get(&pid).map(|p| p.cgroup.clone());
-        let hint = read
-            .as_ref()
-            .map(|(p, _)| p.clone())
-            .filter(|p| p != "/")
-            .or(remembered);
-        if let Some(counters) = self.counters.as_mut() {
-            for attempt in 0..5 {
-                if let Some((path, v2)) = counters.attribute(hint.as_deref()) {
-                    return Some(cgroup::placement_at(&path, v2));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(2 << attempt));
-            }
-        }
-        match read {
-            Some((path, v2)) if path != "/" => Some(cgroup::placement_at(&path, v2)),
-            _ => self
-                .placements
-                .get(&pid)
-                .cloned()
-                .or_else(|| read.map(|(p, v2)| cgroup::placement_at(&p, v2))),
-        }
+    /// Where the victim `pid` of the kill just seen lived (see [`Host::victim_placement`]).
+    pub fn victim_placement(&self, host: &dyn Host, pid: u32) -> Option<Placement> {
+        host.victim_placement(pid, self.placements.get(&pid))
     }
 
     /// The growth before `at_ms`: a sample about every 30 s over the last 10 minutes, now
@@ -155,13 +127,6 @@ impl OomWatch {
 }
 
 /// Now as RFC 3339 UTC, to the second.
-pub fn utc_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    rfc3339(secs)
-}
-
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
 pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;

@@ -585,7 +585,7 @@ mod tests {
         // glibc's backtrace() is libgcc's .eh_frame unwinder: the oracle no one tunes.
         let mut modules = crate::targets::modules::Modules::default();
         let space =
-            crate::targets::modules::AddressSpace::read(std::process::id(), &mut modules).unwrap();
+            crate::targets::modules::AddressSpace::read(&crate::targets::host::Live::new(), std::process::id(), &mut modules).unwrap();
         let tables: hashbrown::HashMap<_, _> = space
             .modules()
             .iter()

@@ -1,0 +1,412 @@
+//! The stages after the kernel boundary, wired: decode → track → symbolize → report. No BPF,
+//! no privilege of its own: what it asks the system goes through a [`Host`], so a recorded
+//! session replays through it in unit tests exactly as it ran.
+//!
+//! The driver hands it every ring-buffer record ([`Pipeline::apply`]) and the few decisions
+//! that are the driver's own (a process it starts tracking or gives up on, the liveness tick,
+//! a report). It answers with what the driver must act on: a process whose code changed
+//! (attach probes, publish its unwind tables), an alert to print now.
+use hashbrown::HashMap;
+use leaktrace_common::{AllocEvent, Header, alloc_shape, release_op};
+
+use super::record::{Entry, Recorder};
+use crate::{
+    decode::{Event, StackRecord, decode},
+    report::{FdExhaustion, Growth, OomKill, ReportOptions},
+    symbolize::{
+        Symbols,
+        stacks::{Stack, StackStore, normalize},
+    },
+    targets::{
+        host::Host,
+        modules::{AddressSpace, Modules},
+    },
+    track::{fd_events::FdTracker, heap::HeapTables, oom::OomWatch},
+};
+
+/// What the driver must act on after a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// The process exec'd: its new image's modules are in [`Pipeline::space`].
+    Exec(u32),
+    /// A traced process forked this child, now tracked too.
+    Fork(u32),
+    /// The process's dynamic loader changed its object list: maps read again.
+    Loader(u32),
+    /// The process exited and is forgotten: release its probes.
+    Exit(u32),
+}
+
+/// Something that cannot wait for the next report: print it, and write a report now.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Alert {
+    /// The OOM killer chose a victim.
+    Oom(Box<OomKill>),
+    /// A process's descriptor table is full (first time at this stack).
+    Exhausted(Box<FdExhaustion>),
+}
+
+/// What one record did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied {
+    /// The record's header (`None` when it could not be decoded).
+    pub hdr: Option<Header>,
+    pub lifecycle: Option<Lifecycle>,
+    pub alert: Option<Alert>,
+}
+
+/// A full descriptor table, reported once per (process, failing stack).
+pub(super) struct Exhaustion {
+    pub(super) pid: u32,
+    pub(super) stack_id: u64,
+    pub(super) record: FdExhaustion,
+}
+
+/// The tracking state of a session.
+pub struct Pipeline {
+    pub(super) host: Box<dyn Host>,
+    modules: Modules,
+    spaces: HashMap<u32, AddressSpace>,
+    spaces_read: HashMap<u32, u64>,
+    /// Processes whose maps were read since the driver last asked ([`Self::take_respaced`]).
+    respaced: Vec<u32>,
+    pub(super) heap: HeapTables,
+    pub(super) stacks: StackStore,
+    pub(super) symbols: Symbols,
+    pub(super) trend: Growth,
+    pub(super) comms: HashMap<u32, String>,
+    /// Processes tracked and not yet gone.
+    tracked: hashbrown::HashSet<u32>,
+    /// A command we started, not yet exec'd: what it does with descriptors is our own
+    /// spawning code's doing (stdout redirection), not the program's.
+    before_exec: Option<u32>,
+    pub(super) decode_errors: u64,
+    pub(super) options: ReportOptions,
+    /// Growth mode: each process's program break, to see it shrink.
+    brk: HashMap<u32, u64>,
+    pub(super) fd: FdTracker,
+    pub(super) oom: OomWatch,
+    pub(super) exhaustion: Vec<Exhaustion>,
+    /// Writes every call, and the host's answers, for replay.
+    pub(super) recorder: Option<Recorder>,
+}
+
+impl Pipeline {
+    /// An empty pipeline; event times count from now (the host's monotonic clock).
+    pub fn new(
+        host: Box<dyn Host>,
+        options: ReportOptions,
+        fd: FdTracker,
+        oom: OomWatch,
+        symbols: Symbols,
+    ) -> Self {
+        let epoch = host.now_ns();
+        Self {
+            host,
+            modules: Modules::default(),
+            spaces: HashMap::new(),
+            spaces_read: HashMap::new(),
+            respaced: Vec::new(),
+            heap: HeapTables::new(epoch),
+            stacks: StackStore::default(),
+            symbols,
+            trend: Growth::default(),
+            comms: HashMap::new(),
+            tracked: hashbrown::HashSet::new(),
+            before_exec: None,
+            decode_errors: 0,
+            options,
+            brk: HashMap::new(),
+            fd,
+            oom,
+            exhaustion: Vec::new(),
+            recorder: None,
+        }
+    }
+
+    fn log(&mut self, entry: impl FnOnce() -> Entry) {
+        if let Some(r) = &mut self.recorder {
+            r.write(&entry());
+        }
+    }
+
+    /// Where a traced process's code is, as last read.
+    pub fn space(&self, pid: u32) -> Option<&AddressSpace> {
+        self.spaces.get(&pid)
+    }
+
+    /// The processes whose maps were read since the last call: their code is published to
+    /// the stack walker again.
+    pub fn take_respaced(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.respaced)
+    }
+
+    /// The monotonic clock, as the host tells it.
+    pub fn now_ns(&self) -> u64 {
+        self.host.now_ns()
+    }
+
+    /// Reads where the process's code is.
+    pub fn read_space(&mut self, pid: u32) -> std::io::Result<()> {
+        let space = AddressSpace::read(self.host.as_ref(), pid, &mut self.modules)?;
+        tracing::trace!("pid {pid}: maps read: {} ranges", space.ranges().len());
+        self.spaces.insert(pid, space);
+        self.spaces_read.insert(pid, self.host.now_ns());
+        self.respaced.push(pid);
+        Ok(())
+    }
+
+    /// Starts tracking a process: its name, limits and cgroup while it certainly exists,
+    /// and its maps. `spawned`: a command we started, not yet exec'd.
+    pub fn start(&mut self, pid: u32, spawned: bool) {
+        self.log(|| Entry::Start { pid, spawned });
+        self.tracked.insert(pid);
+        if spawned {
+            self.before_exec = Some(pid);
+            return;
+        }
+        self.note(pid);
+        if let Err(e) = self.read_space(pid) {
+            tracing::debug!("pid {pid}: cannot read maps: {e}");
+        }
+    }
+
+    fn note(&mut self, pid: u32) {
+        let host = self.host.as_ref();
+        self.comms.insert(pid, host.comm(pid));
+        self.fd.note_process(host, pid);
+        self.oom.track(host, pid);
+    }
+
+    /// The command name of a process, as first read.
+    pub fn comm(&self, pid: u32) -> String {
+        self.comms
+            .get(&pid)
+            .cloned()
+            .unwrap_or_else(|| self.host.comm(pid))
+    }
+
+    /// Decodes and applies one ring-buffer record.
+    pub fn apply(&mut self, bytes: &[u8]) -> Applied {
+        if let Some(r) = &mut self.recorder {
+            r.write(&Entry::record(bytes));
+        }
+        let event = match decode(bytes) {
+            Ok(event) => event,
+            Err(e) => {
+                if self.decode_errors == 0 {
+                    tracing::warn!("undecodable record: {e}");
+                }
+                self.decode_errors += 1;
+                return Applied {
+                    hdr: None,
+                    lifecycle: None,
+                    alert: None,
+                };
+            }
+        };
+        let hdr = *event.header();
+        let (lifecycle, alert) = self.on_event(event);
+        Applied {
+            hdr: Some(hdr),
+            lifecycle,
+            alert,
+        }
+    }
+
+    fn on_event(&mut self, event: Event<'_>) -> (Option<Lifecycle>, Option<Alert>) {
+        let mut lifecycle = None;
+        let mut alert = None;
+        match event {
+            Event::Alloc(mut e) => {
+                // A sampled block smaller than the sampling unit stands for `sample / size`
+                // blocks like it: its estimated share of outstanding bytes is `sample`.
+                let sample = u64::from(self.options.sample_bytes);
+                if e.addr != 0 && e.size < sample {
+                    e.size = sample;
+                }
+                self.heap.alloc(&e);
+            }
+            Event::Free(e) => self.heap.free(&e),
+            Event::Stack(s) => self.on_stack(&s),
+            Event::Exec(e) => {
+                self.exec(e.hdr.pid, e.hdr.ts_ns);
+                lifecycle = Some(Lifecycle::Exec(e.hdr.pid));
+            }
+            Event::Loader(e) => {
+                let _ = self.read_space(e.hdr.pid);
+                lifecycle = Some(Lifecycle::Loader(e.hdr.pid));
+            }
+            Event::Fork(e) => {
+                let (child, parent) = (e.hdr.pid, e.other_pid);
+                self.tracked.insert(child);
+                self.note(child);
+                self.fd.fork(parent, child);
+                let _ = self.read_space(child);
+                lifecycle = Some(Lifecycle::Fork(child));
+            }
+            Event::Exit(e) => {
+                self.forget(e.hdr.pid, e.hdr.ts_ns);
+                lifecycle = Some(Lifecycle::Exit(e.hdr.pid));
+            }
+            Event::Fd(r) if self.before_exec == Some(r.event.hdr.pid) => {}
+            Event::Fd(r) => {
+                let at_ms = self.heap.ms_since_epoch(r.event.hdr.ts_ns);
+                if let Some(x) = self.fd.on_record(self.host.as_ref(), &r, at_ms) {
+                    alert = self.on_exhausted(x, at_ms);
+                }
+            }
+            Event::Oom(e) => alert = Some(self.on_oom(&e)),
+            Event::Page(e) => {
+                // What a fault added is a block allocated by the stack that first wrote there.
+                self.heap.alloc(&AllocEvent {
+                    hdr: e.hdr,
+                    addr: e.addr,
+                    size: e.size,
+                    old_addr: 0,
+                    stack_id: e.stack_id,
+                    shape: alloc_shape::SIZE,
+                    _pad: 0,
+                });
+            }
+            Event::Release(e) => {
+                let pid = e.hdr.pid;
+                let (start, end) = if e.op == release_op::BRK {
+                    // The break moved: what lay between the new one and a higher old one is
+                    // gone.
+                    let old = self.brk.insert(pid, e.start).unwrap_or(e.start);
+                    (e.start, old.max(e.start))
+                } else {
+                    (e.start, e.end)
+                };
+                self.heap.release_range(pid, start, end);
+            }
+        }
+        (lifecycle, alert)
+    }
+
+    /// The old image is gone; what it held is kept as in use at exit of that image.
+    fn exec(&mut self, pid: u32, ts_ns: u64) {
+        self.heap.exec(pid, ts_ns);
+        self.brk.remove(&pid);
+        self.fd.exec(pid);
+        if self.before_exec == Some(pid) {
+            self.before_exec = None;
+        }
+        self.note(pid);
+        if let Err(e) = self.read_space(pid) {
+            tracing::debug!("pid {pid}: cannot read maps: {e}");
+        }
+    }
+
+    fn on_stack(&mut self, s: &StackRecord<'_>) {
+        if self.stacks.contains(s.stack_id) {
+            return;
+        }
+        let pid = s.hdr.pid;
+        // The innermost frame is always real code: if it is in no known mapping, the maps
+        // are stale (dlopen, JIT) or were never read.
+        let covered = |space: Option<&AddressSpace>| {
+            space.is_some_and(|sp| {
+                s.frames()
+                    .next()
+                    .is_none_or(|a| sp.range(a.saturating_sub(1)).is_some())
+            })
+        };
+        if !covered(self.spaces.get(&pid)) {
+            // New code (dlopen, JIT, a library the loader mapped since exec) or a process we
+            // have not read yet. Read again when the maps we have predate the walk (they may
+            // miss what it saw), else at most every 10 ms.
+            let now = self.host.now_ns();
+            let stale = self.spaces_read.get(&pid).is_none_or(|&read| {
+                read <= s.hdr.ts_ns || now.saturating_sub(read) > 10_000_000
+            });
+            if stale {
+                let _ = self.read_space(pid);
+            }
+        }
+        if !covered(self.spaces.get(&pid)) {
+            tracing::debug!(
+                "pid {pid}: stack {:#x} starts at {:#x}, in no known mapping",
+                s.stack_id,
+                s.frames().next().unwrap_or_default(),
+            );
+        }
+        let mut flags = s.flags;
+        let frames = match self.spaces.get(&pid) {
+            Some(space) => normalize(space, &mut flags, s.frames()),
+            None => normalize(&AddressSpace::default(), &mut flags, s.frames()),
+        };
+        self.stacks.insert(s.stack_id, Stack { pid, flags, frames });
+    }
+
+    /// Forgets a process (it exited, or cannot be traced): keeps what it held at exit.
+    pub fn retire(&mut self, pid: u32, ts_ns: u64) {
+        self.log(|| Entry::Retire { pid, ts_ns });
+        self.forget(pid, ts_ns);
+    }
+
+    fn forget(&mut self, pid: u32, ts_ns: u64) {
+        self.tracked.remove(&pid);
+        self.heap.exit(pid, ts_ns);
+        self.brk.remove(&pid);
+        self.fd.exit(pid, self.heap.ms_since_epoch(ts_ns));
+        self.oom.forget(pid);
+        self.spaces.remove(&pid);
+        self.spaces_read.remove(&pid);
+        let heap_ids: hashbrown::HashSet<u64> = self
+            .heap
+            .snapshot(0, 0)
+            .exited
+            .iter()
+            .filter(|e| e.pid == pid)
+            .flat_map(|e| e.stacks.iter().map(|r| r.counters.stack_id))
+            .collect();
+        // Stacks that still hold descriptors or temp files, or are named in a record, stay.
+        let fd_ids: hashbrown::HashSet<u64> = self
+            .fd
+            .fds
+            .snapshot()
+            .exited
+            .iter()
+            .filter(|e| e.pid == pid)
+            .flat_map(|e| e.stacks.iter().map(|s| s.stack_id))
+            .chain(
+                self.fd
+                    .tmp
+                    .files()
+                    .filter(|f| f.pid == pid)
+                    .map(|f| f.stack_id),
+            )
+            .collect();
+        self.stacks
+            .forget_pid(pid, |id| heap_ids.contains(&id) || fd_ids.contains(&id));
+    }
+
+    /// The liveness tick: notes every tracked process's outstanding heap bytes, for OOM
+    /// records.
+    pub fn tick(&mut self, pids: &[u32]) {
+        self.log(|| Entry::Tick {
+            pids: pids.to_vec(),
+        });
+        let at_ms = self.heap.ms_since_epoch(self.host.now_ns());
+        for &pid in pids {
+            self.oom.sample(pid, at_ms, self.heap.outstanding_of(pid).1);
+        }
+    }
+
+    /// Whether `pid` is tracked (started or forked, not yet gone).
+    pub fn is_tracked(&self, pid: u32) -> bool {
+        self.tracked.contains(&pid)
+    }
+
+    /// The processes tracked, in no order.
+    pub fn tracked(&self) -> impl Iterator<Item = u32> + '_ {
+        self.tracked.iter().copied()
+    }
+
+    /// Allocations seen so far.
+    pub fn allocs(&self) -> u64 {
+        self.heap.totals().allocs
+    }
+}

@@ -1,0 +1,42 @@
+//! Where reports go: stdout or the `--output` file, in the chosen format.
+use std::{
+    io::{self, Write as _},
+    path::PathBuf,
+};
+
+use super::SessionError;
+use crate::{
+    export::{self, FoldedKind, FoldedWeight, Format},
+    report::Report,
+};
+
+/// Where reports go.
+pub(super) struct Sink {
+    pub(super) format: Format,
+    pub(super) weight: FoldedWeight,
+    pub(super) folded_kind: FoldedKind,
+    pub(super) output: Option<PathBuf>,
+}
+
+impl Sink {
+    pub(super) fn emit(&self, report: &Report) -> Result<(), SessionError> {
+        let text = export::render(report, self.format, self.weight, self.folded_kind);
+        match &self.output {
+            Some(path) => {
+                export::to_path(path, &text).map_err(|e| SessionError::Io("cannot write report", e))
+            }
+            None => {
+                let mut out = io::stdout().lock();
+                let r = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+                // A closed pipe (`| head`) is not an error worth failing for.
+                match r {
+                    Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                        Err(SessionError::Io("cannot write report", e))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+

@@ -1,0 +1,222 @@
+//! The privileged half of a session: the kernel source and each process's probes, kept in
+//! step with what the pipeline learns about processes (exec, fork, loader changes, exit).
+use std::sync::Arc;
+
+use hashbrown::{HashMap, HashSet};
+use leaktrace_common::header_flags;
+
+use super::{
+    SessionError,
+    pipeline::{Alert, Lifecycle, Pipeline},
+    reports::KernelStats,
+};
+use crate::{
+    report::{Report, WalkSummary},
+    source::{AllocatorProbes, Detacher, ProcessProbes, Source},
+    targets::{modules::Module, procfs},
+};
+
+/// The source, the probes, and the pipeline they feed.
+pub(super) struct Tracer {
+    pub(super) source: Source,
+    pub(super) pipeline: Pipeline,
+    probes: HashMap<u32, ProcessProbes>,
+    detacher: Detacher,
+    /// Processes that ever had an allocator hooked.
+    pub(super) hooked: HashSet<u32>,
+    /// The process the user named (pid mode) or started (run mode).
+    pub(super) root: u32,
+    /// Allocator probes are attached.
+    pub(super) heap: bool,
+    pub(super) allocator_probes: AllocatorProbes,
+    pub(super) measure_walks: bool,
+}
+
+impl Tracer {
+    pub(super) fn new(source: Source, pipeline: Pipeline) -> Self {
+        Self {
+            source,
+            pipeline,
+            probes: HashMap::new(),
+            detacher: Detacher::default(),
+            hooked: HashSet::new(),
+            root: 0,
+            heap: true,
+            allocator_probes: AllocatorProbes::Full,
+            measure_walks: false,
+        }
+    }
+
+    /// Hands the walker the code of every process whose maps were read since last time.
+    fn publish(&mut self) {
+        for pid in self.pipeline.take_respaced() {
+            if let Some(space) = self.pipeline.space(pid)
+                && let Err(e) = self.source.publish_code(space)
+            {
+                tracing::warn!("pid {pid}: stacks fall back to frame pointers: {e}");
+            }
+        }
+    }
+
+    /// Hooks every allocator and loader the process maps now that is not hooked yet.
+    /// Returns how many of the modules it maps have their allocator hooked, and whether a
+    /// loader it maps is hooked.
+    pub(super) fn hook(&mut self, pid: u32) -> Result<(usize, bool), SessionError> {
+        self.publish();
+        let Some(space) = self.pipeline.space(pid) else {
+            let probes = self.probes.get(&pid);
+            return Ok((
+                probes.map_or(0, |p| p.allocator_modules.len()),
+                probes.is_some_and(|p| !p.loader_modules.is_empty()),
+            ));
+        };
+        let modules = space.modules();
+        let probes = self.probes.entry(pid).or_default();
+        for module in &modules {
+            if self.heap && module.elf.is_allocator() {
+                self.source
+                    .attach_allocator(probes, pid, module, self.allocator_probes)?;
+                tracing::debug!("pid {pid}: hooked the allocator in {}", module.path);
+            }
+            if module.elf.loader_state.is_some() {
+                self.source.attach_loader(probes, pid, module)?;
+            }
+        }
+        // Probes kept from an image the process exec'd away from count only where this image
+        // maps the same module.
+        let mapped = |hooked: &[Arc<Module>]| {
+            modules
+                .iter()
+                .filter(|m| hooked.iter().any(|h| h.key == m.key))
+                .count()
+        };
+        let n = mapped(&probes.allocator_modules);
+        let loader = mapped(&probes.loader_modules) > 0;
+        if n > 0 {
+            self.hooked.insert(pid);
+        }
+        // Without heap tracing, any module will do: nothing is hooked, nothing is missing.
+        Ok((if self.heap { n } else { modules.len() }, loader))
+    }
+
+    /// Releases what the kernel side holds for a process that is gone.
+    fn release(&mut self, pid: u32) {
+        if let Some(probes) = self.probes.remove(&pid) {
+            self.detacher.detach(probes);
+        }
+        self.source.untrace(pid);
+        self.source.unpublish_code(pid);
+    }
+
+    /// Forgets a process: keeps what it held at exit, releases its probes.
+    pub(super) fn retire(&mut self, pid: u32, ts_ns: u64) {
+        self.pipeline.retire(pid, ts_ns);
+        self.release(pid);
+    }
+
+    /// Applies one ring-buffer record. Gated processes are released afterwards whatever
+    /// happened. Returns an alert to act on at once.
+    pub(super) fn handle(&mut self, bytes: &[u8]) -> Result<Option<Alert>, SessionError> {
+        let applied = self.pipeline.apply(bytes);
+        let Some(hdr) = applied.hdr else {
+            return Ok(None);
+        };
+        let result = match applied.lifecycle {
+            Some(Lifecycle::Exec(pid)) => self.on_exec(pid, hdr.ts_ns),
+            Some(Lifecycle::Loader(pid)) => self.hook(pid).map(drop),
+            Some(Lifecycle::Fork(child)) => {
+                if let Err(e) = self.hook(child) {
+                    tracing::warn!("pid {child} (forked) cannot be traced: {e}");
+                }
+                Ok(())
+            }
+            Some(Lifecycle::Exit(pid)) => {
+                self.release(pid);
+                Ok(())
+            }
+            None => {
+                self.publish();
+                Ok(())
+            }
+        };
+        if hdr.flags & header_flags::STOPPED != 0 {
+            // The kernel side stopped this process for us. A command we cannot trace at all
+            // has not run a single instruction of its own yet: end it rather than let it run
+            // unsupervised.
+            let signal = if matches!(result, Err(SessionError::NoAllocator { .. })) {
+                libc::SIGKILL
+            } else {
+                libc::SIGCONT
+            };
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(hdr.pid as i32, signal) };
+        }
+        result.map(|()| applied.alert)
+    }
+
+    fn on_exec(&mut self, pid: u32, ts_ns: u64) -> Result<(), SessionError> {
+        // Probes stay across exec. A uprobe is placed on a file, scoped to the process, so a
+        // probe on a module the new image maps again (libc, the loader) is exactly the probe
+        // the new image needs, and `hook` will not attach a second one; a probe on a module
+        // it does not map never fires. Detaching them instead takes ~90 ms a probe (see
+        // `Detacher`), and until that is done the new image would run under both the old
+        // probes and the new: every free reported twice.
+        let (hooked, has_loader) = self.hook(pid)?;
+        if hooked == 0 && !has_loader && procfs::is_alive(pid) {
+            // A static executable without malloc: nothing will ever be hooked.
+            if pid != self.root {
+                tracing::warn!(
+                    "pid {pid} ({}) exec'd a program without a hookable allocator; not traced",
+                    self.pipeline.comm(pid)
+                );
+                self.retire(pid, ts_ns);
+                return Ok(());
+            }
+            return Err(SessionError::NoAllocator {
+                pid,
+                comm: procfs::comm(pid),
+                detail: "its statically linked executable defines no malloc/free".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// What only the kernel side knows, now.
+    fn kernel_stats(&self) -> KernelStats {
+        use leaktrace_common::counter;
+        KernelStats {
+            lost: self
+                .source
+                .drops()
+                .into_iter()
+                .map(|(cause, n)| (cause.to_owned(), n))
+                .collect(),
+            filtered_frees: self.source.counter(counter::FILTERED_FREES),
+            stack_cache_hits: self.source.counter(counter::WALK_CACHE_HITS),
+            stack_walks: self.source.counter(counter::WALKS),
+            walks: self.measure_walks.then(|| {
+                let w = self.source.walk_stats();
+                let per = |x: u64| {
+                    if w.walks == 0 {
+                        0.0
+                    } else {
+                        x as f64 / w.walks as f64
+                    }
+                };
+                WalkSummary {
+                    walks: w.walks,
+                    frames_per_walk: per(w.frames),
+                    ns_per_walk: per(w.ns),
+                    unwind_rows: self.source.unwind_rows_used().0 as u64,
+                    bpf_map_bytes: crate::source::map_memory_bytes(),
+                }
+            }),
+        }
+    }
+
+    /// A report of everything so far.
+    pub(super) fn report(&mut self, is_final: bool) -> Report {
+        let kernel = self.kernel_stats();
+        self.pipeline.report(is_final, &kernel)
+    }
+}
