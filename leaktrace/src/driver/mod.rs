@@ -26,6 +26,9 @@ mod session;
 mod sink;
 mod tracer;
 
+#[cfg(test)]
+mod replay_tests;
+
 pub use pipeline::{Alert, Applied, Lifecycle, Pipeline};
 pub use reports::KernelStats;
 pub use session::run;
@@ -171,4 +174,3 @@ fn on_alert(tracer: &mut Tracer, sink: &Sink, alert: &Alert) {
         }
     }
 }
-

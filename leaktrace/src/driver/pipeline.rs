@@ -318,9 +318,10 @@ impl Pipeline {
             // have not read yet. Read again when the maps we have predate the walk (they may
             // miss what it saw), else at most every 10 ms.
             let now = self.host.now_ns();
-            let stale = self.spaces_read.get(&pid).is_none_or(|&read| {
-                read <= s.hdr.ts_ns || now.saturating_sub(read) > 10_000_000
-            });
+            let stale = self
+                .spaces_read
+                .get(&pid)
+                .is_none_or(|&read| read <= s.hdr.ts_ns || now.saturating_sub(read) > 10_000_000);
             if stale {
                 let _ = self.read_space(pid);
             }

@@ -17,10 +17,7 @@ use hashbrown::HashMap;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use super::{
-    pipeline::Pipeline,
-    reports::KernelStats,
-};
+use super::{pipeline::Pipeline, reports::KernelStats};
 use crate::{
     report::{Report, ReportOptions, TracerUsage},
     symbolize::{Resolved, Symbols},
@@ -55,7 +52,9 @@ pub enum Entry {
     /// What the host answered to question `q`.
     Answer { q: String, a: Value },
     /// What every (module, offset) looked up resolved to.
-    Symbols { entries: Vec<(u64, u64, u64, Resolved)> },
+    Symbols {
+        entries: Vec<(u64, u64, u64, Resolved)>,
+    },
 }
 
 impl Entry {
@@ -122,9 +121,7 @@ impl Recording {
 
     fn note<T: Serialize>(&self, q: String, a: T) -> T {
         let value = serde_json::to_value(&a).unwrap_or(Value::Null);
-        self.out
-            .borrow_mut()
-            .write(&Entry::Answer { q, a: value });
+        self.out.borrow_mut().write(&Entry::Answer { q, a: value });
         a
     }
 }
@@ -265,8 +262,10 @@ fn unhex(hex: &str) -> Option<Vec<u8>> {
 pub fn replay(text: &str) -> Result<Vec<Report>, ReplayError> {
     let mut entries = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
-        let entry: Entry =
-            serde_json::from_str(line).map_err(|source| ReplayError::Json { line: i + 1, source })?;
+        let entry: Entry = serde_json::from_str(line).map_err(|source| ReplayError::Json {
+            line: i + 1,
+            source,
+        })?;
         entries.push((i + 1, entry));
     }
     let host = Replayed::default();

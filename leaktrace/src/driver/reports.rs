@@ -6,8 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::pipeline::{Alert, Exhaustion, Pipeline};
 use crate::{
     report::{
-        self, FdExhaustion, FdHolder, Frame, HeapHolder, OomKill, Report, ReportInput,
-        WalkSummary,
+        self, FdExhaustion, FdHolder, Frame, HeapHolder, OomKill, Report, ReportInput, WalkSummary,
     },
     track::fd_events::Exhausted,
 };

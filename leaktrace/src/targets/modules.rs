@@ -463,7 +463,12 @@ mod tests {
     #[test]
     fn address_space_maps_code_addresses_to_file_offsets() {
         let mut modules = Modules::default();
-        let space = AddressSpace::read(&crate::targets::host::Live::new(), std::process::id(), &mut modules).unwrap();
+        let space = AddressSpace::read(
+            &crate::targets::host::Live::new(),
+            std::process::id(),
+            &mut modules,
+        )
+        .unwrap();
         let here = address_space_maps_code_addresses_to_file_offsets as *const () as usize as u64;
         let (module, offset) = space.lookup(here).expect("own code is mapped");
         assert_eq!(Some(&module.path), space.exe.as_ref());

@@ -15,7 +15,6 @@ use crate::{
     track::tmp::{self, TmpFile, TmpFiles},
 };
 
-
 /// What a creating call makes.
 pub fn kind_of_call(call: u16) -> FdKind {
     match call {
@@ -240,9 +239,12 @@ impl FdTracker {
     }
 
     /// Watched temp files that still exist, with their size now.
+    /// In creation order (then by path), so sample paths come out the same every time.
     pub fn tmp_rows(&self, host: &dyn Host) -> Vec<TmpRow> {
-        self.tmp
-            .files()
+        let mut files: Vec<&TmpFile> = self.tmp.files().collect();
+        files.sort_by(|a, b| (a.pid, a.created_ms, &a.path).cmp(&(b.pid, b.created_ms, &b.path)));
+        files
+            .into_iter()
             .filter_map(|f| {
                 let fd = f.unnamed.then_some(f.fd);
                 Some(TmpRow {
@@ -337,17 +339,29 @@ mod tests {
             resolve(&Live::new(), me, AT_FDCWD, "a/../b", None),
             format!("{}/b", cwd.display())
         );
-        assert_eq!(resolve(&Live::new(), me, AT_FDCWD, "/tmp//x", None), "/tmp/x");
+        assert_eq!(
+            resolve(&Live::new(), me, AT_FDCWD, "/tmp//x", None),
+            "/tmp/x"
+        );
         assert_eq!(
             resolve(&Live::new(), u32::MAX - 1, AT_FDCWD, "rel", None),
             "rel",
             "unresolvable stays as given"
         );
         assert_eq!(
-            resolve(&Live::new(), u32::MAX - 1, AT_FDCWD, "./rel", Some("/srv/app")),
+            resolve(
+                &Live::new(),
+                u32::MAX - 1,
+                AT_FDCWD,
+                "./rel",
+                Some("/srv/app")
+            ),
             "/srv/app/rel",
             "a process gone resolves against its last known working directory"
         );
-        assert_eq!(resolve(&Live::new(), u32::MAX - 1, 5, "rel", Some("/srv/app")), "rel");
+        assert_eq!(
+            resolve(&Live::new(), u32::MAX - 1, 5, "rel", Some("/srv/app")),
+            "rel"
+        );
     }
 }

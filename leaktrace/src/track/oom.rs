@@ -2,12 +2,7 @@
 //! more than `Exit Code: 137` — where the victim lived, how fast its heap grew before, and
 //! (built by the session) which stacks held its memory. Records are written out at once,
 //! to a log that survives the victim and the tracer.
-use std::{
-    collections::VecDeque,
-    fs::OpenOptions,
-    io::Write as _,
-    path::PathBuf,
-};
+use std::{collections::VecDeque, fs::OpenOptions, io::Write as _, path::PathBuf};
 
 use hashbrown::HashMap;
 

@@ -584,8 +584,12 @@ mod tests {
     fn the_walk_matches_glibcs_backtrace_frame_for_frame() {
         // glibc's backtrace() is libgcc's .eh_frame unwinder: the oracle no one tunes.
         let mut modules = crate::targets::modules::Modules::default();
-        let space =
-            crate::targets::modules::AddressSpace::read(&crate::targets::host::Live::new(), std::process::id(), &mut modules).unwrap();
+        let space = crate::targets::modules::AddressSpace::read(
+            &crate::targets::host::Live::new(),
+            std::process::id(),
+            &mut modules,
+        )
+        .unwrap();
         let tables: hashbrown::HashMap<_, _> = space
             .modules()
             .iter()
