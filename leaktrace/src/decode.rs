@@ -8,6 +8,8 @@ use leaktrace_common::{
 };
 use std::mem::size_of;
 
+use bytes::Buf as _;
+
 /// A decoded record. `Stack` borrows its frames from the ring buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event<'a> {
@@ -82,29 +84,26 @@ pub enum DecodeError {
     TooManyFrames(u32),
 }
 
-/// Little-endian field reader over one record.
+/// Little-endian field reader over one record whose length was checked ([`need`]).
 struct Fields<'a> {
-    bytes: &'a [u8],
-    at: usize,
+    rest: &'a [u8],
 }
 
-impl Fields<'_> {
+impl<'a> Fields<'a> {
     fn u16(&mut self) -> u16 {
-        let v = u16::from_le_bytes([self.bytes[self.at], self.bytes[self.at + 1]]);
-        self.at += 2;
-        v
+        self.rest.get_u16_le()
     }
     fn u32(&mut self) -> u32 {
-        let mut b = [0; 4];
-        b.copy_from_slice(&self.bytes[self.at..self.at + 4]);
-        self.at += 4;
-        u32::from_le_bytes(b)
+        self.rest.get_u32_le()
     }
     fn u64(&mut self) -> u64 {
-        let mut b = [0; 8];
-        b.copy_from_slice(&self.bytes[self.at..self.at + 8]);
-        self.at += 8;
-        u64::from_le_bytes(b)
+        self.rest.get_u64_le()
+    }
+    /// The next `n` bytes, as they are.
+    fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        head
     }
     fn header(&mut self) -> Header {
         Header {
@@ -118,6 +117,8 @@ impl Fields<'_> {
     }
 }
 
+/// A reader over `bytes` once it is known to hold at least `size` bytes: every read after
+/// this is in bounds.
 fn need<'a>(bytes: &'a [u8], what: &'static str, size: usize) -> Result<Fields<'a>, DecodeError> {
     if bytes.len() < size {
         return Err(DecodeError::TooShort {
@@ -126,7 +127,9 @@ fn need<'a>(bytes: &'a [u8], what: &'static str, size: usize) -> Result<Fields<'
             need: size,
         });
     }
-    Ok(Fields { bytes, at: 0 })
+    Ok(Fields {
+        rest: &bytes[..size],
+    })
 }
 
 /// Decodes one record.
@@ -161,12 +164,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             if nr as usize > MAX_FRAMES {
                 return Err(DecodeError::TooManyFrames(nr));
             }
-            let start = f.at;
             Event::Stack(StackRecord {
                 hdr,
                 stack_id,
                 flags,
-                bytes: &bytes[start..start + 8 * nr as usize],
+                bytes: f.bytes(8 * nr as usize),
             })
         }
         kind::FD | kind::FD_PATH => {
@@ -189,7 +191,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 value: f.u64(),
             };
             let path = (kind == kind::FD_PATH).then(|| {
-                let raw = &bytes[f.at..f.at + FD_PATH_LEN];
+                let raw = f.bytes(FD_PATH_LEN);
                 &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]
             });
             Event::Fd(FdRecord { event, path })
@@ -225,7 +227,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 shmem_rss_kb: f.u64(),
                 comm: [0; 16],
             };
-            e.comm.copy_from_slice(&bytes[f.at..f.at + 16]);
+            e.comm.copy_from_slice(f.bytes(16));
             Event::Oom(e)
         }
         kind::EXEC | kind::EXIT | kind::FORK | kind::LOADER => {
