@@ -22,7 +22,7 @@ use crate::{
     report::{Report, ReportOptions, TracerUsage},
     symbolize::{Resolved, Symbols},
     targets::{
-        cgroup::Placement,
+        cgroup::Attribution,
         host::{Host, Live},
         procfs::Mapping,
     },
@@ -159,12 +159,16 @@ impl Host for Recording {
         let q = format!("size {pid} {path} {fd:?}");
         self.note(q, self.live.file_size(pid, path, fd))
     }
-    fn placement(&self, pid: u32) -> Option<Placement> {
-        self.note(format!("placement {pid}"), self.live.placement(pid))
+    fn attribution(&self, pid: u32) -> Option<Attribution> {
+        self.note(format!("attribution {pid}"), self.live.attribution(pid))
     }
-    fn victim_placement(&self, pid: u32, remembered: Option<&Placement>) -> Option<Placement> {
+    fn victim_attribution(
+        &self,
+        pid: u32,
+        remembered: Option<&Attribution>,
+    ) -> Option<Attribution> {
         let q = format!("victim {pid}");
-        self.note(q, self.live.victim_placement(pid, remembered))
+        self.note(q, self.live.victim_attribution(pid, remembered))
     }
     fn now_ns(&self) -> u64 {
         self.note("now".into(), self.live.now_ns())
@@ -220,10 +224,14 @@ impl Host for Replayed {
     fn file_size(&self, pid: u32, path: &str, fd: Option<i32>) -> Option<u64> {
         self.answer(&format!("size {pid} {path} {fd:?}")).flatten()
     }
-    fn placement(&self, pid: u32) -> Option<Placement> {
-        self.answer(&format!("placement {pid}")).flatten()
+    fn attribution(&self, pid: u32) -> Option<Attribution> {
+        self.answer(&format!("attribution {pid}")).flatten()
     }
-    fn victim_placement(&self, pid: u32, _remembered: Option<&Placement>) -> Option<Placement> {
+    fn victim_attribution(
+        &self,
+        pid: u32,
+        _remembered: Option<&Attribution>,
+    ) -> Option<Attribution> {
         self.answer(&format!("victim {pid}")).flatten()
     }
     fn now_ns(&self) -> u64 {

@@ -144,7 +144,7 @@ impl Pipeline {
         let at_ms = self.heap.ms_since_epoch(e.hdr.ts_ns);
         let comm = String::from_utf8_lossy(e.comm.split(|&b| b == 0).next().unwrap_or_default())
             .into_owned();
-        let placement = self.oom.victim_placement(self.host.as_ref(), pid);
+        let attribution = self.oom.victim_attribution(self.host.as_ref(), pid);
         let (mut heap_top, mut fd_top, mut growth, mut rate) =
             (Vec::new(), Vec::new(), Vec::new(), None);
         if traced {
@@ -162,12 +162,12 @@ impl Pipeline {
         let kill = OomKill {
             pid,
             comm,
-            cgroup: placement.as_ref().map(|p| p.cgroup.clone()),
-            container_id: placement.as_ref().and_then(|p| p.container_id.clone()),
-            pod_uid: placement.as_ref().and_then(|p| p.pod_uid.clone()),
+            cgroup: attribution.as_ref().map(|p| p.cgroup.clone()),
+            container_id: attribution.as_ref().and_then(|p| p.container_id.clone()),
+            pod_uid: attribution.as_ref().and_then(|p| p.pod_uid.clone()),
             rss_bytes: (e.anon_rss_kb + e.file_rss_kb + e.shmem_rss_kb) * 1024,
             anon_rss_bytes: e.anon_rss_kb * 1024,
-            limit_bytes: placement.and_then(|p| p.limit_bytes),
+            limit_bytes: attribution.and_then(|p| p.limit_bytes),
             oom_score_adj: e.oom_score_adj,
             traced,
             time: self.host.utc_now(),

@@ -17,7 +17,7 @@ pub enum AllocatorProbes {
     /// Every entry point, with its return: exact tracing.
     #[default]
     Full,
-    /// Empty programs on `malloc` and `free` only, where placement puts them: the cost of
+    /// Empty programs on `malloc` and `free` only, at their probe points: the cost of
     /// the traps alone, the floor benchmarks compare with.
     Floor,
     /// The floor plus an empty return probe on `malloc`.
@@ -171,7 +171,7 @@ impl Source {
             let entry_program = alloc_shape::entry_program(entry.shape);
             self.attach_one(probes, entry_program, module, at, pid)?;
             if alloc_shape::allocates(entry.shape) {
-                // Placement guarantees `[rsp]` is still the return address there.
+                // The probe point guarantees `[rsp]` is still the return address there.
                 self.attach_one(probes, program::ALLOC_RETURN, module, at, pid)?;
             }
         }

@@ -106,9 +106,10 @@ pub fn parse_limit(text: &str) -> Option<u64> {
     (v < (1 << 62)).then_some(v)
 }
 
-/// What an OOM record says about where a process lived.
+/// Where a process lives: its memory cgroup, the container and pod that cgroup belongs to,
+/// and the memory limit that applies to it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Placement {
+pub struct Attribution {
     pub cgroup: String,
     pub container_id: Option<String>,
     pub pod_uid: Option<String>,
@@ -130,13 +131,13 @@ fn hierarchy_root(v2: bool) -> Option<PathBuf> {
 }
 
 /// Reads where `pid` lives, while it still exists.
-pub fn placement(pid: u32) -> Option<Placement> {
+pub fn attribution(pid: u32) -> Option<Attribution> {
     let (path, v2) = memory_cgroup_of(pid)?;
-    Some(placement_at(&path, v2))
+    Some(attribution_at(&path, v2))
 }
 
 /// What is known of the memory cgroup at `path` (as `/proc/PID/cgroup` writes it).
-pub fn placement_at(path: &str, v2: bool) -> Placement {
+pub fn attribution_at(path: &str, v2: bool) -> Attribution {
     let file = if v2 {
         "memory.max"
     } else {
@@ -156,7 +157,7 @@ pub fn placement_at(path: &str, v2: bool) -> Placement {
             }
         }
     });
-    Placement {
+    Attribution {
         cgroup: path.to_owned(),
         container_id: container_id(path),
         pod_uid: pod_uid(path),

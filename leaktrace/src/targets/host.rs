@@ -14,7 +14,7 @@ use std::{
 use crate::{
     report::TracerUsage,
     targets::{
-        cgroup::{self, OomKillCounters, Placement},
+        cgroup::{self, Attribution, OomKillCounters},
         procfs::{self, Mapping},
     },
 };
@@ -39,9 +39,10 @@ pub trait Host {
     /// it is unnamed, else by `path`. `None` when it is gone.
     fn file_size(&self, pid: u32, path: &str, fd: Option<i32>) -> Option<u64>;
     /// Where `pid` lives (memory cgroup, container, pod, limit), while it exists.
-    fn placement(&self, pid: u32) -> Option<Placement>;
+    fn attribution(&self, pid: u32) -> Option<Attribution>;
     /// Where the victim of the OOM kill just seen lived (`remembered`: as read earlier).
-    fn victim_placement(&self, pid: u32, remembered: Option<&Placement>) -> Option<Placement>;
+    fn victim_attribution(&self, pid: u32, remembered: Option<&Attribution>)
+    -> Option<Attribution>;
     /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of the kernel side's timestamps.
     fn now_ns(&self) -> u64;
     /// Wall-clock time now, RFC 3339 UTC.
@@ -129,14 +130,18 @@ impl Host for Live {
         Some(meta.ok()?.len())
     }
 
-    fn placement(&self, pid: u32) -> Option<Placement> {
-        cgroup::placement(pid)
+    fn attribution(&self, pid: u32) -> Option<Attribution> {
+        cgroup::attribution(pid)
     }
 
     /// The memory cgroup whose OOM-kill count went up (read at once; the count lands just
     /// after the tracepoint, hence the short retries), else its `/proc/PID/cgroup` if it is
     /// still there, else as remembered.
-    fn victim_placement(&self, pid: u32, remembered: Option<&Placement>) -> Option<Placement> {
+    fn victim_attribution(
+        &self,
+        pid: u32,
+        remembered: Option<&Attribution>,
+    ) -> Option<Attribution> {
         let read = cgroup::memory_cgroup_of(pid);
         let hint = read
             .as_ref()
@@ -146,16 +151,16 @@ impl Host for Live {
         if let Some(counters) = self.counters.borrow_mut().as_mut() {
             for attempt in 0..5 {
                 if let Some((path, v2)) = counters.attribute(hint.as_deref()) {
-                    return Some(cgroup::placement_at(&path, v2));
+                    return Some(cgroup::attribution_at(&path, v2));
                 }
                 std::thread::sleep(Duration::from_millis(2 << attempt));
             }
         }
         match read {
-            Some((path, v2)) if path != "/" => Some(cgroup::placement_at(&path, v2)),
+            Some((path, v2)) if path != "/" => Some(cgroup::attribution_at(&path, v2)),
             _ => remembered
                 .cloned()
-                .or_else(|| read.map(|(p, v2)| cgroup::placement_at(&p, v2))),
+                .or_else(|| read.map(|(p, v2)| cgroup::attribution_at(&p, v2))),
         }
     }
 

@@ -8,7 +8,7 @@ use hashbrown::HashMap;
 
 use crate::{
     report::{GrowthSample, OomKill},
-    targets::{cgroup::Placement, host::Host},
+    targets::{cgroup::Attribution, host::Host},
 };
 
 /// How far back growth is kept, and how often it is sampled (by the session's tick).
@@ -18,7 +18,7 @@ const HISTORY_MS: u32 = 10 * 60 * 1000;
 #[derive(Debug, Default)]
 pub struct OomWatch {
     history: HashMap<u32, VecDeque<(u32, u64)>>,
-    placements: HashMap<u32, Placement>,
+    attributions: HashMap<u32, Attribution>,
     /// Every OOM kill seen, oldest first.
     pub records: Vec<OomKill>,
     log: Option<PathBuf>,
@@ -35,15 +35,15 @@ impl OomWatch {
 
     /// Remembers where a traced process lives, while it certainly exists.
     pub fn track(&mut self, host: &dyn Host, pid: u32) {
-        if let Some(p) = host.placement(pid) {
-            self.placements.insert(pid, p);
+        if let Some(p) = host.attribution(pid) {
+            self.attributions.insert(pid, p);
         }
     }
 
     /// Forgets a process that is gone.
     pub fn forget(&mut self, pid: u32) {
         self.history.remove(&pid);
-        self.placements.remove(&pid);
+        self.attributions.remove(&pid);
     }
 
     /// Notes a process's outstanding heap bytes at `at_ms`.
@@ -58,9 +58,9 @@ impl OomWatch {
         }
     }
 
-    /// Where the victim `pid` of the kill just seen lived (see [`Host::victim_placement`]).
-    pub fn victim_placement(&self, host: &dyn Host, pid: u32) -> Option<Placement> {
-        host.victim_placement(pid, self.placements.get(&pid))
+    /// Where the victim `pid` of the kill just seen lived (see [`Host::victim_attribution`]).
+    pub fn victim_attribution(&self, host: &dyn Host, pid: u32) -> Option<Attribution> {
+        host.victim_attribution(pid, self.attributions.get(&pid))
     }
 
     /// The growth before `at_ms`: a sample about every 30 s over the last 10 minutes, now
