@@ -1,12 +1,18 @@
-//! A tracing session: the one loop that drains the ring buffer into the tables, reacts to
-//! process lifecycle records (attaching probes, releasing gated processes) and writes reports
-//! every interval and at the end.
+//! The driver: wires the stages for one session (`--pid`, `run`) and nothing more.
 //!
 //! ```text
-//! probes ─► ring buffer ─► decode ─► Tracer::handle ─┬─► HeapTables / StackStore
-//!                                                    └─► attach probes, SIGCONT
-//! interval / end ─► report::build ─► export::render ─► stdout or --output
+//! source ─► ring buffer ─► Tracer::handle ─► Pipeline::apply (decode → track)
+//!                               │                  │
+//!                               │   exec/fork/loader: attach probes, publish unwind tables
+//!                               └─ SIGCONT a gated process
+//! interval / alert / end ─► Pipeline::report (symbolize → report) ─► Sink (export)
 //! ```
+//!
+//! - [`pipeline`](Pipeline): the unprivileged stages, fed record by record;
+//! - `tracer`: the privileged half, the source and each process's probes;
+//! - `session`: the event loop (ring buffer, pidfd, signals, timers);
+//! - [`record`]: `--record` and replay;
+//! - `sink`: where reports go.
 use std::{ffi::OsString, io, path::PathBuf, time::Duration};
 
 use aya::maps::{MapData, RingBuf};

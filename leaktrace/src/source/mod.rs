@@ -3,8 +3,8 @@
 //! BPF interface (through aya); what it attaches is read from `leaktrace-common`'s
 //! catalogues, and every name it looks up is a constant from there.
 //!
-//! - [`probes`]: the allocator and loader uprobes of each process, and their release;
-//! - [`code`]: the stack walker's view of each process (mappings, unwind tables);
+//! - `probes`: the allocator and loader uprobes of each process, and their release;
+//! - `code`: the stack walker's view of each process (mappings, unwind tables);
 //! - here: loading, the tracepoints, the traced-process map and the kernel's counters.
 use aya::{
     Ebpf, EbpfLoader,
