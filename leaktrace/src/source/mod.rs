@@ -258,3 +258,31 @@ fn wanted(family: u32, opts: &LoadOptions) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSymbol as _};
+
+    use super::*;
+
+    #[test]
+    fn the_object_defines_every_name_the_catalogues_use() {
+        if OBJECT.is_empty() {
+            eprintln!("skipped: built without the eBPF toolchain (cargo xtask setup)");
+            return;
+        }
+        let elf = object::File::parse(OBJECT).unwrap();
+        let symbols: hashbrown::HashSet<&str> =
+            elf.symbols().filter_map(|s| s.name().ok()).collect();
+        let entries = alloc_shape::ALL.map(alloc_shape::entry_program);
+        let names = TRACEPOINTS
+            .iter()
+            .map(|t| t.program)
+            .chain(entries)
+            .chain(program::UPROBES.iter().copied())
+            .chain(map::ALL.iter().copied());
+        for name in names {
+            assert!(symbols.contains(name), "the eBPF object has no {name}");
+        }
+    }
+}
