@@ -54,9 +54,16 @@ enum Task {
         #[arg(long, value_name = "NAME")]
         workload: Vec<String>,
         /// Overhead: only these configurations (repeatable, e.g. `growth`); untraced is always
-        /// measured, as the reference.
+        /// measured, as the reference, and a configuration's `(baseline)` row goes with it.
         #[arg(long, value_name = "CONFIG")]
         config: Vec<String>,
+        /// Overhead: also run every configuration that runs leaktrace (floor, full, full
+        /// sampled 64K, growth) with the leaktrace binary at PATH, e.g. one built from an
+        /// earlier commit, as `<config> (baseline)` rows interleaved in the same rounds; the
+        /// `× baseline` column is this tree's median over the baseline's. floor's empty
+        /// programs never change: its ratio shows the noise.
+        #[arg(long, value_name = "PATH")]
+        baseline: Option<PathBuf>,
     },
 }
 
@@ -81,13 +88,14 @@ fn main() -> Result<()> {
             json,
             workload,
             config,
+            baseline,
         } => {
             setup()?;
             match only.as_str() {
                 "unwind" => bench::unwind(rounds),
                 "fd" => bench::fd(rounds),
                 "alloc" => bench::run(rounds),
-                "overhead" => overhead::run(rounds, json, &workload, &config),
+                "overhead" => overhead::run(rounds, json, &workload, &config, baseline),
                 other => anyhow::bail!("no benchmark `{other}` (overhead, alloc, unwind, fd)"),
             }
         }

@@ -16,6 +16,13 @@
 //! - bcc-style: bpftrace on `malloc` entry + return and `free` entry, as memleak attaches,
 //!   with a stack id per allocation (when bpftrace is installed).
 //!
+//! With `--baseline PATH`, every row that runs leaktrace (floor, full, full sampled 64K,
+//! growth) is also run with that binary, one built from an earlier commit, as
+//! `<config> (baseline)` right after its own row in every round; `× baseline` is the current
+//! binary's median over the baseline's. floor's empty programs never change, so its ratio is
+//! the noise yardstick for the others; floor+ret and bcc-style are left out (floor+ret adds
+//! nothing floor does not show, bpftrace is not leaktrace).
+//!
 //! Workloads time themselves: the churn fixture prints ns per malloc/free pair; the real
 //! programs are timed from inside by a preloaded constructor/destructor (`bench_timer.c`),
 //! so a tracer's start-up is not counted against it.
@@ -68,6 +75,39 @@ impl Config {
             Config::Full | Config::Sampled => Some("full"),
             Config::Growth => Some("growth"),
             _ => None,
+        }
+    }
+
+    /// Whether `--baseline` adds a row of this configuration run with the baseline binary.
+    fn has_baseline(self) -> bool {
+        matches!(
+            self,
+            Config::Floor | Config::Full | Config::Sampled | Config::Growth
+        )
+    }
+}
+
+/// Which leaktrace binary a row runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Binary {
+    /// `target/release/leaktrace`, built from this tree.
+    Current,
+    /// `--baseline PATH`: one built from an earlier commit.
+    Baseline,
+}
+
+/// One row of the table: a configuration, and the leaktrace binary it runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Row {
+    config: Config,
+    binary: Binary,
+}
+
+impl Row {
+    fn label(self) -> String {
+        match self.binary {
+            Binary::Current => self.config.name().into(),
+            Binary::Baseline => format!("{} (baseline)", self.config.name()),
         }
     }
 }
@@ -274,12 +314,39 @@ fn which(program: &str) -> bool {
 
 struct Env<'a> {
     leaktrace: &'a str,
+    /// `--baseline PATH`.
+    baseline: Option<&'a str>,
     timer: &'a Path,
     dir: &'a Path,
     libc: String,
 }
 
-fn run_once(env: &Env<'_>, w: &Workload, config: Config) -> Result<Sample> {
+impl Env<'_> {
+    fn leaktrace(&self, binary: Binary) -> &str {
+        match binary {
+            Binary::Current => self.leaktrace,
+            Binary::Baseline => self.baseline.expect("baseline rows only with --baseline"),
+        }
+    }
+
+    /// The comms the tracers run under, for `settle`.
+    fn tracer_comms(&self) -> Vec<String> {
+        let mut comms = vec!["bpftrace".to_owned(), comm_of(self.leaktrace)];
+        comms.extend(self.baseline.map(comm_of));
+        comms
+    }
+}
+
+/// The comm a program runs under: its file name, cut to the kernel's 15 bytes.
+fn comm_of(program: &str) -> String {
+    let name = Path::new(program)
+        .file_name()
+        .map_or_else(|| program.into(), |n| n.to_string_lossy());
+    String::from_utf8_lossy(&name.as_bytes()[..name.len().min(15)]).into_owned()
+}
+
+fn run_once(env: &Env<'_>, w: &Workload, row: Row) -> Result<Sample> {
+    let config = row.config;
     let time_file = env.dir.join("time.txt");
     let report = env.dir.join("report.json");
     let _ = std::fs::remove_file(&time_file);
@@ -301,7 +368,7 @@ fn run_once(env: &Env<'_>, w: &Workload, config: Config) -> Result<Sample> {
             c
         }
         _ => {
-            let mut c = as_root(env.leaktrace);
+            let mut c = as_root(env.leaktrace(row.binary));
             c.args(["run", "--only", "heap", "--format", "json", "--mode"])
                 .arg(config.leaktrace_mode().unwrap_or("full"))
                 .args(if config == Config::Sampled {
@@ -327,9 +394,9 @@ fn run_once(env: &Env<'_>, w: &Workload, config: Config) -> Result<Sample> {
         .output()
         .with_context(|| format!("{cmd:?}"))?;
     if !out.status.success() {
-        bail!("{} under {}: {}", w.name, config.name(), out.status);
+        bail!("{} under {}: {}", w.name, row.label(), out.status);
     }
-    settle();
+    settle(&env.tracer_comms());
     let mut s = Sample::default();
     match w.comm {
         None => {
@@ -371,8 +438,9 @@ fn run_once(env: &Env<'_>, w: &Workload, config: Config) -> Result<Sample> {
 
 /// Waits until no tracer is left releasing its probes: leaktrace hands its BPF links to a
 /// detached child that frees them after it exits (seconds of kernel time), and bpftrace
-/// detaches as it ends. The next run must not share the machine with that.
-fn settle() {
+/// detaches as it ends. The next run must not share the machine with that. `comms`: the
+/// tracers' comms.
+fn settle(comms: &[String]) {
     let busy = || {
         std::fs::read_dir("/proc")
             .into_iter()
@@ -380,7 +448,7 @@ fn settle() {
             .flatten()
             .any(|e| {
                 std::fs::read_to_string(e.path().join("comm"))
-                    .is_ok_and(|c| matches!(c.trim(), "leaktrace" | "bpftrace"))
+                    .is_ok_and(|c| comms.iter().any(|t| t == c.trim()))
             })
     };
     let started = std::time::Instant::now();
@@ -402,6 +470,7 @@ pub fn run(
     json: Option<PathBuf>,
     only: &[String],
     configs: &[String],
+    baseline: Option<PathBuf>,
 ) -> Result<()> {
     // With run-time statistics on, the kernel times every BPF program run (~74 ns each
     // here): a cost no production node pays, added to every traced row.
@@ -412,6 +481,10 @@ pub fn run(
              traced row; turn it off (sysctl kernel.bpf_stats_enabled=0) and run again"
         );
     }
+    // Absolute, so that it does not depend on the directory cargo runs us from.
+    let baseline = baseline
+        .map(|p| std::fs::canonicalize(&p).with_context(|| format!("--baseline {}", p.display())))
+        .transpose()?;
     build_release()?;
     let root = workspace_root();
     let churn = c_fixture("bench_alloc", &["-O2", "-g", "-pthread"])?;
@@ -431,6 +504,10 @@ pub fn run(
     let leaktrace = root.join("target/release/leaktrace");
     let env = Env {
         leaktrace: leaktrace.to_str().context("path")?,
+        baseline: baseline
+            .as_deref()
+            .map(|p| p.to_str().context("--baseline: not UTF-8"))
+            .transpose()?,
         timer: &timer,
         dir: &dir,
         libc: libc_path()?,
@@ -444,42 +521,84 @@ pub fn run(
     }
     if !configs.is_empty() {
         for w in &mut list {
-            w.configs
-                .retain(|&c| c == Config::Untraced || configs.iter().any(|n| n == c.name()));
+            w.configs.retain(|&c| {
+                c == Config::Untraced
+                    || configs
+                        .iter()
+                        .any(|n| n.trim_end_matches(" (baseline)") == c.name())
+            });
         }
         if list.iter().all(|w| w.configs.len() == 1) {
             bail!("no configuration matches {configs:?}");
         }
     }
-    let mut samples: Vec<Vec<Vec<Sample>>> = list
+    // Each baseline row right after its own, so that the pair sees the same machine.
+    let rows: Vec<Vec<Row>> = list
         .iter()
-        .map(|w| vec![Vec::new(); w.configs.len()])
+        .map(|w| {
+            w.configs
+                .iter()
+                .flat_map(|&config| {
+                    let current = Row {
+                        config,
+                        binary: Binary::Current,
+                    };
+                    let baseline =
+                        (env.baseline.is_some() && config.has_baseline()).then_some(Row {
+                            config,
+                            binary: Binary::Baseline,
+                        });
+                    std::iter::once(current).chain(baseline)
+                })
+                .collect()
+        })
         .collect();
+    if env.baseline.is_some() && rows.iter().flatten().all(|r| r.binary == Binary::Current) {
+        eprintln!("bench: no configuration left that runs leaktrace: no baseline rows");
+    }
+    let mut samples: Vec<Vec<Vec<Sample>>> =
+        rows.iter().map(|r| vec![Vec::new(); r.len()]).collect();
     for round in 0..rounds {
         for (wi, w) in list.iter().enumerate() {
             eprintln!("bench: round {}/{rounds}: {}", round + 1, w.name);
-            for (ci, &config) in w.configs.iter().enumerate() {
-                samples[wi][ci].push(run_once(&env, w, config)?);
+            for (ri, &row) in rows[wi].iter().enumerate() {
+                samples[wi][ri].push(run_once(&env, w, row)?);
             }
         }
     }
 
     let mut rows_json = Vec::new();
-    println!(
-        "| workload | config | median | min–max | × untraced | × floor | events/s | lost events | tracer CPU s | tracer peak RSS |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut header = vec![
+        "workload",
+        "config",
+        "median",
+        "min–max",
+        "× untraced",
+        "× floor",
+    ];
+    if env.baseline.is_some() {
+        header.push("× baseline");
+    }
+    header.extend(["events/s", "lost events", "tracer CPU s", "tracer peak RSS"]);
+    println!("| {} |", header.join(" | "));
+    println!("|{}", "---|".repeat(header.len()));
     for (wi, w) in list.iter().enumerate() {
-        let med = |ci: usize| median(&samples[wi][ci].iter().map(|s| s.value).collect::<Vec<_>>());
+        let med = |ri: usize| median(&samples[wi][ri].iter().map(|s| s.value).collect::<Vec<_>>());
+        let position = |config, binary| rows[wi].iter().position(|&r| r == Row { config, binary });
         let untraced = med(0);
-        let floor = w.configs.iter().position(|&c| c == Config::Floor).map(med);
+        let floor = position(Config::Floor, Binary::Current).map(med);
         let unit = if w.comm.is_none() { "ns_per_call" } else { "s" };
-        for (ci, &config) in w.configs.iter().enumerate() {
-            let values: Vec<f64> = samples[wi][ci].iter().map(|s| s.value).collect();
+        for (ri, &row) in rows[wi].iter().enumerate() {
+            let values: Vec<f64> = samples[wi][ri].iter().map(|s| s.value).collect();
             let m = median(&values);
             let (lo, hi) = min_max(&values);
+            // The current binary's median over the baseline's, on the current row.
+            let vs_baseline = match row.binary {
+                Binary::Current => position(row.config, Binary::Baseline).map(|b| m / med(b)),
+                Binary::Baseline => None,
+            };
             let last =
-                |f: fn(&Sample) -> f64| median(&samples[wi][ci].iter().map(f).collect::<Vec<_>>());
+                |f: fn(&Sample) -> f64| median(&samples[wi][ri].iter().map(f).collect::<Vec<_>>());
             let rate = last(|s| {
                 if s.seconds > 0.0 {
                     s.events as f64 / s.seconds
@@ -487,8 +606,8 @@ pub fn run(
                     0.0
                 }
             });
-            let lost = samples[wi][ci].iter().map(|s| s.lost).max().unwrap_or(0);
-            let traced = config.leaktrace_mode().is_some();
+            let lost = samples[wi][ri].iter().map(|s| s.lost).max().unwrap_or(0);
+            let traced = row.config.leaktrace_mode().is_some();
             let fmt_value = |v: f64| {
                 if unit == "s" {
                     format!("{v:.3} s")
@@ -503,45 +622,43 @@ pub fn run(
                     format!("{v:.0}")
                 }
             };
-            println!(
-                "| {} | {} | {} | {}–{} | {:.2} | {} | {} | {} | {} | {} |",
-                w.name,
-                config.name(),
+            let ratio = |r: Option<f64>| r.map_or("—".into(), |r| format!("{r:.2}"));
+            let if_traced = |cell: String| if traced { cell } else { "—".into() };
+            let mut cells = vec![
+                w.name.clone(),
+                row.label(),
                 fmt_value(m),
-                fmt_range(lo),
-                fmt_range(hi),
-                m / untraced,
-                floor.map_or("—".into(), |f| format!("{:.2}", m / f)),
-                if traced {
-                    format!("{:.0}", rate)
-                } else {
-                    "—".into()
-                },
-                if traced {
-                    lost.to_string()
-                } else {
-                    "—".into()
-                },
-                if traced {
-                    format!("{:.2}", last(|s| s.tracer_cpu_s))
-                } else {
-                    "—".into()
-                },
-                if traced {
-                    format!("{:.1} MiB", last(|s| s.tracer_rss as f64) / 1048576.0)
-                } else {
-                    "—".into()
-                },
-            );
+                format!("{}–{}", fmt_range(lo), fmt_range(hi)),
+                format!("{:.2}", m / untraced),
+                ratio(floor.map(|f| m / f)),
+            ];
+            if env.baseline.is_some() {
+                cells.push(ratio(vs_baseline));
+            }
+            cells.extend([
+                if_traced(format!("{rate:.0}")),
+                if_traced(lost.to_string()),
+                if_traced(format!("{:.2}", last(|s| s.tracer_cpu_s))),
+                if_traced(format!(
+                    "{:.1} MiB",
+                    last(|s| s.tracer_rss as f64) / 1048576.0
+                )),
+            ]);
+            println!("| {} |", cells.join(" | "));
             rows_json.push(serde_json::json!({
                 "workload": w.name,
-                "config": config.name(),
+                "config": row.label(),
+                "binary": match row.binary {
+                    Binary::Current => "current",
+                    Binary::Baseline => "baseline",
+                },
                 "median": m,
                 "min": lo,
                 "max": hi,
                 "unit": unit,
                 "ratio_untraced": m / untraced,
                 "ratio_floor": floor.map(|f| m / f),
+                "ratio_baseline": vs_baseline,
                 "events_per_s": traced.then_some(rate),
                 "lost_events": lost,
                 "tracer_cpu_s": traced.then(|| last(|s| s.tracer_cpu_s)),
@@ -592,7 +709,11 @@ pub fn run(
         );
     }
     if let Some(path) = json {
-        let doc = serde_json::json!({ "rows": rows_json, "ingest": ingest });
+        let doc = serde_json::json!({
+            "rows": rows_json,
+            "ingest": ingest,
+            "baseline": env.baseline,
+        });
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
         eprintln!("bench: figures written to {}", path.display());
     }
