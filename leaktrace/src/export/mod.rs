@@ -157,13 +157,13 @@ mod golden {
 
     fn frame(addr: u64, symbol: Option<&str>, module: &str, file: Option<(&str, u32)>) -> Frame {
         Frame {
-            addr: format!("{addr:#x}"),
+            addr,
             symbol: symbol.map(str::to_owned),
             module: Some(module.to_owned()),
             file: file.map(|(f, _)| f.rsplit('/').next().unwrap().to_owned()),
             line: file.map(|(_, l)| l),
             path: file.map(|(f, _)| f.to_owned()),
-            offset: Some(format!("{:#x}", addr & 0xffff)),
+            offset: Some(addr & 0xffff),
             inlined: false,
         }
     }

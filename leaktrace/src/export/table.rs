@@ -95,7 +95,7 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
 fn frames(out: &mut String, frames: &[Frame], truncated: bool) {
     for (i, f) in frames.iter().enumerate() {
         let symbol = f.symbol.as_deref().unwrap_or("??");
-        let _ = write!(out, "    {i:>2} {} {symbol}", f.addr);
+        let _ = write!(out, "    {i:>2} {:#x} {symbol}", f.addr);
         if f.inlined {
             out.push_str(" (inlined)");
         }
@@ -104,7 +104,7 @@ fn frames(out: &mut String, frames: &[Frame], truncated: bool) {
         }
         match (&f.module, &f.offset) {
             (Some(m), Some(o)) if f.symbol.is_none() => {
-                let _ = write!(out, " in {m}+{o}");
+                let _ = write!(out, " in {m}+{o:#x}");
             }
             (Some(m), _) => {
                 let _ = write!(out, " in {}", m.rsplit('/').next().unwrap_or(m));

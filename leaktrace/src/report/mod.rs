@@ -96,23 +96,25 @@ pub struct WalkSummary {
 /// One frame as reports show it (the JSON `frames` entries).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Frame {
-    /// The address in the process, `0x…`.
-    pub addr: String,
+    /// The address in the process (written `0x…`).
+    #[serde(serialize_with = "hex")]
+    pub addr: u64,
     pub symbol: Option<String>,
     pub module: Option<String>,
     /// Source file name (the path as compiled is in `path`).
     pub file: Option<String>,
     pub line: Option<u32>,
     pub path: Option<String>,
-    /// Offset in `module`, `0x…`: identifies frames without a symbol.
-    pub offset: Option<String>,
+    /// Offset in `module` (written `0x…`): identifies frames without a symbol.
+    #[serde(serialize_with = "hex_opt")]
+    pub offset: Option<u64>,
     pub inlined: bool,
 }
 
 impl From<&SymFrame> for Frame {
     fn from(f: &SymFrame) -> Self {
         Self {
-            addr: format!("{:#x}", f.addr),
+            addr: f.addr,
             symbol: f.symbol.clone(),
             module: f.module.clone(),
             file: f
@@ -121,9 +123,22 @@ impl From<&SymFrame> for Frame {
                 .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned()),
             line: f.line,
             path: f.file.clone(),
-            offset: f.offset.map(|o| format!("{o:#x}")),
+            offset: f.offset,
             inlined: f.inlined,
         }
+    }
+}
+
+/// An address as reports write it: `0x…`, lowercase, no leading zeros.
+fn hex<S: serde::Serializer>(addr: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{addr:#x}"))
+}
+
+/// [`hex`], or `null`.
+fn hex_opt<S: serde::Serializer>(addr: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match addr {
+        Some(a) => hex(a, s),
+        None => s.serialize_none(),
     }
 }
 
@@ -459,12 +474,7 @@ fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, now_ms: u32) -> Vec<
         b.outstanding
             .cmp(&a.outstanding)
             .then(a.pid.cmp(&b.pid))
-            .then_with(|| {
-                a.frames
-                    .iter()
-                    .map(|f| &f.addr)
-                    .cmp(b.frames.iter().map(|f| &f.addr))
-            })
+            .then_with(|| by_address_text(&a.frames, &b.frames))
     });
     leaks
 }
@@ -497,12 +507,7 @@ fn tmp_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, now_ms: u32) -> Vec
         (b.bytes, b.files)
             .cmp(&(a.bytes, a.files))
             .then(a.pid.cmp(&b.pid))
-            .then_with(|| {
-                a.frames
-                    .iter()
-                    .map(|f| &f.addr)
-                    .cmp(b.frames.iter().map(|f| &f.addr))
-            })
+            .then_with(|| by_address_text(&a.frames, &b.frames))
     });
     leaks
 }
@@ -690,18 +695,74 @@ fn rank(leaks: &mut [Leak]) {
         (b.outstanding_bytes, b.outstanding_count)
             .cmp(&(a.outstanding_bytes, a.outstanding_count))
             .then_with(|| a.pid.cmp(&b.pid))
-            .then_with(|| {
-                a.frames
-                    .iter()
-                    .map(|f| &f.addr)
-                    .cmp(b.frames.iter().map(|f| &f.addr))
-            })
+            .then_with(|| by_address_text(&a.frames, &b.frames))
     });
+}
+
+/// Compares stacks frame by frame, each address as its `0x…` text compares: the order
+/// reports have always broken ties in (`0x10` before `0x9`), kept so output does not change.
+fn by_address_text(a: &[Frame], b: &[Frame]) -> std::cmp::Ordering {
+    let text = |f: &Frame| AddressText(f.addr);
+    a.iter().map(text).cmp(b.iter().map(text))
+}
+
+/// An address ordered as its `0x…` text orders, without formatting it: the hex digits
+/// left-aligned, then the shorter (a prefix of the other) first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AddressText(u64);
+
+impl AddressText {
+    fn key(self) -> (u64, u32) {
+        let digits = (64 - self.0.leading_zeros()).div_ceil(4).max(1);
+        (self.0 << (4 * (16 - digits)), digits)
+    }
+}
+
+impl Ord for AddressText {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl PartialOrd for AddressText {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_tie_break_as_their_text_did() {
+        let addrs = [
+            0,
+            1,
+            9,
+            0xa,
+            0xf,
+            0x10,
+            0x1f,
+            0x90,
+            0x100,
+            0x1000,
+            0x5555_0000_1234,
+            0x5555_0000_1290,
+            0x7f00_0000_4321,
+            0xffff_ffff_ffff_ffff,
+            0x8000_0000_0000_0000,
+        ];
+        for &a in &addrs {
+            for &b in &addrs {
+                assert_eq!(
+                    AddressText(a).cmp(&AddressText(b)),
+                    format!("{a:#x}").cmp(&format!("{b:#x}")),
+                    "{a:#x} vs {b:#x}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn slope_of_a_straight_line() {
