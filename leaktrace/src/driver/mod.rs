@@ -28,8 +28,8 @@ use crate::{
     decode::{Event, decode},
     export::{self, FoldedKind, FoldedWeight, Format},
     report::{
-        self, FdExhaustion, FdHolder, Growth, HeapHolder, OomKill, Report, ReportInput,
-        ReportOptions,
+        self, FdExhaustion, FdHolder, HeapHolder, OomKill, Report, ReportInput, ReportOptions,
+        Trend,
     },
     source::{AllocatorProbes, Detacher, LoadOptions, ProcessProbes, Source, SourceError},
     symbolize::Symbols,
@@ -197,7 +197,7 @@ struct Tracer {
     tables: HeapTables,
     stacks: StackStore,
     symbols: Symbols,
-    growth: Growth,
+    growth: Trend,
     comms: HashMap<u32, String>,
     /// Traced processes still alive.
     live: HashSet<u32>,
@@ -237,7 +237,7 @@ impl Tracer {
             tables: HeapTables::new(monotonic_ns()),
             stacks: StackStore::default(),
             symbols: Symbols::new(),
-            growth: Growth::default(),
+            growth: Trend::default(),
             comms: HashMap::new(),
             live: HashSet::new(),
             hooked: HashSet::new(),
