@@ -361,7 +361,7 @@ impl Tracer {
         let fd_ids: HashSet<u64> = self
             .fd
             .fds
-            .snapshot()
+            .snapshot(0)
             .exited
             .iter()
             .filter(|e| e.pid == pid)
@@ -711,7 +711,7 @@ impl Tracer {
             .snapshot(monotonic_ns(), self.options.min_age_ns);
         let mut lost = self.source.drops();
         lost.push(("undecodable", self.decode_errors));
-        let fds = self.fd.fds.snapshot();
+        let fds = self.fd.fds.snapshot(snapshot.now_ms);
         let tmp = self.fd.tmp_rows();
         let exhaustion: Vec<FdExhaustion> =
             self.exhaustion.iter().map(|x| x.record.clone()).collect();

@@ -8,8 +8,9 @@ use crate::{
     },
     symbolize::stacks::StackStore,
     symbolize::{SymFrame, Symbols, runtime_owned, trim},
+    track::StackId,
     track::fd::{FdKind, FdSnapshot},
-    track::heap::{Snapshot, StackId, StackRow},
+    track::heap::{HeapSnapshot, StackRow},
 };
 
 /// Knobs of report building.
@@ -28,7 +29,7 @@ pub struct ReportOptions {
 /// Everything a report is built from.
 pub struct ReportInput<'a> {
     /// The heap tables.
-    pub snapshot: &'a Snapshot,
+    pub snapshot: &'a HeapSnapshot,
     /// The stacks the rows name.
     pub stacks: &'a StackStore,
     /// Lost events and stacks, by cause.
@@ -103,7 +104,7 @@ pub fn build(
     let heap = heap_rows(&input, opts, symbols, &mut summary);
     let (leaks, runtime) = heap_leaks(heap, &input, opts, trend);
 
-    let mut fd_leaks = fd_leaks(&input, symbols, input.snapshot.now_ms);
+    let mut fd_leaks = fd_leaks(&input, symbols);
     let mut tmp_leaks = tmp_leaks(&input, symbols, input.snapshot.now_ms);
     let fd_totals = input.fds.totals;
     summary.fds_opened = fd_totals.opened;
@@ -196,28 +197,22 @@ fn heap_rows(
 ) -> Vec<HeapRow> {
     let snap = input.snapshot;
     let rows = snap
-        .live
-        .iter()
-        .flat_map(|p| p.stacks.iter().map(move |r| (p.pid, false, snap.now_ms, r)))
-        .chain(
-            snap.exited
-                .iter()
-                .flat_map(|e| e.stacks.iter().map(move |r| (e.pid, true, e.at_ms, r))),
-        )
-        .filter(|(_, _, _, r)| r.counters.outstanding_count > 0 || r.counters.allocs > 0);
+        .rows()
+        .filter(|r| r.row.counters.outstanding_count > 0 || r.row.counters.allocs > 0);
     symbols.prepare(
         rows.clone()
-            .filter_map(|(_, _, _, r)| input.stacks.get(r.counters.stack_id)),
+            .filter_map(|r| input.stacks.get(r.row.counters.stack_id)),
     );
     let (mut runtime_allocs, mut runtime_frees) = (0, 0);
     let mut out = Vec::new();
-    for (pid, at_exit, at_ms, row) in rows {
+    for r in rows {
+        let (pid, at_exit, at_ms) = (r.pid, r.at_exit, r.at_ms);
         let StackRow {
             counters: c,
             aged_count,
             aged_bytes,
             oldest_born_ms,
-        } = *row;
+        } = *r.row;
         let (mut frames, truncated) = match input.stacks.get(c.stack_id) {
             Some(stack) => (symbols.frames(stack), stack.truncated() || stack.broken()),
             None => (Vec::new(), true),
@@ -299,37 +294,27 @@ fn heap_leaks(
 }
 
 /// Descriptors still open, merged per (process, trimmed stack), most first.
-fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, now_ms: u32) -> Vec<FdLeak> {
-    let fds = input.fds;
-    let rows = fds
-        .live
-        .iter()
-        .flat_map(|p| p.stacks.iter().map(move |s| (p.pid, false, now_ms, s)))
-        .chain(
-            fds.exited
-                .iter()
-                .flat_map(|e| e.stacks.iter().map(move |s| (e.pid, true, e.at_ms, s))),
-        )
-        .filter(|(_, _, _, s)| s.outstanding > 0)
-        .map(|(pid, at_exit, at_ms, s)| {
-            let (frames, truncated) = stack_frames(input.stacks, symbols, s.stack_id);
-            let age_ms = at_ms.saturating_sub(s.oldest_born_ms.unwrap_or(at_ms));
-            let mut paths = Vec::new();
-            merge_paths(&mut paths, &s.paths);
-            FdLeak {
-                pid,
-                comm: String::new(), // filled in once per merged row
-                outstanding: s.outstanding,
-                fd_kind: s.kind.map_or("other", FdKind::name),
-                paths,
-                opened: s.opened,
-                closed: s.closed,
-                oldest_age_s: f64::from(age_ms) / 1e3,
-                at_exit,
-                truncated,
-                frames: frames.iter().map(Frame::from).collect(),
-            }
-        });
+fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols) -> Vec<FdLeak> {
+    let rows = input.fds.rows().filter(|r| r.row.outstanding > 0).map(|r| {
+        let (pid, at_exit, at_ms, s) = (r.pid, r.at_exit, r.at_ms, r.row);
+        let (frames, truncated) = stack_frames(input.stacks, symbols, s.stack_id);
+        let age_ms = at_ms.saturating_sub(s.oldest_born_ms.unwrap_or(at_ms));
+        let mut paths = Vec::new();
+        merge_paths(&mut paths, &s.paths);
+        FdLeak {
+            pid,
+            comm: String::new(), // filled in once per merged row
+            outstanding: s.outstanding,
+            fd_kind: s.kind.map_or("other", FdKind::name),
+            paths,
+            opened: s.opened,
+            closed: s.closed,
+            oldest_age_s: f64::from(age_ms) / 1e3,
+            at_exit,
+            truncated,
+            frames: frames.iter().map(Frame::from).collect(),
+        }
+    });
     let mut leaks = merge(rows);
     for l in &mut leaks {
         l.comm = (input.comm)(l.pid);

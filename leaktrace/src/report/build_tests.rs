@@ -88,7 +88,7 @@ fn report(
     stacks: &StackStore,
 ) -> String {
     let snapshot = heap.snapshot(now_ns, 0);
-    let fds = fds.snapshot();
+    let fds = fds.snapshot(snapshot.now_ms);
     let tmp = [
         TmpRow {
             pid: 1,

@@ -8,7 +8,7 @@ use leaktrace_common::stack_flags;
 
 use crate::{
     targets::modules::{AddressSpace, Module},
-    track::heap::StackId,
+    track::StackId,
 };
 
 /// One frame, normalized.
