@@ -1,4 +1,5 @@
-//! Writers: one module per output format. Each takes a finished [`Report`] and returns text.
+//! Writers: one module per output format, each an [`Exporter`] that takes a finished
+//! [`Report`] and returns text. [`Format::exporter`] picks one.
 use std::{fs, io, io::Write as _, path::Path};
 
 use crate::report::Report;
@@ -67,13 +68,27 @@ pub enum FoldedKind {
     Tmp,
 }
 
-/// Renders a report in `format`.
-pub fn render(report: &Report, format: Format, weight: FoldedWeight, kind: FoldedKind) -> String {
-    match format {
-        Format::Table => table::render(report),
-        Format::Json => json::render(report),
-        Format::Folded => folded::render(report, weight, kind),
+/// Turns a finished report into text; one implementation per output format.
+pub trait Exporter {
+    /// The report as this format writes it.
+    fn export(&self, report: &Report) -> String;
+}
+
+impl Format {
+    /// The exporter of this format; folded output is weighted by `weight` and shows the
+    /// stacks of `kind` (the other formats show everything).
+    pub fn exporter(self, weight: FoldedWeight, kind: FoldedKind) -> Box<dyn Exporter> {
+        match self {
+            Format::Table => Box::new(table::Table),
+            Format::Json => Box::new(json::Json),
+            Format::Folded => Box::new(folded::Folded { weight, kind }),
+        }
     }
+}
+
+/// Renders a report in `format` (see [`Format::exporter`]).
+pub fn render(report: &Report, format: Format, weight: FoldedWeight, kind: FoldedKind) -> String {
+    format.exporter(weight, kind).export(report)
 }
 
 #[cfg(test)]
