@@ -7,7 +7,7 @@ use crate::{
         WalkSummary,
     },
     symbolize::stacks::StackStore,
-    symbolize::{SymFrame, Symbols, runtime_owned, trim},
+    symbolize::{SymbolizedFrame, Symbols, runtime_owned, trim},
     track::StackId,
     track::fd::{FdKind, FdSnapshot},
     track::heap::{HeapSnapshot, StackRow},
@@ -82,7 +82,7 @@ pub fn stack_frames(
     stacks: &StackStore,
     symbols: &mut Symbols,
     id: StackId,
-) -> (Vec<SymFrame>, bool) {
+) -> (Vec<SymbolizedFrame>, bool) {
     match stacks.get(id) {
         Some(stack) => {
             let mut frames = symbols.frames(stack);

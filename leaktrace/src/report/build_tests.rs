@@ -6,7 +6,7 @@ use crate::{
     report::{ReportInput, ReportOptions, TmpRow, Trend},
     symbolize::{
         Symbols,
-        stacks::{Frame, Stack, StackStore},
+        stacks::{PlacedFrame, Stack, StackStore},
     },
     track::{
         fd::{Creation, FdKind, FdTables},
@@ -53,7 +53,7 @@ fn stack(pid: u32, flags: u32, frames: &[(u64, &str)]) -> Stack {
         flags,
         frames: frames
             .iter()
-            .map(|&(addr, mapping)| Frame {
+            .map(|&(addr, mapping)| PlacedFrame {
                 addr,
                 place: None,
                 mapping: Some(mapping.to_owned()),

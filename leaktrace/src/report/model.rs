@@ -2,7 +2,7 @@
 //! Plain data; addresses are numbers here and become `0x…` text only when written.
 use serde::Serialize;
 
-use crate::symbolize::SymFrame;
+use crate::symbolize::SymbolizedFrame;
 
 /// Session-wide figures (the JSON `summary`).
 ///
@@ -102,8 +102,8 @@ pub struct Frame {
     pub inlined: bool,
 }
 
-impl From<&SymFrame> for Frame {
-    fn from(f: &SymFrame) -> Self {
+impl From<&SymbolizedFrame> for Frame {
+    fn from(f: &SymbolizedFrame) -> Self {
         Self {
             addr: f.addr,
             symbol: f.symbol.clone(),

@@ -11,9 +11,9 @@ use crate::{
     track::StackId,
 };
 
-/// One frame, normalized.
+/// A raw frame placed in its module (normalized), not yet symbolized.
 #[derive(Clone, Debug)]
-pub struct Frame {
+pub struct PlacedFrame {
     /// The address in the process.
     pub addr: u64,
     /// The module and the file offset of the address to look up (for return addresses, the
@@ -30,7 +30,7 @@ pub struct Stack {
     /// Bits of [`stack_flags`].
     pub flags: u32,
     /// Innermost first.
-    pub frames: Box<[Frame]>,
+    pub frames: Box<[PlacedFrame]>,
 }
 
 impl Stack {
@@ -49,7 +49,7 @@ pub fn normalize(
     space: &AddressSpace,
     flags: &mut u32,
     frames: impl Iterator<Item = u64>,
-) -> Box<[Frame]> {
+) -> Box<[PlacedFrame]> {
     let mut out = Vec::new();
     for (i, addr) in frames.enumerate() {
         // A return address points after the call; look up the call itself.
@@ -67,7 +67,7 @@ pub fn normalize(
             .as_ref()
             .map(|m| (m.clone(), lookup - range.start + range.offset));
         let mapping = range.module.is_none().then(|| range.name.clone());
-        out.push(Frame {
+        out.push(PlacedFrame {
             addr,
             place,
             mapping,
