@@ -29,7 +29,9 @@ pub struct SymbolizedFrame {
     pub module: Option<String>,
     /// Offset of the address in the module file (module+offset identifies unknown frames).
     pub offset: Option<u64>,
+    /// Source file path, when known.
     pub file: Option<String>,
+    /// Source line, when known.
     pub line: Option<u32>,
     /// True for a function inlined into the next frame.
     pub inlined: bool,
@@ -81,6 +83,7 @@ fn resolved(sym: Symbolized<'_>) -> Resolved {
 }
 
 impl Symbols {
+    /// A symbolizer with an empty cache.
     pub fn new() -> Self {
         let symbolizer = Symbolizer::builder()
             .enable_code_info(true)

@@ -26,6 +26,7 @@ pub struct PlacedFrame {
 /// A stack as received from the kernel side.
 #[derive(Clone, Debug)]
 pub struct Stack {
+    /// The process it was captured in.
     pub pid: u32,
     /// Bits of [`stack_flags`].
     pub flags: u32,
@@ -34,10 +35,12 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// The walk hit its depth limit.
     pub fn truncated(&self) -> bool {
         self.flags & stack_flags::TRUNCATED != 0
     }
 
+    /// The walk broke off early (no unwind information, unreadable memory, a garbage address).
     pub fn broken(&self) -> bool {
         self.flags & stack_flags::BROKEN != 0
     }
@@ -83,18 +86,22 @@ pub struct StackStore {
 }
 
 impl StackStore {
+    /// Whether the stack is known.
     pub fn contains(&self, id: StackId) -> bool {
         self.stacks.contains_key(&id)
     }
 
+    /// Stores a stack under its id.
     pub fn insert(&mut self, id: StackId, stack: Stack) {
         self.stacks.insert(id, stack);
     }
 
+    /// The stack with this id, if known.
     pub fn get(&self, id: StackId) -> Option<&Stack> {
         self.stacks.get(&id)
     }
 
+    /// How many stacks are stored.
     pub fn len(&self) -> usize {
         self.stacks.len()
     }
@@ -104,6 +111,7 @@ impl StackStore {
         self.stacks.values().filter(|s| pred(s)).count() as u64
     }
 
+    /// True when no stack is stored.
     pub fn is_empty(&self) -> bool {
         self.stacks.is_empty()
     }

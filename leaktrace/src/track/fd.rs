@@ -12,13 +12,18 @@ use crate::track::{Exited, ProcessRows, Snapshot, StackId};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FdKind {
+    /// Opened by a path (open, openat, openat2, creat).
     File,
+    /// Made by socket, socketpair or accept.
     Socket,
+    /// Made by pipe or pipe2.
     Pipe,
+    /// Anything else (eventfd, memfd, epoll, ...).
     Other,
 }
 
 impl FdKind {
+    /// The kind as reports write it.
     pub fn name(self) -> &'static str {
         match self {
             FdKind::File => "file",
@@ -43,23 +48,31 @@ struct Fd {
 /// How a descriptor came to be.
 #[derive(Clone, Copy, Debug)]
 pub struct Creation<'a> {
+    /// The stack that created it.
     pub stack: StackId,
+    /// What it refers to.
     pub kind: FdKind,
+    /// Whether it closes on exec.
     pub cloexec: bool,
     /// The path opened (files only).
     pub path: Option<&'a str>,
+    /// When it was created, ms since the epoch.
     pub born_ms: u32,
 }
 
 /// Counters of one creating stack in one process.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FdStackCounters {
+    /// The stack.
     pub stack_id: StackId,
     /// The kind of the descriptors this stack creates (the first one's, in the rare stack
     /// that creates several kinds).
     pub kind: Option<FdKind>,
+    /// Descriptors it created that are still open.
     pub outstanding: u64,
+    /// Descriptors it created.
     pub opened: u64,
+    /// Of those, how many were closed.
     pub closed: u64,
     /// Example paths (files only), first seen first.
     pub paths: Vec<String>,
@@ -70,7 +83,9 @@ pub struct FdStackCounters {
 /// Session-wide descriptor counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FdTotals {
+    /// Descriptors created (that we saw).
     pub opened: u64,
+    /// Of those, how many were closed.
     pub closed: u64,
     /// Closes of descriptors we never saw created (inherited, or opened before tracing).
     pub unmatched_closes: u64,

@@ -31,8 +31,11 @@ struct Block {
 /// Counters of one stack in one process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StackCounters {
+    /// The stack.
     pub stack_id: StackId,
+    /// Blocks it allocated that are still outstanding.
     pub outstanding_count: u64,
+    /// Their bytes.
     pub outstanding_bytes: u64,
     /// Blocks this stack allocated (realloc counts as an allocation by its caller).
     pub allocs: u64,
@@ -116,9 +119,11 @@ impl ProcessHeap {
 /// A stack's counters as of a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackRow {
+    /// The stack's counters.
     pub counters: StackCounters,
     /// Outstanding blocks (and their bytes) at least `--min-age` old.
     pub aged_count: u64,
+    /// Their bytes.
     pub aged_bytes: u64,
     /// Milliseconds since the table's epoch; `None` when nothing is outstanding.
     pub oldest_born_ms: Option<u32>,
