@@ -218,26 +218,7 @@ mod golden {
             Some(("/src/cache.c", 17)),
         );
         Report {
-            summary: Summary {
-                allocs: 1_234_567,
-                frees: 1_230_000,
-                outstanding_count: 4567,
-                outstanding_bytes: 9 << 20,
-                unmatched_frees: 3,
-                lost_events: 0,
-                elapsed_s: 60.0,
-                mode: "full",
-                tracer: crate::report::TracerUsage {
-                    cpu_s: 1.25,
-                    peak_rss_bytes: 60 << 20,
-                },
-                fds_opened: 912,
-                fds_closed: 53,
-                fds_outstanding: 859,
-                tmp_files_created: 1300,
-                tmp_files_outstanding: 1247,
-                ..Default::default()
-            },
+            summary: summary(),
             leaks: vec![
                 leak(
                     4242,
@@ -278,34 +259,7 @@ mod golden {
                 ),
             ],
             runtime: vec![],
-            fd_leaks: vec![
-                FdLeak {
-                    pid: 4242,
-                    comm: "cache-server".into(),
-                    outstanding: 847,
-                    fd_kind: "file",
-                    paths: vec!["/srv/geo/zone-1.json".into(), "/srv/geo/zone-2.json".into()],
-                    opened: 900,
-                    closed: 53,
-                    oldest_age_s: 30.0,
-                    at_exit: false,
-                    truncated: false,
-                    frames: vec![loader.clone(), main.clone()],
-                },
-                FdLeak {
-                    pid: 4242,
-                    comm: "cache-server".into(),
-                    outstanding: 12,
-                    fd_kind: "socket",
-                    paths: vec![],
-                    opened: 12,
-                    closed: 0,
-                    oldest_age_s: 12.0,
-                    at_exit: true,
-                    truncated: false,
-                    frames: vec![main.clone()],
-                },
-            ],
+            fd_leaks: fd_leaks(&loader, &main),
             fd_exhaustion: vec![FdExhaustion {
                 pid: 4242,
                 comm: "cache-server".into(),
@@ -331,38 +285,96 @@ mod golden {
                 truncated: false,
                 frames: vec![loader.clone(), main.clone()],
             }],
-            oom_kills: vec![OomKill {
+            oom_kills: vec![oom_kill(&insert, &main)],
+            is_final: true,
+        }
+    }
+
+    fn summary() -> Summary {
+        Summary {
+            allocs: 1_234_567,
+            frees: 1_230_000,
+            outstanding_count: 4567,
+            outstanding_bytes: 9 << 20,
+            unmatched_frees: 3,
+            lost_events: 0,
+            elapsed_s: 60.0,
+            mode: "full",
+            tracer: crate::report::TracerUsage {
+                cpu_s: 1.25,
+                peak_rss_bytes: 60 << 20,
+            },
+            fds_opened: 912,
+            fds_closed: 53,
+            fds_outstanding: 859,
+            tmp_files_created: 1300,
+            tmp_files_outstanding: 1247,
+            ..Default::default()
+        }
+    }
+
+    fn fd_leaks(loader: &Frame, main: &Frame) -> Vec<FdLeak> {
+        vec![
+            FdLeak {
                 pid: 4242,
                 comm: "cache-server".into(),
-                cgroup: Some("/kubepods/burstable/pod1234/abcdef".into()),
-                container_id: Some("abcdef".into()),
-                pod_uid: Some("1234".into()),
-                rss_bytes: 64 << 20,
-                anon_rss_bytes: 60 << 20,
-                limit_bytes: Some(64 << 20),
-                oom_score_adj: 0,
-                traced: true,
-                time: "2026-11-24T03:00:00Z".into(),
-                frames_top: vec![insert.clone(), main.clone()],
-                heap_top: vec![HeapHolder {
-                    outstanding_bytes: 50 << 20,
-                    outstanding_count: 50,
-                    frames: vec![insert.clone(), main.clone()],
-                }],
-                fd_top: vec![],
-                growth: vec![
-                    GrowthSample {
-                        t_s: -10.0,
-                        outstanding_bytes: 40 << 20,
-                    },
-                    GrowthSample {
-                        t_s: 0.0,
-                        outstanding_bytes: 50 << 20,
-                    },
-                ],
-                growth_bytes_per_s: Some(1_048_576.0),
+                outstanding: 847,
+                fd_kind: "file",
+                paths: vec!["/srv/geo/zone-1.json".into(), "/srv/geo/zone-2.json".into()],
+                opened: 900,
+                closed: 53,
+                oldest_age_s: 30.0,
+                at_exit: false,
+                truncated: false,
+                frames: vec![loader.clone(), main.clone()],
+            },
+            FdLeak {
+                pid: 4242,
+                comm: "cache-server".into(),
+                outstanding: 12,
+                fd_kind: "socket",
+                paths: vec![],
+                opened: 12,
+                closed: 0,
+                oldest_age_s: 12.0,
+                at_exit: true,
+                truncated: false,
+                frames: vec![main.clone()],
+            },
+        ]
+    }
+
+    fn oom_kill(insert: &Frame, main: &Frame) -> OomKill {
+        OomKill {
+            pid: 4242,
+            comm: "cache-server".into(),
+            cgroup: Some("/kubepods/burstable/pod1234/abcdef".into()),
+            container_id: Some("abcdef".into()),
+            pod_uid: Some("1234".into()),
+            rss_bytes: 64 << 20,
+            anon_rss_bytes: 60 << 20,
+            limit_bytes: Some(64 << 20),
+            oom_score_adj: 0,
+            traced: true,
+            time: "2026-11-24T03:00:00Z".into(),
+            frames_top: vec![insert.clone(), main.clone()],
+            heap_top: vec![HeapHolder {
+                outstanding_bytes: 50 << 20,
+                outstanding_count: 50,
+                frames: vec![insert.clone(), main.clone()],
             }],
-            is_final: true,
+            fd_top: vec![],
+            growth: vec![
+                GrowthSample {
+                    t_s: -10.0,
+                    outstanding_bytes: 40 << 20,
+                },
+                GrowthSample {
+                    t_s: 0.0,
+                    outstanding_bytes: 50 << 20,
+                },
+            ],
+            growth_bytes_per_s: Some(1_048_576.0),
         }
     }
 
