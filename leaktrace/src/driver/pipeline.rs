@@ -12,7 +12,7 @@ use leaktrace_common::{AllocEvent, Header, alloc_shape, release_op};
 use super::record::{Entry, Recorder};
 use crate::{
     decode::{Event, StackRecord, decode},
-    report::{FdExhaustion, Growth, OomKill, ReportOptions},
+    report::{FdExhaustion, OomKill, ReportOptions, Trend},
     symbolize::{
         Symbols,
         stacks::{Stack, StackStore, normalize},
@@ -73,7 +73,7 @@ pub struct Pipeline {
     pub(super) heap: HeapTables,
     pub(super) stacks: StackStore,
     pub(super) symbols: Symbols,
-    pub(super) trend: Growth,
+    pub(super) trend: Trend,
     pub(super) comms: HashMap<u32, String>,
     /// Processes tracked and not yet gone.
     tracked: hashbrown::HashSet<u32>,
@@ -110,7 +110,7 @@ impl Pipeline {
             heap: HeapTables::new(epoch),
             stacks: StackStore::default(),
             symbols,
-            trend: Growth::default(),
+            trend: Trend::default(),
             comms: HashMap::new(),
             tracked: hashbrown::HashSet::new(),
             before_exec: None,
@@ -367,7 +367,7 @@ impl Pipeline {
         let fd_ids: hashbrown::HashSet<u64> = self
             .fd
             .fds
-            .snapshot()
+            .snapshot(0)
             .exited
             .iter()
             .filter(|e| e.pid == pid)

@@ -36,7 +36,7 @@ impl Pipeline {
             .map(|(cause, n)| (cause_name(cause), *n))
             .collect();
         lost.push(("undecodable", self.decode_errors));
-        let fds = self.fd.fds.snapshot();
+        let fds = self.fd.fds.snapshot(snapshot.now_ms);
         let tmp = self.fd.tmp_rows(self.host.as_ref());
         let exhaustion: Vec<FdExhaustion> =
             self.exhaustion.iter().map(|x| x.record.clone()).collect();

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
-    export::{FoldedKind, FoldedWeight},
+    export::{Exporter, FoldedKind, FoldedWeight},
     report::{Frame, Report},
 };
 
@@ -28,7 +28,21 @@ fn stack(frames: &[Frame]) -> String {
 
 /// Folded lines of the stacks of `kind`: heap leaks weighted by bytes or blocks, descriptor
 /// leaks by descriptors, temp files by bytes on disk or files.
-pub fn render(report: &Report, weight: FoldedWeight, kind: FoldedKind) -> String {
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Folded {
+    /// What heap and temp file lines are weighted by.
+    pub weight: FoldedWeight,
+    /// Which stacks are shown.
+    pub kind: FoldedKind,
+}
+
+impl Exporter for Folded {
+    fn export(&self, report: &Report) -> String {
+        render(report, self.weight, self.kind)
+    }
+}
+
+fn render(report: &Report, weight: FoldedWeight, kind: FoldedKind) -> String {
     let rows: Vec<(String, u64)> = match kind {
         FoldedKind::Heap => report
             .leaks

@@ -1,4 +1,5 @@
-//! Writers: one module per output format. Each takes a finished [`Report`] and returns text.
+//! Writers: one module per output format, each an [`Exporter`] that takes a finished
+//! [`Report`] and returns text. [`Format::exporter`] picks one.
 use std::{fs, io, io::Write as _, path::Path};
 
 use crate::report::Report;
@@ -67,13 +68,27 @@ pub enum FoldedKind {
     Tmp,
 }
 
-/// Renders a report in `format`.
-pub fn render(report: &Report, format: Format, weight: FoldedWeight, kind: FoldedKind) -> String {
-    match format {
-        Format::Table => table::render(report),
-        Format::Json => json::render(report),
-        Format::Folded => folded::render(report, weight, kind),
+/// Turns a finished report into text; one implementation per output format.
+pub trait Exporter {
+    /// The report as this format writes it.
+    fn export(&self, report: &Report) -> String;
+}
+
+impl Format {
+    /// The exporter of this format; folded output is weighted by `weight` and shows the
+    /// stacks of `kind` (the other formats show everything).
+    pub fn exporter(self, weight: FoldedWeight, kind: FoldedKind) -> Box<dyn Exporter> {
+        match self {
+            Format::Table => Box::new(table::Table),
+            Format::Json => Box::new(json::Json),
+            Format::Folded => Box::new(folded::Folded { weight, kind }),
+        }
     }
+}
+
+/// Renders a report in `format` (see [`Format::exporter`]).
+pub fn render(report: &Report, format: Format, weight: FoldedWeight, kind: FoldedKind) -> String {
+    format.exporter(weight, kind).export(report)
 }
 
 #[cfg(test)]
@@ -157,13 +172,13 @@ mod golden {
 
     fn frame(addr: u64, symbol: Option<&str>, module: &str, file: Option<(&str, u32)>) -> Frame {
         Frame {
-            addr: format!("{addr:#x}"),
+            addr,
             symbol: symbol.map(str::to_owned),
             module: Some(module.to_owned()),
             file: file.map(|(f, _)| f.rsplit('/').next().unwrap().to_owned()),
             line: file.map(|(_, l)| l),
             path: file.map(|(f, _)| f.to_owned()),
-            offset: Some(format!("{:#x}", addr & 0xffff)),
+            offset: Some(addr & 0xffff),
             inlined: false,
         }
     }
@@ -203,26 +218,7 @@ mod golden {
             Some(("/src/cache.c", 17)),
         );
         Report {
-            summary: Summary {
-                allocs: 1_234_567,
-                frees: 1_230_000,
-                outstanding_count: 4567,
-                outstanding_bytes: 9 << 20,
-                unmatched_frees: 3,
-                lost_events: 0,
-                elapsed_s: 60.0,
-                mode: "full",
-                tracer: crate::report::TracerUsage {
-                    cpu_s: 1.25,
-                    peak_rss_bytes: 60 << 20,
-                },
-                fds_opened: 912,
-                fds_closed: 53,
-                fds_outstanding: 859,
-                tmp_files_created: 1300,
-                tmp_files_outstanding: 1247,
-                ..Default::default()
-            },
+            summary: summary(),
             leaks: vec![
                 leak(
                     4242,
@@ -263,34 +259,7 @@ mod golden {
                 ),
             ],
             runtime: vec![],
-            fd_leaks: vec![
-                FdLeak {
-                    pid: 4242,
-                    comm: "cache-server".into(),
-                    outstanding: 847,
-                    fd_kind: "file",
-                    paths: vec!["/srv/geo/zone-1.json".into(), "/srv/geo/zone-2.json".into()],
-                    opened: 900,
-                    closed: 53,
-                    oldest_age_s: 30.0,
-                    at_exit: false,
-                    truncated: false,
-                    frames: vec![loader.clone(), main.clone()],
-                },
-                FdLeak {
-                    pid: 4242,
-                    comm: "cache-server".into(),
-                    outstanding: 12,
-                    fd_kind: "socket",
-                    paths: vec![],
-                    opened: 12,
-                    closed: 0,
-                    oldest_age_s: 12.0,
-                    at_exit: true,
-                    truncated: false,
-                    frames: vec![main.clone()],
-                },
-            ],
+            fd_leaks: fd_leaks(&loader, &main),
             fd_exhaustion: vec![FdExhaustion {
                 pid: 4242,
                 comm: "cache-server".into(),
@@ -316,38 +285,96 @@ mod golden {
                 truncated: false,
                 frames: vec![loader.clone(), main.clone()],
             }],
-            oom_kills: vec![OomKill {
+            oom_kills: vec![oom_kill(&insert, &main)],
+            is_final: true,
+        }
+    }
+
+    fn summary() -> Summary {
+        Summary {
+            allocs: 1_234_567,
+            frees: 1_230_000,
+            outstanding_count: 4567,
+            outstanding_bytes: 9 << 20,
+            unmatched_frees: 3,
+            lost_events: 0,
+            elapsed_s: 60.0,
+            mode: "full",
+            tracer: crate::report::TracerUsage {
+                cpu_s: 1.25,
+                peak_rss_bytes: 60 << 20,
+            },
+            fds_opened: 912,
+            fds_closed: 53,
+            fds_outstanding: 859,
+            tmp_files_created: 1300,
+            tmp_files_outstanding: 1247,
+            ..Default::default()
+        }
+    }
+
+    fn fd_leaks(loader: &Frame, main: &Frame) -> Vec<FdLeak> {
+        vec![
+            FdLeak {
                 pid: 4242,
                 comm: "cache-server".into(),
-                cgroup: Some("/kubepods/burstable/pod1234/abcdef".into()),
-                container_id: Some("abcdef".into()),
-                pod_uid: Some("1234".into()),
-                rss_bytes: 64 << 20,
-                anon_rss_bytes: 60 << 20,
-                limit_bytes: Some(64 << 20),
-                oom_score_adj: 0,
-                traced: true,
-                time: "2026-11-24T03:00:00Z".into(),
-                frames_top: vec![insert.clone(), main.clone()],
-                heap_top: vec![HeapHolder {
-                    outstanding_bytes: 50 << 20,
-                    outstanding_count: 50,
-                    frames: vec![insert.clone(), main.clone()],
-                }],
-                fd_top: vec![],
-                growth: vec![
-                    GrowthSample {
-                        t_s: -10.0,
-                        outstanding_bytes: 40 << 20,
-                    },
-                    GrowthSample {
-                        t_s: 0.0,
-                        outstanding_bytes: 50 << 20,
-                    },
-                ],
-                growth_bytes_per_s: Some(1_048_576.0),
+                outstanding: 847,
+                fd_kind: "file",
+                paths: vec!["/srv/geo/zone-1.json".into(), "/srv/geo/zone-2.json".into()],
+                opened: 900,
+                closed: 53,
+                oldest_age_s: 30.0,
+                at_exit: false,
+                truncated: false,
+                frames: vec![loader.clone(), main.clone()],
+            },
+            FdLeak {
+                pid: 4242,
+                comm: "cache-server".into(),
+                outstanding: 12,
+                fd_kind: "socket",
+                paths: vec![],
+                opened: 12,
+                closed: 0,
+                oldest_age_s: 12.0,
+                at_exit: true,
+                truncated: false,
+                frames: vec![main.clone()],
+            },
+        ]
+    }
+
+    fn oom_kill(insert: &Frame, main: &Frame) -> OomKill {
+        OomKill {
+            pid: 4242,
+            comm: "cache-server".into(),
+            cgroup: Some("/kubepods/burstable/pod1234/abcdef".into()),
+            container_id: Some("abcdef".into()),
+            pod_uid: Some("1234".into()),
+            rss_bytes: 64 << 20,
+            anon_rss_bytes: 60 << 20,
+            limit_bytes: Some(64 << 20),
+            oom_score_adj: 0,
+            traced: true,
+            time: "2026-11-24T03:00:00Z".into(),
+            frames_top: vec![insert.clone(), main.clone()],
+            heap_top: vec![HeapHolder {
+                outstanding_bytes: 50 << 20,
+                outstanding_count: 50,
+                frames: vec![insert.clone(), main.clone()],
             }],
-            is_final: true,
+            fd_top: vec![],
+            growth: vec![
+                GrowthSample {
+                    t_s: -10.0,
+                    outstanding_bytes: 40 << 20,
+                },
+                GrowthSample {
+                    t_s: 0.0,
+                    outstanding_bytes: 50 << 20,
+                },
+            ],
+            growth_bytes_per_s: Some(1_048_576.0),
         }
     }
 

@@ -1,7 +1,10 @@
 //! The human report: a summary line, then each leaking stack with its figures and frames.
 use std::fmt::Write as _;
 
-use crate::report::{FdExhaustion, FdHolder, FdLeak, Frame, Leak, OomKill, Report, TmpLeak};
+use crate::{
+    export::Exporter,
+    report::{FdExhaustion, FdHolder, FdLeak, Frame, Leak, OomKill, Report, TmpLeak},
+};
 
 /// `1.5 MiB`-style sizes.
 pub fn bytes(n: u64) -> String {
@@ -19,7 +22,6 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// `12,345`-style counts.
 /// `word`, with an `s` unless there is exactly one.
 fn plural(n: u64, word: &str) -> String {
     if n == 1 {
@@ -29,6 +31,7 @@ fn plural(n: u64, word: &str) -> String {
     }
 }
 
+/// `12,345`-style counts.
 pub fn count(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
@@ -95,7 +98,7 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
 fn frames(out: &mut String, frames: &[Frame], truncated: bool) {
     for (i, f) in frames.iter().enumerate() {
         let symbol = f.symbol.as_deref().unwrap_or("??");
-        let _ = write!(out, "    {i:>2} {} {symbol}", f.addr);
+        let _ = write!(out, "    {i:>2} {:#x} {symbol}", f.addr);
         if f.inlined {
             out.push_str(" (inlined)");
         }
@@ -104,7 +107,7 @@ fn frames(out: &mut String, frames: &[Frame], truncated: bool) {
         }
         match (&f.module, &f.offset) {
             (Some(m), Some(o)) if f.symbol.is_none() => {
-                let _ = write!(out, " in {m}+{o}");
+                let _ = write!(out, " in {m}+{o:#x}");
             }
             (Some(m), _) => {
                 let _ = write!(out, " in {}", m.rsplit('/').next().unwrap_or(m));
@@ -259,9 +262,51 @@ pub fn oom_notice(k: &OomKill) -> String {
     out
 }
 
-pub fn render(report: &Report) -> String {
+/// The human report.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Table;
+
+impl Exporter for Table {
+    fn export(&self, report: &Report) -> String {
+        let mut out = String::new();
+        header(&mut out, report);
+        let s = &report.summary;
+        if report.leaks.is_empty() {
+            let _ = writeln!(
+                out,
+                "no outstanding allocations{}",
+                if s.min_age_s > 0.0 {
+                    format!(" older than {}", age(s.min_age_s))
+                } else {
+                    String::new()
+                }
+            );
+        }
+        for (i, l) in report.leaks.iter().enumerate() {
+            out.push('\n');
+            leak(&mut out, i + 1, l);
+        }
+        descriptors(&mut out, report);
+        temp_files(&mut out, report);
+        for k in &report.oom_kills {
+            out.push('\n');
+            out.push_str(&oom_notice(k).replacen("leaktrace: ", "", 1));
+        }
+        if s.runtime_outstanding_count > 0 {
+            let _ = writeln!(
+                out,
+                "\n(not counted: {} in {} blocks held by the C/C++ runtime for itself — stdio buffers, locale, thread data — released at exit)",
+                bytes(s.runtime_outstanding_bytes),
+                count(s.runtime_outstanding_count),
+            );
+        }
+        out
+    }
+}
+
+/// The lines above the leaks: how the heap was traced, the summary, lost events.
+fn header(out: &mut String, report: &Report) {
     let s = &report.summary;
-    let mut out = String::new();
     if s.sample_bytes > 0 {
         let _ = writeln!(
             out,
@@ -304,21 +349,11 @@ pub fn render(report: &Report) -> String {
             causes.join(", ")
         );
     }
-    if report.leaks.is_empty() {
-        let _ = writeln!(
-            out,
-            "no outstanding allocations{}",
-            if s.min_age_s > 0.0 {
-                format!(" older than {}", age(s.min_age_s))
-            } else {
-                String::new()
-            }
-        );
-    }
-    for (i, l) in report.leaks.iter().enumerate() {
-        out.push('\n');
-        leak(&mut out, i + 1, l);
-    }
+}
+
+/// The descriptor section: totals, leaks, and processes that ran out.
+fn descriptors(out: &mut String, report: &Report) {
+    let s = &report.summary;
     if !report.fd_leaks.is_empty() || s.fds_opened > 0 {
         let _ = writeln!(
             out,
@@ -329,47 +364,40 @@ pub fn render(report: &Report) -> String {
         );
         for (i, l) in report.fd_leaks.iter().enumerate() {
             out.push('\n');
-            fd_leak(&mut out, i + 1, l);
+            fd_leak(out, i + 1, l);
         }
     }
     for x in &report.fd_exhaustion {
         out.push('\n');
         out.push_str(&exhaustion_notice(x).replacen("leaktrace: ", "", 1));
     }
-    if !report.tmp_leaks.is_empty() || s.tmp_files_created > 0 {
-        let _ = writeln!(
-            out,
-            "\ntemp files: {} created, {} still on disk{}",
-            count(s.tmp_files_created),
-            count(s.tmp_files_outstanding),
-            if s.tmp_files_unwatched > 0 {
-                format!(
-                    " ({} more not watched: over {} at once)",
-                    count(s.tmp_files_unwatched),
-                    count(crate::track::tmp::MAX_WATCHED as u64)
-                )
-            } else {
-                String::new()
-            }
-        );
-        for (i, l) in report.tmp_leaks.iter().enumerate() {
-            out.push('\n');
-            tmp_leak(&mut out, i + 1, l);
+}
+
+/// The temp file section: totals and leaks.
+fn temp_files(out: &mut String, report: &Report) {
+    let s = &report.summary;
+    if report.tmp_leaks.is_empty() && s.tmp_files_created == 0 {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\ntemp files: {} created, {} still on disk{}",
+        count(s.tmp_files_created),
+        count(s.tmp_files_outstanding),
+        if s.tmp_files_unwatched > 0 {
+            format!(
+                " ({} more not watched: over {} at once)",
+                count(s.tmp_files_unwatched),
+                count(crate::track::tmp::MAX_WATCHED as u64)
+            )
+        } else {
+            String::new()
         }
-    }
-    for k in &report.oom_kills {
+    );
+    for (i, l) in report.tmp_leaks.iter().enumerate() {
         out.push('\n');
-        out.push_str(&oom_notice(k).replacen("leaktrace: ", "", 1));
+        tmp_leak(out, i + 1, l);
     }
-    if s.runtime_outstanding_count > 0 {
-        let _ = writeln!(
-            out,
-            "\n(not counted: {} in {} blocks held by the C/C++ runtime for itself — stdio buffers, locale, thread data — released at exit)",
-            bytes(s.runtime_outstanding_bytes),
-            count(s.runtime_outstanding_count),
-        );
-    }
-    out
 }
 
 #[cfg(test)]

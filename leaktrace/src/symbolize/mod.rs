@@ -20,7 +20,7 @@ use crate::{
 
 /// One symbolized frame, innermost first in a stack.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct SymFrame {
+pub struct SymbolizedFrame {
     /// The address in the process (for inlined frames, the address of the frame they sit in).
     pub addr: u64,
     /// Demangled function name, when known.
@@ -29,7 +29,9 @@ pub struct SymFrame {
     pub module: Option<String>,
     /// Offset of the address in the module file (module+offset identifies unknown frames).
     pub offset: Option<u64>,
+    /// Source file path, when known.
     pub file: Option<String>,
+    /// Source line, when known.
     pub line: Option<u32>,
     /// True for a function inlined into the next frame.
     pub inlined: bool,
@@ -83,6 +85,7 @@ fn resolved(sym: Symbolized<'_>) -> Resolved {
 }
 
 impl Symbols {
+    /// A symbolizer with an empty cache.
     pub fn new() -> Self {
         let symbolizer = Symbolizer::builder()
             .enable_code_info(true)
@@ -155,7 +158,7 @@ impl Symbols {
     }
 
     /// The symbolized frames of a stack, inlined calls expanded, innermost first.
-    pub fn frames(&mut self, stack: &Stack) -> Vec<SymFrame> {
+    pub fn frames(&mut self, stack: &Stack) -> Vec<SymbolizedFrame> {
         self.prepare(std::iter::once(stack));
         let mut out = Vec::with_capacity(stack.frames.len());
         for frame in stack.frames.iter() {
@@ -167,7 +170,7 @@ impl Symbols {
                         m.clone()
                     }
                 });
-                out.push(SymFrame {
+                out.push(SymbolizedFrame {
                     addr: frame.addr,
                     symbol: None,
                     module,
@@ -191,7 +194,7 @@ impl Symbols {
             };
             let last = names.len() - 1;
             for (i, (symbol, file, line)) in names.iter().enumerate() {
-                out.push(SymFrame {
+                out.push(SymbolizedFrame {
                     addr: frame.addr,
                     symbol: symbol.clone(),
                     module: Some(module.path.clone()),
@@ -247,7 +250,7 @@ const RUNTIME_MODULE_PREFIXES: &[&str] = &[
 const LIBRARY_SOURCE_PREFIXES: &[&str] = &["/usr/include/", "/usr/local/include/", "/rustc/"];
 
 /// True when a frame belongs to a runtime or allocator rather than the program.
-pub fn is_runtime_frame(frame: &SymFrame) -> bool {
+pub fn is_runtime_frame(frame: &SymbolizedFrame) -> bool {
     if frame.inlined
         && frame
             .file
@@ -362,7 +365,7 @@ const COPYING_HELPERS: &[&str] = &[
 
 /// True when the block was allocated by the C or C++ runtime for itself, to be released at
 /// exit (not a leak of the program). Decided by the allocator's direct caller.
-pub fn runtime_owned(frames: &[SymFrame]) -> bool {
+pub fn runtime_owned(frames: &[SymbolizedFrame]) -> bool {
     let Some(caller) = frames.iter().find(|f| {
         let symbol = f.symbol.as_deref().unwrap_or("");
         let wrapper = f.inlined && ALLOCATOR_WRAPPERS.contains(&symbol);
@@ -401,7 +404,7 @@ pub fn runtime_owned(frames: &[SymFrame]) -> bool {
 /// Drops the leading runtime frames so `frames[0]` is the program's code that (directly or
 /// through its runtime) called the allocator. A stack made only of runtime frames is kept
 /// whole. `is_allocator` additionally marks allocator modules found by their symbols.
-pub fn trim(frames: &mut Vec<SymFrame>, is_allocator: impl Fn(&SymFrame) -> bool) {
+pub fn trim(frames: &mut Vec<SymbolizedFrame>, is_allocator: impl Fn(&SymbolizedFrame) -> bool) {
     let keep_from = frames
         .iter()
         .position(|f| !is_runtime_frame(f) && !is_allocator(f));
@@ -414,8 +417,8 @@ pub fn trim(frames: &mut Vec<SymFrame>, is_allocator: impl Fn(&SymFrame) -> bool
 mod tests {
     use super::*;
 
-    fn frame(symbol: &str, module: &str) -> SymFrame {
-        SymFrame {
+    fn frame(symbol: &str, module: &str) -> SymbolizedFrame {
+        SymbolizedFrame {
             addr: 1,
             symbol: Some(symbol.into()),
             module: Some(module.into()),
@@ -532,7 +535,7 @@ mod tests {
 
     #[test]
     fn libstdcxx_static_init_is_the_runtimes() {
-        let pool = SymFrame {
+        let pool = SymbolizedFrame {
             symbol: None,
             ..frame("", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30")
         };

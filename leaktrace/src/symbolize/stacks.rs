@@ -8,12 +8,12 @@ use leaktrace_common::stack_flags;
 
 use crate::{
     targets::modules::{AddressSpace, Module},
-    track::heap::StackId,
+    track::StackId,
 };
 
-/// One frame, normalized.
+/// A raw frame placed in its module (normalized), not yet symbolized.
 #[derive(Clone, Debug)]
-pub struct Frame {
+pub struct PlacedFrame {
     /// The address in the process.
     pub addr: u64,
     /// The module and the file offset of the address to look up (for return addresses, the
@@ -26,18 +26,21 @@ pub struct Frame {
 /// A stack as received from the kernel side.
 #[derive(Clone, Debug)]
 pub struct Stack {
+    /// The process it was captured in.
     pub pid: u32,
     /// Bits of [`stack_flags`].
     pub flags: u32,
     /// Innermost first.
-    pub frames: Box<[Frame]>,
+    pub frames: Box<[PlacedFrame]>,
 }
 
 impl Stack {
+    /// The walk hit its depth limit.
     pub fn truncated(&self) -> bool {
         self.flags & stack_flags::TRUNCATED != 0
     }
 
+    /// The walk broke off early (no unwind information, unreadable memory, a garbage address).
     pub fn broken(&self) -> bool {
         self.flags & stack_flags::BROKEN != 0
     }
@@ -49,7 +52,7 @@ pub fn normalize(
     space: &AddressSpace,
     flags: &mut u32,
     frames: impl Iterator<Item = u64>,
-) -> Box<[Frame]> {
+) -> Box<[PlacedFrame]> {
     let mut out = Vec::new();
     for (i, addr) in frames.enumerate() {
         // A return address points after the call; look up the call itself.
@@ -67,7 +70,7 @@ pub fn normalize(
             .as_ref()
             .map(|m| (m.clone(), lookup - range.start + range.offset));
         let mapping = range.module.is_none().then(|| range.name.clone());
-        out.push(Frame {
+        out.push(PlacedFrame {
             addr,
             place,
             mapping,
@@ -83,18 +86,22 @@ pub struct StackStore {
 }
 
 impl StackStore {
+    /// Whether the stack is known.
     pub fn contains(&self, id: StackId) -> bool {
         self.stacks.contains_key(&id)
     }
 
+    /// Stores a stack under its id.
     pub fn insert(&mut self, id: StackId, stack: Stack) {
         self.stacks.insert(id, stack);
     }
 
+    /// The stack with this id, if known.
     pub fn get(&self, id: StackId) -> Option<&Stack> {
         self.stacks.get(&id)
     }
 
+    /// How many stacks are stored.
     pub fn len(&self) -> usize {
         self.stacks.len()
     }
@@ -104,6 +111,7 @@ impl StackStore {
         self.stacks.values().filter(|s| pred(s)).count() as u64
     }
 
+    /// True when no stack is stored.
     pub fn is_empty(&self) -> bool {
         self.stacks.is_empty()
     }

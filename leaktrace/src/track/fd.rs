@@ -6,19 +6,24 @@
 //! still open and how many were opened and closed.
 use hashbrown::HashMap;
 
-use crate::track::heap::StackId;
+use crate::track::{Exited, ProcessRows, Snapshot, StackId};
 
 /// What a descriptor refers to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FdKind {
+    /// Opened by a path (open, openat, openat2, creat).
     File,
+    /// Made by socket, socketpair or accept.
     Socket,
+    /// Made by pipe or pipe2.
     Pipe,
+    /// Anything else (eventfd, memfd, epoll, ...).
     Other,
 }
 
 impl FdKind {
+    /// The kind as reports write it.
     pub fn name(self) -> &'static str {
         match self {
             FdKind::File => "file",
@@ -43,23 +48,31 @@ struct Fd {
 /// How a descriptor came to be.
 #[derive(Clone, Copy, Debug)]
 pub struct Creation<'a> {
+    /// The stack that created it.
     pub stack: StackId,
+    /// What it refers to.
     pub kind: FdKind,
+    /// Whether it closes on exec.
     pub cloexec: bool,
     /// The path opened (files only).
     pub path: Option<&'a str>,
+    /// When it was created, ms since the epoch.
     pub born_ms: u32,
 }
 
 /// Counters of one creating stack in one process.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FdStackCounters {
+    /// The stack.
     pub stack_id: StackId,
     /// The kind of the descriptors this stack creates (the first one's, in the rare stack
     /// that creates several kinds).
     pub kind: Option<FdKind>,
+    /// Descriptors it created that are still open.
     pub outstanding: u64,
+    /// Descriptors it created.
     pub opened: u64,
+    /// Of those, how many were closed.
     pub closed: u64,
     /// Example paths (files only), first seen first.
     pub paths: Vec<String>,
@@ -70,7 +83,9 @@ pub struct FdStackCounters {
 /// Session-wide descriptor counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FdTotals {
+    /// Descriptors created (that we saw).
     pub opened: u64,
+    /// Of those, how many were closed.
     pub closed: u64,
     /// Closes of descriptors we never saw created (inherited, or opened before tracing).
     pub unmatched_closes: u64,
@@ -127,38 +142,20 @@ impl ProcessFds {
     }
 }
 
-/// What a process still had open when it exited (or exec'd: only what exec closed is gone).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExitedFds {
-    pub pid: u32,
-    pub at_ms: u32,
-    pub stacks: Vec<FdStackCounters>,
-}
-
-/// A process's rows in a snapshot.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FdProcessRows {
-    pub pid: u32,
-    pub stacks: Vec<FdStackCounters>,
-}
-
-/// The descriptor tables at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FdSnapshot {
-    pub totals: FdTotals,
-    pub live: Vec<FdProcessRows>,
-    pub exited: Vec<ExitedFds>,
-}
+/// The descriptor tables at one moment. What a process had open when it exec'd is not
+/// kept apart: only what exec closed is gone, the rest lives on.
+pub type FdSnapshot = Snapshot<FdStackCounters, FdTotals>;
 
 /// All open descriptors we saw created, per process.
 #[derive(Debug, Default)]
 pub struct FdTables {
     procs: HashMap<u32, ProcessFds>,
-    exited: Vec<ExitedFds>,
+    exited: Vec<Exited<FdStackCounters>>,
     totals: FdTotals,
 }
 
 impl FdTables {
+    /// The session-wide counters.
     pub fn totals(&self) -> FdTotals {
         self.totals
     }
@@ -282,7 +279,12 @@ impl FdTables {
         let stacks: Vec<FdStackCounters> =
             p.rows().into_iter().filter(|s| s.outstanding > 0).collect();
         if !stacks.is_empty() {
-            self.exited.push(ExitedFds { pid, at_ms, stacks });
+            self.exited.push(Exited {
+                pid,
+                at_ms,
+                by_exec: false,
+                stacks,
+            });
         }
     }
 
@@ -307,11 +309,13 @@ impl FdTables {
         self.procs.get(&pid).map_or(0, |p| p.fds.len() as u64)
     }
 
-    pub fn snapshot(&self) -> FdSnapshot {
-        let mut live: Vec<FdProcessRows> = self
+    /// The tables as of `now_ms` (ms since the heap tables' epoch, which creation and exit
+    /// times are measured from).
+    pub fn snapshot(&self, now_ms: u32) -> FdSnapshot {
+        let mut live: Vec<ProcessRows<FdStackCounters>> = self
             .procs
             .iter()
-            .map(|(&pid, p)| FdProcessRows {
+            .map(|(&pid, p)| ProcessRows {
                 pid,
                 stacks: p.rows(),
             })
@@ -319,6 +323,7 @@ impl FdTables {
         live.sort_by_key(|p| p.pid);
         FdSnapshot {
             totals: self.totals,
+            now_ms,
             live,
             exited: self.exited.clone(),
         }
@@ -346,7 +351,7 @@ mod tests {
     }
 
     fn row(t: &FdTables, pid: u32, stack: StackId) -> FdStackCounters {
-        t.snapshot()
+        t.snapshot(0)
             .live
             .into_iter()
             .filter(|p| p.pid == pid)
@@ -460,7 +465,7 @@ mod tests {
         assert_eq!((top.len(), top[0].stack_id, top[0].outstanding), (1, 10, 5));
         assert_eq!(t.open_count(1), 6);
         t.exit(1, 42);
-        let snap = t.snapshot();
+        let snap = t.snapshot(0);
         assert!(snap.live.is_empty());
         assert_eq!(snap.exited[0].at_ms, 42);
         assert_eq!(

@@ -10,8 +10,13 @@
 use hashbrown::HashMap;
 use leaktrace_common::{AllocEvent, FreeEvent};
 
-/// Identifies a stack: a hash of the pid and the frames, computed by the kernel side.
-pub type StackId = u64;
+use crate::track::{Exited, ProcessRows, Snapshot};
+
+/// Kept here too for the modules that name it `track::heap::StackId`.
+pub use crate::track::StackId;
+
+/// The heap tables at one moment, for reports.
+pub type HeapSnapshot = Snapshot<StackRow, Totals>;
 
 /// One outstanding block: 16 bytes, so a million cost ~25 MB with the map's overhead.
 #[derive(Clone, Copy, Debug)]
@@ -26,8 +31,11 @@ struct Block {
 /// Counters of one stack in one process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StackCounters {
+    /// The stack.
     pub stack_id: StackId,
+    /// Blocks it allocated that are still outstanding.
     pub outstanding_count: u64,
+    /// Their bytes.
     pub outstanding_bytes: u64,
     /// Blocks this stack allocated (realloc counts as an allocation by its caller).
     pub allocs: u64,
@@ -111,43 +119,14 @@ impl ProcessHeap {
 /// A stack's counters as of a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackRow {
+    /// The stack's counters.
     pub counters: StackCounters,
     /// Outstanding blocks (and their bytes) at least `--min-age` old.
     pub aged_count: u64,
+    /// Their bytes.
     pub aged_bytes: u64,
     /// Milliseconds since the table's epoch; `None` when nothing is outstanding.
     pub oldest_born_ms: Option<u32>,
-}
-
-/// What a process still held when it exited or exec'd.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Exited {
-    pub pid: u32,
-    /// Milliseconds since the table's epoch.
-    pub at_ms: u32,
-    /// True when the image was replaced by exec rather than the process exiting.
-    pub by_exec: bool,
-    /// Stacks that still held blocks.
-    pub stacks: Vec<StackRow>,
-}
-
-/// One process's rows in a [`Snapshot`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcessRows {
-    pub pid: u32,
-    pub stacks: Vec<StackRow>,
-}
-
-/// The tables at one moment, for reports.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub totals: Totals,
-    /// Milliseconds since the table's epoch.
-    pub now_ms: u32,
-    /// Processes still alive.
-    pub live: Vec<ProcessRows>,
-    /// What exited processes held at exit.
-    pub exited: Vec<Exited>,
 }
 
 /// All outstanding allocations, per process.
@@ -155,7 +134,7 @@ pub struct Snapshot {
 pub struct HeapTables {
     epoch_ns: u64,
     procs: HashMap<u32, ProcessHeap>,
-    exited: Vec<Exited>,
+    exited: Vec<Exited<StackRow>>,
     totals: Totals,
 }
 
@@ -180,6 +159,7 @@ impl HeapTables {
         self.epoch_ns
     }
 
+    /// The session-wide counters.
     pub fn totals(&self) -> Totals {
         self.totals
     }
@@ -308,7 +288,6 @@ impl HeapTables {
         self.procs.keys().copied()
     }
 
-    /// The tables as of `now_ns`; rows also count the blocks at least `min_age_ns` old.
     /// Outstanding (count, bytes) of one live process.
     pub fn outstanding_of(&self, pid: u32) -> (u64, u64) {
         self.procs.get(&pid).map_or((0, 0), |h| {
@@ -340,10 +319,11 @@ impl HeapTables {
         top
     }
 
-    pub fn snapshot(&self, now_ns: u64, min_age_ns: u64) -> Snapshot {
+    /// The tables as of `now_ns`; rows also count the blocks at least `min_age_ns` old.
+    pub fn snapshot(&self, now_ns: u64, min_age_ns: u64) -> HeapSnapshot {
         let now_ms = self.ms_since_epoch(now_ns);
         let min_age_ms = (min_age_ns / 1_000_000).min(u64::from(u32::MAX)) as u32;
-        let mut live: Vec<ProcessRows> = self
+        let mut live: Vec<ProcessRows<StackRow>> = self
             .procs
             .iter()
             .map(|(&pid, heap)| ProcessRows {
@@ -362,342 +342,5 @@ impl HeapTables {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use leaktrace_common::{Header, alloc_shape, kind};
-
-    const MS: u64 = 1_000_000;
-
-    fn hdr(kind: u16, pid: u32, ts_ns: u64) -> Header {
-        Header {
-            kind,
-            flags: 0,
-            pid,
-            tid: pid,
-            _pad: 0,
-            ts_ns,
-        }
-    }
-
-    fn alloc(pid: u32, addr: u64, size: u64, stack: u64) -> AllocEvent {
-        AllocEvent {
-            hdr: hdr(kind::ALLOC, pid, 0),
-            addr,
-            size,
-            old_addr: 0,
-            stack_id: stack,
-            shape: alloc_shape::SIZE,
-            _pad: 0,
-        }
-    }
-
-    fn realloc(pid: u32, old: u64, new: u64, size: u64, stack: u64) -> AllocEvent {
-        AllocEvent {
-            old_addr: old,
-            shape: alloc_shape::RESIZE,
-            ..alloc(pid, new, size, stack)
-        }
-    }
-
-    fn free(pid: u32, addr: u64) -> FreeEvent {
-        FreeEvent {
-            hdr: hdr(kind::FREE, pid, 0),
-            addr,
-        }
-    }
-
-    fn rows(t: &HeapTables, pid: u32) -> Vec<StackCounters> {
-        let snap = t.snapshot(0, 0);
-        let mut rows: Vec<_> = snap
-            .live
-            .iter()
-            .filter(|p| p.pid == pid)
-            .flat_map(|p| p.stacks.iter().map(|r| r.counters))
-            .collect();
-        rows.sort_by_key(|c| c.stack_id);
-        rows
-    }
-
-    fn invariant(t: &HeapTables) {
-        let snap = t.snapshot(u64::MAX, 0);
-        let live: u64 = snap
-            .live
-            .iter()
-            .flat_map(|p| &p.stacks)
-            .map(|r| r.counters.outstanding_count)
-            .sum();
-        let exited: u64 = snap
-            .exited
-            .iter()
-            .flat_map(|p| &p.stacks)
-            .map(|r| r.counters.outstanding_count)
-            .sum();
-        assert_eq!(
-            t.totals().allocs - t.totals().frees,
-            live + exited,
-            "{:?}",
-            t.totals()
-        );
-    }
-
-    #[test]
-    fn malloc_then_free_leaves_nothing_outstanding() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&alloc(1, 0x1000, 100, 7));
-        t.alloc(&alloc(1, 0x2000, 50, 7));
-        t.free(&free(1, 0x1000));
-        let want = StackCounters {
-            stack_id: 7,
-            outstanding_count: 1,
-            outstanding_bytes: 50,
-            allocs: 2,
-            frees: 1,
-        };
-        assert_eq!(rows(&t, 1), [want]);
-        assert_eq!(
-            t.totals(),
-            Totals {
-                allocs: 2,
-                frees: 1,
-                unmatched_frees: 0,
-                replaced: 0
-            }
-        );
-        invariant(&t);
-    }
-
-    #[test]
-    fn free_of_unknown_block_is_unmatched_not_an_error() {
-        let mut t = HeapTables::new(0);
-        t.free(&free(1, 0xdead));
-        t.alloc(&alloc(1, 0x1000, 8, 1));
-        t.free(&free(2, 0x1000)); // same address, another process
-        assert_eq!(t.totals().unmatched_frees, 2);
-        assert_eq!(t.totals().frees, 0);
-        assert_eq!(rows(&t, 1)[0].outstanding_count, 1);
-        invariant(&t);
-    }
-
-    #[test]
-    fn realloc_that_moves_frees_old_and_owns_new_at_its_own_stack() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&alloc(1, 0x1000, 16, 1));
-        t.alloc(&realloc(1, 0x1000, 0x2000, 64, 2));
-        assert_eq!(
-            rows(&t, 1),
-            [
-                StackCounters {
-                    stack_id: 1,
-                    outstanding_count: 0,
-                    outstanding_bytes: 0,
-                    allocs: 1,
-                    frees: 1
-                },
-                StackCounters {
-                    stack_id: 2,
-                    outstanding_count: 1,
-                    outstanding_bytes: 64,
-                    allocs: 1,
-                    frees: 0
-                },
-            ]
-        );
-        invariant(&t);
-    }
-
-    #[test]
-    fn realloc_in_place_resizes() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&alloc(1, 0x1000, 16, 1));
-        t.alloc(&realloc(1, 0x1000, 0x1000, 32, 1));
-        let r = rows(&t, 1);
-        assert_eq!(
-            (
-                r[0].outstanding_count,
-                r[0].outstanding_bytes,
-                r[0].allocs,
-                r[0].frees
-            ),
-            (1, 32, 2, 1)
-        );
-        assert_eq!(t.totals().replaced, 0);
-        invariant(&t);
-    }
-
-    #[test]
-    fn realloc_of_null_is_malloc() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&realloc(1, 0, 0x1000, 10, 1));
-        assert_eq!(rows(&t, 1)[0].outstanding_bytes, 10);
-        assert_eq!(
-            t.totals(),
-            Totals {
-                allocs: 1,
-                ..Default::default()
-            }
-        );
-        invariant(&t);
-    }
-
-    #[test]
-    fn realloc_to_zero_frees() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&alloc(1, 0x1000, 10, 1));
-        t.alloc(&realloc(1, 0x1000, 0, 0, 2));
-        assert_eq!(rows(&t, 1)[0].outstanding_count, 0);
-        assert_eq!(
-            t.totals(),
-            Totals {
-                allocs: 1,
-                frees: 1,
-                ..Default::default()
-            }
-        );
-        invariant(&t);
-    }
-
-    #[test]
-    fn failed_realloc_keeps_the_old_block() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&alloc(1, 0x1000, 10, 1));
-        t.alloc(&realloc(1, 0x1000, 0, 1 << 60, 2));
-        assert_eq!(rows(&t, 1)[0].outstanding_bytes, 10);
-        assert_eq!(
-            t.totals(),
-            Totals {
-                allocs: 1,
-                ..Default::default()
-            }
-        );
-    }
-
-    #[test]
-    fn realloc_of_unknown_block_counts_an_unmatched_free() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&realloc(1, 0x9000, 0x1000, 10, 1));
-        assert_eq!(
-            t.totals(),
-            Totals {
-                allocs: 1,
-                unmatched_frees: 1,
-                ..Default::default()
-            }
-        );
-        invariant(&t);
-    }
-
-    #[test]
-    fn reused_address_without_free_is_counted_as_replaced() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&alloc(1, 0x1000, 10, 1));
-        t.alloc(&alloc(1, 0x1000, 20, 2));
-        assert_eq!(t.totals().replaced, 1);
-        let r = rows(&t, 1);
-        assert_eq!(
-            (
-                r[0].outstanding_count,
-                r[1].outstanding_count,
-                r[1].outstanding_bytes
-            ),
-            (0, 1, 20)
-        );
-        invariant(&t);
-    }
-
-    #[test]
-    fn exit_keeps_what_was_in_use_and_releases_the_process() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&alloc(1, 0x1000, 10, 1));
-        t.alloc(&alloc(1, 0x2000, 20, 2));
-        t.free(&free(1, 0x2000));
-        t.alloc(&alloc(2, 0x1000, 30, 3));
-        t.exit(1, 5 * MS);
-        let snap = t.snapshot(6 * MS, 0);
-        assert_eq!(snap.live.iter().map(|p| p.pid).collect::<Vec<_>>(), [2]);
-        assert_eq!(snap.exited.len(), 1);
-        let ex = &snap.exited[0];
-        assert_eq!((ex.pid, ex.at_ms, ex.by_exec), (1, 5, false));
-        assert_eq!(ex.stacks.len(), 1, "only stacks still holding blocks");
-        assert_eq!(ex.stacks[0].counters.outstanding_bytes, 10);
-        // A later free with the dead pid's number is unmatched (the pid may be reused).
-        t.free(&free(1, 0x1000));
-        assert_eq!(t.totals().unmatched_frees, 1);
-        invariant(&t);
-    }
-
-    #[test]
-    fn exec_retires_the_old_image() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&alloc(1, 0x1000, 10, 1));
-        t.exec(1, 0);
-        t.alloc(&alloc(1, 0x1000, 99, 2));
-        let snap = t.snapshot(0, 0);
-        assert!(snap.exited[0].by_exec);
-        assert_eq!(snap.live[0].stacks[0].counters.outstanding_bytes, 99);
-        assert_eq!(
-            t.totals().replaced,
-            0,
-            "the new image's block is not a replacement"
-        );
-        invariant(&t);
-    }
-
-    #[test]
-    fn per_process_totals_and_top_stacks() {
-        let mut t = HeapTables::new(0);
-        t.alloc(&alloc(1, 0x1000, 10, 1));
-        t.alloc(&alloc(1, 0x2000, 300, 2));
-        t.alloc(&alloc(1, 0x3000, 20, 1));
-        t.alloc(&alloc(2, 0x1000, 5, 3));
-        assert_eq!(t.outstanding_of(1), (3, 330));
-        let top = t.top_stacks(1, 1);
-        assert_eq!(
-            (top.len(), top[0].stack_id, top[0].outstanding_bytes),
-            (1, 2, 300)
-        );
-        assert_eq!(t.outstanding_of(9), (0, 0));
-    }
-
-    #[test]
-    fn min_age_filters_young_blocks_and_oldest_is_tracked() {
-        let mut t = HeapTables::new(1000 * MS);
-        let mut a = alloc(1, 0x1000, 10, 1);
-        a.hdr.ts_ns = 1010 * MS;
-        t.alloc(&a);
-        a.addr = 0x2000;
-        a.hdr.ts_ns = 1050 * MS;
-        t.alloc(&a);
-        let snap = t.snapshot(1060 * MS, 20 * MS);
-        let row = snap.live[0].stacks[0];
-        assert_eq!((row.aged_count, row.aged_bytes), (1, 10));
-        assert_eq!(
-            (row.counters.outstanding_count, row.counters.allocs),
-            (2, 2),
-            "counters are never filtered"
-        );
-        assert_eq!(row.oldest_born_ms, Some(10));
-        let all = t.snapshot(1060 * MS, 0).live[0].stacks[0];
-        assert_eq!((all.aged_count, all.aged_bytes), (2, 20));
-    }
-
-    #[test]
-    fn many_events_in_any_order_keep_the_invariant() {
-        // A deterministic shuffle of allocs, frees, reallocs over a small address space.
-        let mut t = HeapTables::new(0);
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let addr = 0x1000 + (x % 64) * 16;
-            match x % 5 {
-                0 | 1 => t.alloc(&alloc(1 + (x % 2) as u32, addr, x % 100, x % 3)),
-                2 | 3 => t.free(&free(1 + (x % 2) as u32, addr)),
-                _ => t.alloc(&realloc(1, addr, 0x1000 + ((x >> 8) % 64) * 16, x % 50, 4)),
-            }
-        }
-        invariant(&t);
-        t.exit(1, 0);
-        invariant(&t);
-    }
-}
+#[path = "heap_tests.rs"]
+mod tests;

@@ -1,0 +1,351 @@
+//! Building a report from the trackers' snapshots: symbolize each row's stack, set apart
+//! what the C/C++ runtime owns, trim, merge rows of the same stack, rank.
+use crate::{
+    report::merge::{Row, Trend, merge, merge_paths, rank},
+    report::model::{
+        FdExhaustion, FdLeak, Frame, Leak, OomKill, Report, Summary, TmpLeak, TracerUsage,
+        WalkSummary,
+    },
+    symbolize::stacks::StackStore,
+    symbolize::{SymbolizedFrame, Symbols, runtime_owned, trim},
+    track::StackId,
+    track::fd::{FdKind, FdSnapshot},
+    track::heap::{HeapSnapshot, StackRow},
+};
+
+/// Knobs of report building.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReportOptions {
+    /// Blocks younger than this are not counted in `leaks`.
+    pub min_age_ns: u64,
+    /// Growth mode: the tables hold pages written to, not allocations.
+    pub growth_mode: bool,
+    /// Allocations are sampled one byte in this many (0: exact).
+    pub sample_bytes: u32,
+    /// Keep at most this many leaks (`None`: all).
+    pub top: Option<usize>,
+}
+
+/// Everything a report is built from.
+pub struct ReportInput<'a> {
+    /// The heap tables.
+    pub snapshot: &'a HeapSnapshot,
+    /// The stacks the rows name.
+    pub stacks: &'a StackStore,
+    /// Lost events and stacks, by cause.
+    pub lost: &'a [(&'static str, u64)],
+    /// The command name of a pid.
+    pub comm: &'a dyn Fn(u32) -> String,
+    /// Whether this is the session's last report.
+    pub is_final: bool,
+    /// Stack walking cost, when measured.
+    pub walks: Option<WalkSummary>,
+    /// The descriptor tables.
+    pub fds: &'a FdSnapshot,
+    /// Temp files still watched, with their size on disk (gone ones left out).
+    pub tmp: &'a [TmpRow],
+    /// Temp files created.
+    pub tmp_created: u64,
+    /// Temp files created but not watched (over the cap).
+    pub tmp_unwatched: u64,
+    /// Processes that ran out of descriptors.
+    pub fd_exhaustion: &'a [FdExhaustion],
+    /// OOM kills seen.
+    pub oom_kills: &'a [OomKill],
+    /// Frees of never-seen addresses the kernel side counted instead of sending.
+    pub filtered_frees: u64,
+    /// What leaktrace itself has used so far.
+    pub tracer: TracerUsage,
+    /// Stack captures answered by the walk cache.
+    pub stack_cache_hits: u64,
+    /// Stack captures that walked.
+    pub stack_walks: u64,
+}
+
+/// A temp file as a report sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TmpRow {
+    /// The process that created it.
+    pub pid: u32,
+    /// The stack that created it.
+    pub stack_id: StackId,
+    /// Its path.
+    pub path: String,
+    /// Its size on disk.
+    pub bytes: u64,
+    /// When it was created, ms since the epoch.
+    pub created_ms: u32,
+}
+
+/// The symbolized, trimmed frames of a stack, and whether the walk was incomplete.
+pub fn stack_frames(
+    stacks: &StackStore,
+    symbols: &mut Symbols,
+    id: StackId,
+) -> (Vec<SymbolizedFrame>, bool) {
+    match stacks.get(id) {
+        Some(stack) => {
+            let mut frames = symbols.frames(stack);
+            trim(&mut frames, |_| false);
+            (frames, stack.truncated() || stack.broken())
+        }
+        None => (Vec::new(), true),
+    }
+}
+
+/// Builds a report: symbolizes, classifies, trims and merges rows, ranks them.
+pub fn build(
+    input: ReportInput<'_>,
+    opts: &ReportOptions,
+    symbols: &mut Symbols,
+    trend: &mut Trend,
+) -> Report {
+    let mut summary = summary(&input, opts);
+    let heap = heap_rows(&input, opts, symbols, &mut summary);
+    let (leaks, runtime) = heap_leaks(heap, &input, opts, trend);
+
+    let mut fd_leaks = fd_leaks(&input, symbols);
+    let mut tmp_leaks = tmp_leaks(&input, symbols, input.snapshot.now_ms);
+    let fd_totals = input.fds.totals;
+    summary.fds_opened = fd_totals.opened;
+    summary.fds_closed = fd_totals.closed;
+    summary.fds_unmatched_closes = fd_totals.unmatched_closes;
+    summary.fds_outstanding = fd_leaks.iter().map(|l| l.outstanding).sum();
+    summary.tmp_files_created = input.tmp_created;
+    summary.tmp_files_unwatched = input.tmp_unwatched;
+    summary.tmp_files_outstanding = tmp_leaks.iter().map(|l| l.files).sum();
+    if let Some(top) = opts.top {
+        fd_leaks.truncate(top);
+        tmp_leaks.truncate(top);
+    }
+    Report {
+        summary,
+        leaks,
+        runtime,
+        fd_leaks,
+        fd_exhaustion: input.fd_exhaustion.to_vec(),
+        tmp_leaks,
+        oom_kills: input.oom_kills.to_vec(),
+        is_final: input.is_final,
+    }
+}
+
+/// The summary's session-wide figures; the heap, descriptor and temp file counts are
+/// added as their rows are built.
+fn summary(input: &ReportInput<'_>, opts: &ReportOptions) -> Summary {
+    let snap = input.snapshot;
+    let lost = |stacks: bool| -> u64 {
+        input
+            .lost
+            .iter()
+            .filter(|(c, _)| c.starts_with("stack_") == stacks)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    Summary {
+        unmatched_frees: snap.totals.unmatched_frees + input.filtered_frees,
+        tracer: input.tracer,
+        stack_cache_hits: input.stack_cache_hits,
+        stack_walks: input.stack_walks,
+        mode: if opts.growth_mode { "growth" } else { "full" },
+        sample_bytes: u64::from(opts.sample_bytes),
+        replaced: snap.totals.replaced,
+        lost_events: lost(false),
+        lost_stacks: lost(true),
+        lost_by_cause: input.lost.iter().copied().filter(|(_, n)| *n > 0).collect(),
+        elapsed_s: f64::from(snap.now_ms) / 1e3,
+        min_age_s: opts.min_age_ns as f64 / 1e9,
+        stacks_truncated: input.stacks.count(|s| s.truncated()),
+        stacks_broken: input.stacks.count(|s| s.broken() && !s.truncated()),
+        walks: input.walks,
+        ..Default::default()
+    }
+}
+
+/// A heap row, and whether the C/C++ runtime owns its blocks (then it is listed apart).
+struct HeapRow {
+    leak: Leak,
+    runtime: bool,
+}
+
+impl Row for HeapRow {
+    fn pid(&self) -> u32 {
+        self.leak.pid
+    }
+    fn at_exit(&self) -> bool {
+        self.leak.at_exit
+    }
+    fn frames(&self) -> &[Frame] {
+        &self.leak.frames
+    }
+    fn weight(&self) -> (u64, u64) {
+        self.leak.weight()
+    }
+    fn absorb(&mut self, other: Self) {
+        // Whether the runtime owns it stays the first row's.
+        self.leak.absorb(other.leak);
+    }
+}
+
+/// The heap rows with blocks at least `--min-age` old, merged per stack; counts every row
+/// into `summary`, the runtime's blocks apart from the program's.
+fn heap_rows(
+    input: &ReportInput<'_>,
+    opts: &ReportOptions,
+    symbols: &mut Symbols,
+    summary: &mut Summary,
+) -> Vec<HeapRow> {
+    let snap = input.snapshot;
+    let rows = snap
+        .rows()
+        .filter(|r| r.row.counters.outstanding_count > 0 || r.row.counters.allocs > 0);
+    symbols.prepare(
+        rows.clone()
+            .filter_map(|r| input.stacks.get(r.row.counters.stack_id)),
+    );
+    let (mut runtime_allocs, mut runtime_frees) = (0, 0);
+    let mut out = Vec::new();
+    for r in rows {
+        let (pid, at_exit, at_ms) = (r.pid, r.at_exit, r.at_ms);
+        let StackRow {
+            counters: c,
+            aged_count,
+            aged_bytes,
+            oldest_born_ms,
+        } = *r.row;
+        let (mut frames, truncated) = match input.stacks.get(c.stack_id) {
+            Some(stack) => (symbols.frames(stack), stack.truncated() || stack.broken()),
+            None => (Vec::new(), true),
+        };
+        let runtime = runtime_owned(&frames);
+        if runtime {
+            summary.runtime_outstanding_count += c.outstanding_count;
+            summary.runtime_outstanding_bytes += c.outstanding_bytes;
+            runtime_allocs += c.allocs;
+            runtime_frees += c.frees;
+        } else {
+            summary.outstanding_count += c.outstanding_count;
+            summary.outstanding_bytes += c.outstanding_bytes;
+        }
+        if aged_count == 0 {
+            continue;
+        }
+        trim(&mut frames, |_| false);
+        let age_ms = at_ms.saturating_sub(oldest_born_ms.unwrap_or(at_ms));
+        let leak = Leak {
+            kind: if opts.growth_mode { "growth" } else { "heap" },
+            pid,
+            comm: String::new(), // filled in once per merged row
+            outstanding_count: aged_count,
+            outstanding_bytes: aged_bytes,
+            allocs: c.allocs,
+            frees: c.frees,
+            oldest_age_s: f64::from(age_ms) / 1e3,
+            at_exit,
+            growth_bytes_per_s: None,
+            truncated,
+            frames: frames.iter().map(Frame::from).collect(),
+        };
+        out.push(HeapRow { leak, runtime });
+    }
+    // Blocks the runtime owns are left out of the program's counts on both sides, so the
+    // program's allocs - frees still equals its outstanding blocks.
+    summary.allocs = snap.totals.allocs - runtime_allocs;
+    summary.frees = snap.totals.frees - runtime_frees;
+    merge(out)
+}
+
+/// The merged heap rows as ranked leaks, the program's and the runtime's apart, each with
+/// its trend while the process lives.
+fn heap_leaks(
+    rows: Vec<HeapRow>,
+    input: &ReportInput<'_>,
+    opts: &ReportOptions,
+    trend: &mut Trend,
+) -> (Vec<Leak>, Vec<Leak>) {
+    let now_s = f64::from(input.snapshot.now_ms) / 1e3;
+    let mut keys = Vec::with_capacity(rows.len());
+    let (mut leaks, mut runtime) = (Vec::new(), Vec::new());
+    for HeapRow {
+        mut leak,
+        runtime: by_runtime,
+    } in rows
+    {
+        let key = leak.key();
+        if !leak.at_exit {
+            leak.growth_bytes_per_s = trend.observe(&key, now_s, leak.outstanding_bytes);
+        }
+        keys.push(key);
+        leak.comm = (input.comm)(leak.pid);
+        if by_runtime {
+            runtime.push(leak);
+        } else {
+            leaks.push(leak);
+        }
+    }
+    trend.retain(&keys);
+    for list in [&mut leaks, &mut runtime] {
+        rank(list);
+        if let Some(top) = opts.top {
+            list.truncate(top);
+        }
+    }
+    (leaks, runtime)
+}
+
+/// Descriptors still open, merged per (process, trimmed stack), most first.
+fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols) -> Vec<FdLeak> {
+    let rows = input.fds.rows().filter(|r| r.row.outstanding > 0).map(|r| {
+        let (pid, at_exit, at_ms, s) = (r.pid, r.at_exit, r.at_ms, r.row);
+        let (frames, truncated) = stack_frames(input.stacks, symbols, s.stack_id);
+        let age_ms = at_ms.saturating_sub(s.oldest_born_ms.unwrap_or(at_ms));
+        let mut paths = Vec::new();
+        merge_paths(&mut paths, &s.paths);
+        FdLeak {
+            pid,
+            comm: String::new(), // filled in once per merged row
+            outstanding: s.outstanding,
+            fd_kind: s.kind.map_or("other", FdKind::name),
+            paths,
+            opened: s.opened,
+            closed: s.closed,
+            oldest_age_s: f64::from(age_ms) / 1e3,
+            at_exit,
+            truncated,
+            frames: frames.iter().map(Frame::from).collect(),
+        }
+    });
+    let mut leaks = merge(rows);
+    for l in &mut leaks {
+        l.comm = (input.comm)(l.pid);
+    }
+    rank(&mut leaks);
+    leaks
+}
+
+/// Temp files still on disk, merged per (process, trimmed stack), largest first.
+fn tmp_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, now_ms: u32) -> Vec<TmpLeak> {
+    let rows = input.tmp.iter().map(|row| {
+        let (frames, truncated) = stack_frames(input.stacks, symbols, row.stack_id);
+        TmpLeak {
+            pid: row.pid,
+            comm: String::new(), // filled in once per merged row
+            files: 1,
+            bytes: row.bytes,
+            paths: vec![row.path.clone()],
+            oldest_age_s: f64::from(now_ms.saturating_sub(row.created_ms)) / 1e3,
+            truncated,
+            frames: frames.iter().map(Frame::from).collect(),
+        }
+    });
+    let mut leaks = merge(rows);
+    for l in &mut leaks {
+        l.comm = (input.comm)(l.pid);
+    }
+    rank(&mut leaks);
+    leaks
+}
+
+#[cfg(test)]
+#[path = "build_tests.rs"]
+mod tests;

@@ -1,0 +1,366 @@
+//! The report's data model: what exporters see and what the JSON contract serializes.
+//! Plain data; addresses are numbers here and become `0x…` text only when written.
+use serde::Serialize;
+
+use crate::symbolize::SymbolizedFrame;
+
+/// Session-wide figures (the JSON `summary`).
+///
+/// Blocks the C or C++ runtime allocated for itself and releases at exit (stdio buffers,
+/// locale data, thread descriptors, ...; see [`crate::symbolize::runtime_owned`]) are counted
+/// apart, in `runtime_*` and the report's `runtime` list, as valgrind leaves them out of "in
+/// use at exit". Everything else holds exactly: `allocs - frees == outstanding_count` when no
+/// event was lost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// Successful allocations of the program (realloc counts as one).
+    pub allocs: u64,
+    /// Of those, how many were freed (or moved by realloc).
+    pub frees: u64,
+    /// Blocks still outstanding in live processes plus those in use when traced processes
+    /// exited, regardless of `--min-age`.
+    pub outstanding_count: u64,
+    /// Their bytes.
+    pub outstanding_bytes: u64,
+    /// Frees of blocks allocated before tracing started (or whose allocation was lost).
+    pub unmatched_frees: u64,
+    /// Events the kernel side could not deliver; non-zero means counts are lower bounds.
+    pub lost_events: u64,
+    /// Stacks whose frames could not be delivered (counts stay exact; the frames are sent
+    /// again the next time the stack allocates).
+    pub lost_stacks: u64,
+    /// Losses by cause (`stack_*` causes are stacks, the rest events).
+    pub lost_by_cause: std::collections::BTreeMap<&'static str, u64>,
+    /// Allocations at an address still outstanding (a free was missed).
+    pub replaced: u64,
+    /// Outstanding blocks the C/C++ runtime owns and releases at exit (not leaks).
+    pub runtime_outstanding_count: u64,
+    /// Their bytes.
+    pub runtime_outstanding_bytes: u64,
+    /// Seconds since tracing started.
+    pub elapsed_s: f64,
+    /// Blocks younger than this are not counted in `leaks`.
+    pub min_age_s: f64,
+    /// Distinct stacks whose walk hit the depth limit, and whose walk broke off early (a
+    /// frame without unwind information or frame pointer, unreadable stack memory).
+    pub stacks_truncated: u64,
+    /// Distinct stacks whose walk broke off early (and did not hit the depth limit).
+    pub stacks_broken: u64,
+    /// Stack walking cost, measured in the kernel (`--measure-walks` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub walks: Option<WalkSummary>,
+    /// Descriptors created, closed, and still open (or open at exit), among those we saw
+    /// created; closes of others (inherited, opened before tracing).
+    pub fds_opened: u64,
+    /// Descriptors closed, of those we saw created.
+    pub fds_closed: u64,
+    /// Descriptors still open (or open at exit), of those we saw created.
+    pub fds_outstanding: u64,
+    /// Closes of descriptors we never saw created (inherited, opened before tracing).
+    pub fds_unmatched_closes: u64,
+    /// Temp files created, and those still on disk.
+    pub tmp_files_created: u64,
+    /// Of those, the ones still on disk.
+    pub tmp_files_outstanding: u64,
+    /// Temp files created beyond the number leaktrace watches at once (not in tmp_leaks).
+    pub tmp_files_unwatched: u64,
+    /// leaktrace's own CPU time and peak RSS so far.
+    pub tracer: TracerUsage,
+    /// Stack captures the kernel side's walk cache answered, and those that walked.
+    pub stack_cache_hits: u64,
+    /// Stack captures that walked the stack.
+    pub stack_walks: u64,
+    /// How the heap was traced: `full` (allocator probes) or `growth` (page faults; then
+    /// allocs/frees count what write faults added (a page, a huge page) and what was given
+    /// back).
+    pub mode: &'static str,
+    /// Non-zero: allocations were sampled, one byte in this many on average; heap bytes are
+    /// unbiased estimates, counts are of sampled blocks, and `unmatched_frees` also counts
+    /// some frees of blocks that were not sampled.
+    pub sample_bytes: u64,
+}
+
+/// Stack walks timed in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct WalkSummary {
+    /// Stack walks timed.
+    pub walks: u64,
+    /// Frames per walk, on average.
+    pub frames_per_walk: f64,
+    /// Nanoseconds per walk, on average.
+    pub ns_per_walk: f64,
+    /// Unwind rows loaded, for all modules together.
+    pub unwind_rows: u64,
+    /// Kernel memory of all of leaktrace's BPF maps (their `memlock`).
+    pub bpf_map_bytes: u64,
+}
+
+/// One frame as reports show it (the JSON `frames` entries).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    /// The address in the process (written `0x…`).
+    #[serde(serialize_with = "hex")]
+    pub addr: u64,
+    /// Demangled function name, when known.
+    pub symbol: Option<String>,
+    /// Path of the module as the process maps it.
+    pub module: Option<String>,
+    /// Source file name (the path as compiled is in `path`).
+    pub file: Option<String>,
+    /// Source line.
+    pub line: Option<u32>,
+    /// Source file path as compiled.
+    pub path: Option<String>,
+    /// Offset in `module` (written `0x…`): identifies frames without a symbol.
+    #[serde(serialize_with = "hex_opt")]
+    pub offset: Option<u64>,
+    /// True for a function inlined into the next frame.
+    pub inlined: bool,
+}
+
+impl From<&SymbolizedFrame> for Frame {
+    fn from(f: &SymbolizedFrame) -> Self {
+        Self {
+            addr: f.addr,
+            symbol: f.symbol.clone(),
+            module: f.module.clone(),
+            file: f
+                .file
+                .as_ref()
+                .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned()),
+            line: f.line,
+            path: f.file.clone(),
+            offset: f.offset,
+            inlined: f.inlined,
+        }
+    }
+}
+
+/// An address as reports write it: `0x…`, lowercase, no leading zeros.
+fn hex<S: serde::Serializer>(addr: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{addr:#x}"))
+}
+
+/// [`hex`], or `null`.
+fn hex_opt<S: serde::Serializer>(addr: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match addr {
+        Some(a) => hex(a, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// One leaking stack of one process (the JSON `leaks` entries).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Leak {
+    /// `heap`, or `growth` in growth mode.
+    pub kind: &'static str,
+    /// The process.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+    /// Outstanding blocks at least `--min-age` old.
+    pub outstanding_count: u64,
+    /// Their bytes.
+    pub outstanding_bytes: u64,
+    /// Blocks this stack allocated.
+    pub allocs: u64,
+    /// Of those, how many were freed.
+    pub frees: u64,
+    /// Age of the oldest outstanding block (at exit, for `at_exit` rows).
+    pub oldest_age_s: f64,
+    /// True when the process has exited (or exec'd) and this is what it held then.
+    pub at_exit: bool,
+    /// Growth of `outstanding_bytes` per second over the recent reports, when known.
+    pub growth_bytes_per_s: Option<f64>,
+    /// The stack walk hit its depth limit or broke: outer frames are missing.
+    pub truncated: bool,
+    /// Innermost first; `frames[0]` is the code that called the allocator.
+    pub frames: Vec<Frame>,
+}
+
+/// Descriptors still open, per creating stack (the JSON `fd_leaks` entries).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdLeak {
+    /// The process.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+    /// Descriptors this stack created that are still open (or were open at exit).
+    pub outstanding: u64,
+    /// `file`, `socket`, `pipe` or `other`.
+    pub fd_kind: &'static str,
+    /// Example paths, for files.
+    pub paths: Vec<String>,
+    /// Descriptors this stack created.
+    pub opened: u64,
+    /// Of those, how many were closed.
+    pub closed: u64,
+    /// Age of the oldest still open (at exit, for `at_exit` rows).
+    pub oldest_age_s: f64,
+    /// True when the process has exited and this is what it had open then.
+    pub at_exit: bool,
+    /// The stack walk hit its depth limit or broke: outer frames are missing.
+    pub truncated: bool,
+    /// `frames[0]` is the code that called the libc wrapper (open, socket, fopen, ...).
+    pub frames: Vec<Frame>,
+}
+
+/// A stack holding descriptors (in [`FdExhaustion::top_holders`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdHolder {
+    /// Descriptors it holds.
+    pub outstanding: u64,
+    /// `file`, `socket`, `pipe` or `other`.
+    pub fd_kind: &'static str,
+    /// The stack that created them, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// A process that ran out of descriptors (the JSON `fd_exhaustion` entries).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FdExhaustion {
+    /// The process.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+    /// `EMFILE` (the process's limit) or `ENFILE` (the system's).
+    pub errno: &'static str,
+    /// The process's soft `RLIMIT_NOFILE`.
+    pub limit: Option<u64>,
+    /// Descriptors it had open (that we saw created) when the call failed.
+    pub open: u64,
+    /// Failures at this stack.
+    pub count: u64,
+    /// Seconds since tracing started, of the first failure.
+    pub at_s: f64,
+    /// The call that failed.
+    pub frames: Vec<Frame>,
+    /// The stacks holding the most descriptors at that moment.
+    pub top_holders: Vec<FdHolder>,
+}
+
+/// Temp files a stack created that still exist (the JSON `tmp_leaks` entries).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TmpLeak {
+    /// The process.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+    /// Temp files still on disk.
+    pub files: u64,
+    /// Their current size on disk.
+    pub bytes: u64,
+    /// Example paths.
+    pub paths: Vec<String>,
+    /// Age of the oldest.
+    pub oldest_age_s: f64,
+    /// The stack walk hit its depth limit or broke: outer frames are missing.
+    pub truncated: bool,
+    /// The stack that created them, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// Outstanding heap bytes of a process some time before an event.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct GrowthSample {
+    /// Seconds before the event (negative).
+    pub t_s: f64,
+    /// Outstanding heap bytes then.
+    pub outstanding_bytes: u64,
+}
+
+/// A heap stack in an OOM record.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HeapHolder {
+    /// Bytes it held.
+    pub outstanding_bytes: u64,
+    /// Blocks it held.
+    pub outstanding_count: u64,
+    /// The stack, innermost first.
+    pub frames: Vec<Frame>,
+}
+
+/// An OOM kill (the JSON `oom_kills` entries), written out as soon as it happens.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OomKill {
+    /// The victim.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+    /// Its cgroup path, when known.
+    pub cgroup: Option<String>,
+    /// Its container, when it ran in one.
+    pub container_id: Option<String>,
+    /// Its Kubernetes pod, when it ran in one.
+    pub pod_uid: Option<String>,
+    /// Resident memory when chosen (anonymous + file + shared).
+    pub rss_bytes: u64,
+    /// Of which anonymous memory.
+    pub anon_rss_bytes: u64,
+    /// The memory limit of its cgroup, when it has one.
+    pub limit_bytes: Option<u64>,
+    /// Its `oom_score_adj`.
+    pub oom_score_adj: i32,
+    /// Whether leaktrace was tracing it (then the stacks below are filled in).
+    pub traced: bool,
+    /// Wall-clock time of the kill (RFC 3339, UTC).
+    pub time: String,
+    /// The heap stack holding the most bytes.
+    pub frames_top: Vec<Frame>,
+    /// The heap stacks holding the most bytes.
+    pub heap_top: Vec<HeapHolder>,
+    /// The stacks holding the most descriptors.
+    pub fd_top: Vec<FdHolder>,
+    /// Its outstanding heap bytes over the minutes before the kill.
+    pub growth: Vec<GrowthSample>,
+    /// The rate over the last minute, bytes per second.
+    pub growth_bytes_per_s: Option<f64>,
+}
+
+/// A complete report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    /// Session-wide figures.
+    pub summary: Summary,
+    /// Ranked by outstanding bytes, largest first.
+    pub leaks: Vec<Leak>,
+    /// Blocks the C/C++ runtime holds for itself, ranked the same way (not leaks).
+    pub runtime: Vec<Leak>,
+    /// Ranked by descriptors held, most first.
+    pub fd_leaks: Vec<FdLeak>,
+    /// Processes that ran out of descriptors.
+    pub fd_exhaustion: Vec<FdExhaustion>,
+    /// Ranked by bytes on disk.
+    pub tmp_leaks: Vec<TmpLeak>,
+    /// OOM kills seen.
+    pub oom_kills: Vec<OomKill>,
+    /// Set on the last report of a session.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+}
+
+/// The tracer's own CPU time and peak memory, for overhead accounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct TracerUsage {
+    /// User + system CPU seconds of the leaktrace process.
+    pub cpu_s: f64,
+    /// Its peak resident memory.
+    pub peak_rss_bytes: u64,
+}
+
+impl TracerUsage {
+    /// Of the calling process.
+    pub fn current() -> Self {
+        // SAFETY: a zeroed rusage is a valid out-parameter.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: RUSAGE_SELF with a valid pointer.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+            return Self::default();
+        }
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Self {
+            cpu_s: secs(u.ru_utime) + secs(u.ru_stime),
+            peak_rss_bytes: u.ru_maxrss as u64 * 1024,
+        }
+    }
+}
