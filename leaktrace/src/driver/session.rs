@@ -1,6 +1,6 @@
 //! The session loop: set up the source and the pipeline, start or attach to the target,
 //! then drain the ring buffer, watch the processes and write reports until the end.
-use std::time::Duration;
+use std::{os::fd::OwnedFd, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use leaktrace_common::traced_flags;
@@ -163,6 +163,39 @@ fn attach(config: &SessionConfig, tracer: &mut Tracer) -> Result<Option<Child>, 
     }
 }
 
+/// When the loop wakes for a timer, and what for.
+struct Timers {
+    /// `--duration` runs out.
+    deadline: Option<Instant>,
+    /// The next periodic report (`--interval`).
+    next_report: Option<Instant>,
+    /// After Ctrl-C in run mode, the command gets a moment to exit by itself.
+    grace: Option<Instant>,
+}
+
+impl Timers {
+    /// The earliest timer (or a day away).
+    fn wake(&self) -> Instant {
+        [self.deadline, self.next_report, self.grace]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400))
+    }
+}
+
+/// A pidfd of the command we started, to learn of its exit without polling.
+fn watch_exit(child: Option<&Child>) -> Result<Option<AsyncFd<OwnedFd>>, SessionError> {
+    let Some(c) = child else { return Ok(None) };
+    let fd = c
+        .pidfd()
+        .try_clone()
+        .map_err(|e| SessionError::Io("pidfd", e))?;
+    // SAFETY: `fd` is our own duplicate, closed only when the AsyncFd drops.
+    let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| SessionError::Io("pidfd", e.into()))?;
+    Ok(Some(fd))
+}
+
 /// Drains the ring buffer and watches the processes until the session ends; returns the
 /// exit code.
 async fn event_loop(
@@ -172,43 +205,24 @@ async fn event_loop(
     ring: &mut AsyncFd<RingBuf<MapData>>,
     child: Option<&Child>,
 ) -> Result<i32, SessionError> {
-    let root = tracer.root;
-    let mut child_fd = match child {
-        Some(c) => {
-            let fd = c
-                .pidfd()
-                .try_clone()
-                .map_err(|e| SessionError::Io("pidfd", e))?;
-            // SAFETY: `fd` is our own duplicate, closed only when the AsyncFd drops.
-            Some(
-                unsafe { AsyncFd::register(fd) }
-                    .map_err(|e| SessionError::Io("pidfd", e.into()))?,
-            )
-        }
-        None => None,
-    };
+    let mut child_fd = watch_exit(child)?;
     let mut exit_code = 0;
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| SessionError::Io("signal", e))?;
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| SessionError::Io("signal", e))?;
     let start = Instant::now();
-    let deadline = config.duration.map(|d| start + d);
-    let mut next_report = config.interval.map(|i| start + i);
+    let mut timers = Timers {
+        deadline: config.duration.map(|d| start + d),
+        next_report: config.interval.map(|i| start + i),
+        grace: None,
+    };
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     // The kernel side wakes us only every few hundred records (wakeups are dear for the
     // traced threads); the rest is drained on this tick.
     let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // After Ctrl-C in run mode, the command gets a moment to exit by itself.
-    let mut grace: Option<Instant> = None;
     loop {
-        let far = Instant::now() + Duration::from_secs(86_400);
-        let wake = [deadline, next_report, grace]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(far);
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|e| SessionError::Io("ring buffer", e))?;
@@ -217,25 +231,19 @@ async fn event_loop(
             }
             ready = async { child_fd.as_ref().expect("guarded").readable().await }, if child_fd.is_some() => {
                 if let Ok(mut g) = ready { g.clear_ready(); }
-                tracing::debug!("pid {root}: pidfd readable");
-                if let Some(code) = child.and_then(|c| c.try_wait().ok().flatten()) {
+                if let Some(code) = on_child_ready(tracer, sink, ring.get_mut(), child)? {
                     exit_code = code;
                     child_fd = None;
-                    // Its exit record is in the ring buffer by now: take it before deciding.
-                    drain(ring.get_mut(), tracer, sink, usize::MAX)?;
-                    if tracer.pipeline.is_tracked(root) {
-                        let now = tracer.pipeline.now_ns();
-                        tracer.retire(root, now);
-                    }
                 }
             }
             _ = drain_tick.tick() => {
                 drain(ring.get_mut(), tracer, sink, BUDGET)?;
+                tracer.source.flush_log();
             }
             _ = liveness.tick() => on_liveness_tick(tracer, sink, ring.get_mut(), child.is_some())?,
             _ = interrupt.recv() => {
-                if child.is_some() && grace.is_none() && tracer.pipeline.tracked().next().is_some() {
-                    grace = Some(Instant::now() + Duration::from_secs(2));
+                if child.is_some() && timers.grace.is_none() && tracer.pipeline.tracked().next().is_some() {
+                    timers.grace = Some(Instant::now() + Duration::from_secs(2));
                 } else {
                     exit_code = if child.is_some() { 130 } else { 0 };
                     break;
@@ -245,28 +253,64 @@ async fn event_loop(
                 exit_code = if child.is_some() { 143 } else { 0 };
                 break;
             }
-            () = tokio::time::sleep_until(wake) => {
-                let now = Instant::now();
-                if deadline.is_some_and(|d| now >= d) || grace.is_some_and(|g| now >= g) {
-                    if grace.is_some() { exit_code = 130; }
+            () = tokio::time::sleep_until(timers.wake()) => {
+                if let Some(code) = on_timer(config, tracer, sink, ring.get_mut(), &mut timers)? {
+                    exit_code = code.unwrap_or(exit_code);
                     break;
-                }
-                if let (Some(at), Some(every)) = (next_report, config.interval)
-                    && now >= at
-                {
-                    drain(ring.get_mut(), tracer, sink, usize::MAX)?;
-                    let report = tracer.report(false);
-                    sink.emit(&report)?;
-                    next_report = Some(at + every);
                 }
             }
         }
-        let root_done = child_fd.is_none();
-        if root_done && tracer.pipeline.tracked().next().is_none() {
+        if child_fd.is_none() && tracer.pipeline.tracked().next().is_none() {
             break;
         }
     }
     Ok(exit_code)
+}
+
+/// The command's pidfd is readable: when it has exited, its exit status (and it is
+/// retired once its last records are in).
+fn on_child_ready(
+    tracer: &mut Tracer,
+    sink: &Sink,
+    ring: &mut RingBuf<MapData>,
+    child: Option<&Child>,
+) -> Result<Option<i32>, SessionError> {
+    let root = tracer.root;
+    tracing::debug!("pid {root}: pidfd readable");
+    let Some(code) = child.and_then(|c| c.try_wait().ok().flatten()) else {
+        return Ok(None);
+    };
+    // Its exit record is in the ring buffer by now: take it before deciding.
+    drain(ring, tracer, sink, usize::MAX)?;
+    if tracer.pipeline.is_tracked(root) {
+        let now = tracer.pipeline.now_ns();
+        tracer.retire(root, now);
+    }
+    Ok(Some(code))
+}
+
+/// A timer went off: the session ends (`Some`, with the exit code to use if any), or a
+/// periodic report is due.
+fn on_timer(
+    config: &SessionConfig,
+    tracer: &mut Tracer,
+    sink: &Sink,
+    ring: &mut RingBuf<MapData>,
+    timers: &mut Timers,
+) -> Result<Option<Option<i32>>, SessionError> {
+    let now = Instant::now();
+    if timers.deadline.is_some_and(|d| now >= d) || timers.grace.is_some_and(|g| now >= g) {
+        return Ok(Some(timers.grace.is_some().then_some(130)));
+    }
+    if let (Some(at), Some(every)) = (timers.next_report, config.interval)
+        && now >= at
+    {
+        drain(ring, tracer, sink, usize::MAX)?;
+        let report = tracer.report(false);
+        sink.emit(&report)?;
+        timers.next_report = Some(at + every);
+    }
+    Ok(None)
 }
 
 /// Once a second: samples heap growth for OOM records, and retires processes gone without

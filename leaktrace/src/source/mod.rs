@@ -133,37 +133,8 @@ impl Source {
             .override_global(map::CONFIG, &config, true)
             .override_global(aya_log::LEVEL, &log_level, false)
             .load(OBJECT)?;
-        let entries = alloc_shape::ALL.map(alloc_shape::entry_program);
-        for &name in entries.iter().chain(program::UPROBES) {
-            let prog: &mut UProbe = ebpf
-                .program_mut(name)
-                .ok_or(SourceError::Missing(name))?
-                .try_into()
-                .map_err(program_error(name))?;
-            prog.load().map_err(program_error(name))?;
-        }
-        for tp in TRACEPOINTS.iter().filter(|tp| wanted(tp.family, opts)) {
-            let name = tp.program;
-            let prog: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(SourceError::Missing(name))?
-                .try_into()
-                .map_err(program_error(name))?;
-            prog.load().map_err(program_error(name))?;
-            prog.attach(tp.category, tp.event)
-                .map_err(program_error(name))?;
-        }
-        let logger = if opts.bpf_log {
-            match aya_log::EbpfLogger::init(&mut ebpf) {
-                Ok(logger) => Some(logger),
-                Err(e) => {
-                    tracing::warn!("eBPF diagnostics unavailable: {e}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
+        load_programs(&mut ebpf, opts)?;
+        let logger = opts.bpf_log.then(|| start_logger(&mut ebpf)).flatten();
         let map_error = |name: &'static str| move |source| SourceError::Map { name, source };
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(SourceError::Missing(name));
         let events = RingBuf::try_from(take(map::EVENTS)?).map_err(map_error(map::EVENTS))?;
@@ -190,13 +161,8 @@ impl Source {
         Ok((source, events))
     }
 
-    /// The eBPF side's diagnostics, when asked for: poll its descriptor, then [`Self::flush_log`].
-    pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd as _;
-        self.logger.as_ref().map(|l| l.as_fd())
-    }
-
-    /// Writes the eBPF side's pending diagnostics to the log.
+    /// Writes the eBPF side's pending diagnostics to the log (the session does so on its
+    /// drain tick, every 10 ms).
     pub fn flush_log(&mut self) {
         if let Some(logger) = &mut self.logger {
             logger.flush();
@@ -243,6 +209,39 @@ impl Source {
             .map(|i| (drop_reason::NAMES[i as usize], per_cpu_sum(&self.drops, i)))
             .collect()
     }
+}
+
+/// Loads every uprobe program (attached per process later) and loads and attaches the
+/// tracepoints `opts` asks for.
+fn load_programs(ebpf: &mut Ebpf, opts: &LoadOptions) -> Result<(), SourceError> {
+    let entries = alloc_shape::ALL.map(alloc_shape::entry_program);
+    for &name in entries.iter().chain(program::UPROBES) {
+        let prog: &mut UProbe = ebpf
+            .program_mut(name)
+            .ok_or(SourceError::Missing(name))?
+            .try_into()
+            .map_err(program_error(name))?;
+        prog.load().map_err(program_error(name))?;
+    }
+    for tp in TRACEPOINTS.iter().filter(|tp| wanted(tp.family, opts)) {
+        let name = tp.program;
+        let prog: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(SourceError::Missing(name))?
+            .try_into()
+            .map_err(program_error(name))?;
+        prog.load().map_err(program_error(name))?;
+        prog.attach(tp.category, tp.event)
+            .map_err(program_error(name))?;
+    }
+    Ok(())
+}
+
+/// Starts reading the eBPF side's diagnostics; without them, tracing goes on.
+fn start_logger(ebpf: &mut Ebpf) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+    aya_log::EbpfLogger::init(ebpf)
+        .inspect_err(|e| tracing::warn!("eBPF diagnostics unavailable: {e}"))
+        .ok()
 }
 
 /// Whether the tracepoints of a [`hook_family`] are attached under `opts`.
