@@ -53,7 +53,7 @@ fn notify(kind: u16, flags: u32, other_pid: u32) {
 // field:__data_loc char[] filename;	offset:8;	size:4;	signed:0;
 // field:pid_t pid;	offset:12;	size:4;	signed:1;
 // field:pid_t old_pid;	offset:16;	size:4;	signed:1;
-#[tracepoint(category = "sched", name = "sched_process_exec")]
+#[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if let Some(flags) = traced(pid) {
@@ -67,7 +67,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
 // field:pid_t pid;	offset:24;	size:4;	signed:1;
 // field:int prio;	offset:28;	size:4;	signed:1;
 // field:bool group_dead;	offset:32;	size:1;	signed:0;
-#[tracepoint(category = "sched", name = "sched_process_exit")]
+#[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let pid = (id >> 32) as u32;
@@ -97,7 +97,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 // name: sched_process_fork (runs in the parent)
 // field:pid_t parent_pid;	offset:12;	size:4;	signed:1;
 // field:pid_t child_pid;	offset:20;	size:4;	signed:1;
-#[tracepoint(category = "sched", name = "sched_process_fork")]
+#[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     let Some(flags) = traced(parent) else {
@@ -146,22 +146,22 @@ fn fork_child_return(ctx: &TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_clone")]
+#[tracepoint]
 pub fn sys_exit_clone(ctx: TracePointContext) -> u32 {
     fork_child_return(&ctx)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_clone3")]
+#[tracepoint]
 pub fn sys_exit_clone3(ctx: TracePointContext) -> u32 {
     fork_child_return(&ctx)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_fork")]
+#[tracepoint]
 pub fn sys_exit_fork(ctx: TracePointContext) -> u32 {
     fork_child_return(&ctx)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_vfork")]
+#[tracepoint]
 pub fn sys_exit_vfork(ctx: TracePointContext) -> u32 {
     fork_child_return(&ctx)
 }
