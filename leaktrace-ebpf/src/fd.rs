@@ -17,24 +17,16 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     FD_PATH_LEN, FdEvent, FdPathEvent, drop_reason, fd_call, fd_op, features, kind,
+    linux::{
+        AT_FDCWD, EMFILE, ENFILE, F_DUPFD, F_DUPFD_CLOEXEC, F_SETFD, MFD_CLOEXEC, O_CLOEXEC,
+        O_CREAT, O_TMPFILE, RLIMIT_NOFILE,
+    },
 };
 
 use crate::{
     maps::{EVENTS, TRACED, count_drop, header, send_batched},
     stack,
 };
-
-const EMFILE: i64 = 24;
-const ENFILE: i64 = 23;
-const O_CREAT: u32 = 0o100;
-const O_TMPFILE: u32 = 0o20000000 | 0o200000;
-const O_CLOEXEC: u32 = 0o2000000;
-const AT_FDCWD: i32 = -100;
-const F_DUPFD: u64 = 0;
-const F_SETFD: u64 = 2;
-const F_DUPFD_CLOEXEC: u64 = 1030;
-const MFD_CLOEXEC: u64 = 1;
-const RLIMIT_NOFILE: u64 = 7;
 
 /// A field of the tracepoint record, loaded directly: the verifier lets a tracepoint
 /// program read its context, so no helper call is needed (each costs ~65 ns here).
@@ -152,7 +144,8 @@ fn event(op: u16, call: u16, regs: &pt_regs, with_stack: bool) -> FdEvent {
 /// A call that failed: only a full descriptor table is worth reporting, at once.
 #[inline(always)]
 fn failed(call: u16, regs: &pt_regs, r: i64) {
-    if (r == -EMFILE || r == -ENFILE) && config_features() & features::FD != 0 {
+    let table_full = r == -i64::from(EMFILE) || r == -i64::from(ENFILE);
+    if table_full && config_features() & features::FD != 0 {
         let mut e = event(fd_op::FAIL, call, regs, true);
         e.errno = -r as i32;
         send_fd(&e);

@@ -12,12 +12,13 @@ use aya_ebpf::{
     macros::{tracepoint, uprobe},
     programs::{ProbeContext, TracePointContext},
 };
-use leaktrace_common::{ProcEvent, drop_reason, header_flags, kind, traced_flags};
+use leaktrace_common::{
+    ProcEvent, drop_reason, header_flags, kind,
+    linux::{SIGCONT, SIGSTOP},
+    traced_flags,
+};
 
 use crate::maps::{PENDING_FORKS, TRACED, header, inflight_slot, send_now};
-
-const SIGCONT: u32 = 18;
-const SIGSTOP: u32 = 19;
 
 #[inline(always)]
 fn traced(pid: u32) -> Option<u32> {
