@@ -15,6 +15,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TracePointContext,
 };
+use aya_log_ebpf::debug;
 use leaktrace_common::{
     FD_PATH_LEN, FdEvent, FdPathEvent, drop_reason, fd_call, fd_op, features, kind,
     linux::{
@@ -213,7 +214,9 @@ fn sample_path(stack: u64) -> bool {
             true
         },
         None => {
-            let _ = PATHS_SENT.insert(&stack, &1, 0);
+            if let Err(e) = PATHS_SENT.insert(&stack, &1, 0) {
+                debug!(&(), "PATHS_SENT insert failed ({}): stack {:x}", e, stack);
+            }
             true
         }
     }

@@ -22,6 +22,7 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::TracePointContext,
 };
+use aya_log_ebpf::debug;
 use leaktrace_common::{
     PageEvent, ReleaseEvent, drop_reason, kind,
     linux::{
@@ -160,7 +161,9 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
     } else {
         core::mem::replace(&mut counts.shmem, now)
     };
-    let _ = MEM_COUNTS.insert(pid, counts, 0);
+    if let Err(e) = MEM_COUNTS.insert(pid, counts, 0) {
+        debug!(&ctx, "MEM_COUNTS insert failed ({}): pid {}", e, pid);
+    }
     // The first count seen for this mm has nothing to compare with: a page, the usual case.
     let grown = if before == u64::MAX {
         PAGE_SIZE

@@ -12,6 +12,7 @@ use aya_ebpf::{
     macros::{tracepoint, uprobe},
     programs::{ProbeContext, TracePointContext},
 };
+use aya_log_ebpf::debug;
 use leaktrace_common::{
     ProcEvent, drop_reason, header_flags, kind,
     linux::{SIGCONT, SIGSTOP},
@@ -111,7 +112,12 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let Ok(child) = (unsafe { ctx.read_at::<u32>(20) }) else {
         return 0;
     };
-    let _ = PENDING_FORKS.insert(child, parent, 0);
+    if let Err(e) = PENDING_FORKS.insert(child, parent, 0) {
+        debug!(
+            &ctx,
+            "PENDING_FORKS insert failed ({}): child {} of {} not followed", e, child, parent
+        );
+    }
     0
 }
 
@@ -141,8 +147,12 @@ fn fork_child_return(ctx: &TracePointContext) -> u32 {
     let Some(flags) = traced(parent) else {
         return 0;
     };
-    if TRACED.insert(pid, flags, 0).is_ok() {
-        notify(kind::FORK, flags, parent);
+    match TRACED.insert(pid, flags, 0) {
+        Ok(()) => notify(kind::FORK, flags, parent),
+        Err(e) => debug!(
+            ctx,
+            "TRACED insert failed ({}): child {} of {} not traced", e, pid, parent
+        ),
     }
     0
 }

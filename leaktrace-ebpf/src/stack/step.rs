@@ -1,7 +1,13 @@
 //! One step of the walk: the caller of the current frame, by its unwind row (CFA rules,
 //! signal frames) or, without one, by the frame pointer.
+//!
+//! Where the walk breaks off early (`stack_flags::BROKEN`) it logs why at debug level
+//! (`-vv`). Only those paths log. With the level off (the default) the log macro stops at
+//! its level check, before reserving anything; the level is a frozen read-only global, so
+//! the verifier knows that branch is never taken and does not even explore it.
 use core::ffi::c_void;
 
+use aya_log_ebpf::debug;
 use leaktrace_common::{MAX_FRAMES, stack_flags, unwind_kind, unwind_mode};
 
 use super::{
@@ -49,6 +55,10 @@ pub(super) extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
                 read(w, uc + unwind_kind::UC_RBP),
             ) else {
                 w.flags |= stack_flags::BROKEN;
+                debug!(
+                    &(),
+                    "stack walk broken at pc {:x}: signal frame at {:x} unreadable", lookup, uc
+                );
                 return 1;
             };
             w.pc = pc;
@@ -81,6 +91,7 @@ pub(super) extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
         // instruction the return address is at [sp]; elsewhere follow the frame pointer.
         _ if config().unwind == unwind_mode::DWARF && w.tables != 0 => {
             w.flags |= stack_flags::BROKEN;
+            debug!(&(), "stack walk broken at pc {:x}: no unwind row", lookup);
             return 1;
         }
         _ if entry => (w.sp + 8, 0),
@@ -91,6 +102,13 @@ pub(super) extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
             }
             if w.bp < w.sp {
                 w.flags |= stack_flags::BROKEN;
+                debug!(
+                    &(),
+                    "stack walk broken at pc {:x}: frame pointer {:x} below sp {:x}",
+                    lookup,
+                    w.bp,
+                    w.sp
+                );
                 return 1;
             }
             (w.bp + 16, w.bp)
@@ -98,6 +116,12 @@ pub(super) extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
     };
     let Some(ret) = read(w, cfa - 8) else {
         w.flags |= stack_flags::BROKEN;
+        debug!(
+            &(),
+            "stack walk broken at pc {:x}: return address at {:x} unreadable",
+            lookup,
+            cfa - 8
+        );
         return 1;
     };
     let (next_bp, next_src) = if saved_bp == 0 {
@@ -115,6 +139,10 @@ pub(super) extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
             Some(bp) => (bp, src),
             None => {
                 w.flags |= stack_flags::BROKEN;
+                debug!(
+                    &(),
+                    "stack walk broken at pc {:x}: saved rbp at {:x} unreadable", lookup, saved_bp
+                );
                 return 1;
             }
         }
@@ -126,6 +154,10 @@ pub(super) extern "C" fn step(_index: u32, _ctx: *mut c_void) -> i64 {
     }
     if cfa <= w.sp {
         w.flags |= stack_flags::BROKEN;
+        debug!(
+            &(),
+            "stack walk broken at pc {:x}: CFA {:x} not above sp {:x}", lookup, cfa, w.sp
+        );
         return 1;
     }
     w.pc = ret;
