@@ -15,6 +15,16 @@
 //! mappings) need no precision tracking across steps, and the step verifies once instead of
 //! once per frame. Binary searches index map values too, so they run in `bpf_loop`s of their
 //! own for the same reason.
+//!
+//! The parts, in the order a walk uses them:
+//! - `config`: the settings user space fixes at load time (`CONFIG`);
+//! - `capture` (here): the entry point; tries the walk cache, else walks, then sends;
+//! - `cache`: the walk cache, a walk from the same registers over the same words reused;
+//! - `walk`: the walk's state and frames in the per-CPU scratch, and the id hash;
+//! - `step`: one frame (CFA rules, signal frames, frame-pointer fallback);
+//! - `rows`: the unwind row for a pc (`PROC_CODE`, `UNWIND_INDEX`, `UNWIND_ROWS`);
+//! - `copy`: reading stack words from a per-CPU copy of the stack's top;
+//! - `seen`: sending each stack's frames once (`STACKS_SEEN`).
 
 mod cache;
 mod config;
