@@ -1,4 +1,5 @@
-//! Kernel ABI constants (x86-64) both sides read: flags of the calls the hooks decode.
+//! Kernel ABI constants (x86-64) both sides read: flags of the calls the hooks decode, and
+//! values of the tracepoint records they read.
 //!
 //! Defined once here rather than taken from `libc`, which the eBPF side cannot use.
 
@@ -35,3 +36,14 @@ pub const MADV_REMOVE: i64 = 9;
 /// Signals the lifecycle gate sends.
 pub const SIGCONT: u32 = 18;
 pub const SIGSTOP: u32 = 19;
+
+/// Page-fault error code bit (x86, `exceptions:page_fault_*`): the access was a write.
+pub const PF_WRITE: u64 = 1 << 1;
+/// `kmem:rss_stat` members: the mm's anonymous and shmem page counters.
+pub const MM_ANONPAGES: i32 = 1;
+pub const MM_SHMEMPAGES: i32 = 3;
+/// The base page size.
+pub const PAGE_SIZE: u64 = 4096;
+/// The end of the user half of the address space (x86-64, 4-level paging; 5-level user
+/// addresses reach further, and faults there are only not seen).
+pub const USER_END: u64 = 1 << 47;

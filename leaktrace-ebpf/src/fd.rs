@@ -15,26 +15,19 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TracePointContext,
 };
+use aya_log_ebpf::debug;
 use leaktrace_common::{
     FD_PATH_LEN, FdEvent, FdPathEvent, drop_reason, fd_call, fd_op, features, kind,
+    linux::{
+        AT_FDCWD, EMFILE, ENFILE, F_DUPFD, F_DUPFD_CLOEXEC, F_SETFD, MFD_CLOEXEC, O_CLOEXEC,
+        O_CREAT, O_TMPFILE, RLIMIT_NOFILE,
+    },
 };
 
 use crate::{
     maps::{EVENTS, TRACED, count_drop, header, send_batched},
     stack,
 };
-
-const EMFILE: i64 = 24;
-const ENFILE: i64 = 23;
-const O_CREAT: u32 = 0o100;
-const O_TMPFILE: u32 = 0o20000000 | 0o200000;
-const O_CLOEXEC: u32 = 0o2000000;
-const AT_FDCWD: i32 = -100;
-const F_DUPFD: u64 = 0;
-const F_SETFD: u64 = 2;
-const F_DUPFD_CLOEXEC: u64 = 1030;
-const MFD_CLOEXEC: u64 = 1;
-const RLIMIT_NOFILE: u64 = 7;
 
 /// A field of the tracepoint record, loaded directly: the verifier lets a tracepoint
 /// program read its context, so no helper call is needed (each costs ~65 ns here).
@@ -152,7 +145,8 @@ fn event(op: u16, call: u16, regs: &pt_regs, with_stack: bool) -> FdEvent {
 /// A call that failed: only a full descriptor table is worth reporting, at once.
 #[inline(always)]
 fn failed(call: u16, regs: &pt_regs, r: i64) {
-    if (r == -EMFILE || r == -ENFILE) && config_features() & features::FD != 0 {
+    let table_full = r == -i64::from(EMFILE) || r == -i64::from(ENFILE);
+    if table_full && config_features() & features::FD != 0 {
         let mut e = event(fd_op::FAIL, call, regs, true);
         e.errno = -r as i32;
         send_fd(&e);
@@ -220,7 +214,9 @@ fn sample_path(stack: u64) -> bool {
             true
         },
         None => {
-            let _ = PATHS_SENT.insert(&stack, &1, 0);
+            if let Err(e) = PATHS_SENT.insert(&stack, &1, 0) {
+                debug!(&(), "PATHS_SENT insert failed ({}): stack {:x}", e, stack);
+            }
             true
         }
     }
@@ -232,7 +228,7 @@ fn created(ctx: &TracePointContext, call: u16, flags_of: impl Fn(&pt_regs) -> u3
     created_at(ctx, call, flags_of, |_| (AT_FDCWD, 0))
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_open")]
+#[tracepoint]
 pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
     created_at(
         &ctx,
@@ -242,7 +238,7 @@ pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
     )
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_openat")]
+#[tracepoint]
 pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
     created_at(
         &ctx,
@@ -252,7 +248,7 @@ pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
     )
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_openat2")]
+#[tracepoint]
 pub fn sys_exit_openat2(ctx: TracePointContext) -> u32 {
     // struct open_how { u64 flags; u64 mode; u64 resolve; }
     let flags = |r: &pt_regs| {
@@ -264,7 +260,7 @@ pub fn sys_exit_openat2(ctx: TracePointContext) -> u32 {
     })
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_creat")]
+#[tracepoint]
 pub fn sys_exit_creat(ctx: TracePointContext) -> u32 {
     // creat() is open(path, O_CREAT | O_WRONLY | O_TRUNC).
     created_at(
@@ -275,44 +271,44 @@ pub fn sys_exit_creat(ctx: TracePointContext) -> u32 {
     )
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_socket")]
+#[tracepoint]
 pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::SOCKET, |r| arg(r, 1) as u32 & O_CLOEXEC)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+#[tracepoint]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::ACCEPT, |_| 0)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+#[tracepoint]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::ACCEPT4, |r| arg(r, 3) as u32 & O_CLOEXEC)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_eventfd")]
+#[tracepoint]
 pub fn sys_exit_eventfd(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::EVENTFD, |_| 0)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_eventfd2")]
+#[tracepoint]
 pub fn sys_exit_eventfd2(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::EVENTFD, |r| arg(r, 1) as u32 & O_CLOEXEC)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_epoll_create")]
+#[tracepoint]
 pub fn sys_exit_epoll_create(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::EPOLL_CREATE, |_| 0)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_epoll_create1")]
+#[tracepoint]
 pub fn sys_exit_epoll_create1(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::EPOLL_CREATE, |r| {
         arg(r, 0) as u32 & O_CLOEXEC
     })
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_timerfd_create")]
+#[tracepoint]
 pub fn sys_exit_timerfd_create(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::TIMERFD_CREATE, |r| {
         arg(r, 1) as u32 & O_CLOEXEC
@@ -331,17 +327,17 @@ fn signalfd(ctx: &TracePointContext, flags_of: impl Fn(&pt_regs) -> u32) -> u32 
     created(ctx, fd_call::SIGNALFD, flags_of)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_signalfd")]
+#[tracepoint]
 pub fn sys_exit_signalfd(ctx: TracePointContext) -> u32 {
     signalfd(&ctx, |_| 0)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_signalfd4")]
+#[tracepoint]
 pub fn sys_exit_signalfd4(ctx: TracePointContext) -> u32 {
     signalfd(&ctx, |r| arg(r, 3) as u32 & O_CLOEXEC)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_memfd_create")]
+#[tracepoint]
 pub fn sys_exit_memfd_create(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::MEMFD_CREATE, |r| {
         if arg(r, 1) & MFD_CLOEXEC != 0 {
@@ -352,12 +348,12 @@ pub fn sys_exit_memfd_create(ctx: TracePointContext) -> u32 {
     })
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_inotify_init")]
+#[tracepoint]
 pub fn sys_exit_inotify_init(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::INOTIFY_INIT, |_| 0)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_inotify_init1")]
+#[tracepoint]
 pub fn sys_exit_inotify_init1(ctx: TracePointContext) -> u32 {
     created(&ctx, fd_call::INOTIFY_INIT, |r| {
         arg(r, 0) as u32 & O_CLOEXEC
@@ -396,17 +392,17 @@ fn pair(
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_pipe")]
+#[tracepoint]
 pub fn sys_exit_pipe(ctx: TracePointContext) -> u32 {
     pair(&ctx, fd_call::PIPE, 0, |_| 0)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_pipe2")]
+#[tracepoint]
 pub fn sys_exit_pipe2(ctx: TracePointContext) -> u32 {
     pair(&ctx, fd_call::PIPE2, 0, |r| arg(r, 1) as u32 & O_CLOEXEC)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_socketpair")]
+#[tracepoint]
 pub fn sys_exit_socketpair(ctx: TracePointContext) -> u32 {
     pair(&ctx, fd_call::SOCKETPAIR, 3, |r| {
         arg(r, 1) as u32 & O_CLOEXEC
@@ -436,22 +432,22 @@ fn duplicated(ctx: &TracePointContext, call: u16, flags_of: impl Fn(&pt_regs) ->
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_dup")]
+#[tracepoint]
 pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
     duplicated(&ctx, fd_call::DUP, |_| 0)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_dup2")]
+#[tracepoint]
 pub fn sys_exit_dup2(ctx: TracePointContext) -> u32 {
     duplicated(&ctx, fd_call::DUP2, |_| 0)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_dup3")]
+#[tracepoint]
 pub fn sys_exit_dup3(ctx: TracePointContext) -> u32 {
     duplicated(&ctx, fd_call::DUP3, |r| arg(r, 2) as u32 & O_CLOEXEC)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_fcntl")]
+#[tracepoint]
 pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
     if !traced() || config_features() & features::FD == 0 {
         return 0;
@@ -475,7 +471,7 @@ pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
 /// it was not open), and a record sent before the release precedes any reuse of the number
 /// by another thread. The argument is in the tracepoint record: no helper call for it.
 // field:unsigned int fd;	offset:16;	size:8;	signed:0;
-#[tracepoint(category = "syscalls", name = "sys_enter_close")]
+#[tracepoint]
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if !traced() || config_features() & (features::FD | features::TMP) == 0 {
         return 0;
@@ -497,7 +493,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_close_range")]
+#[tracepoint]
 pub fn sys_exit_close_range(ctx: TracePointContext) -> u32 {
     if !traced() || config_features() & (features::FD | features::TMP) == 0 || ret(&ctx) != 0 {
         return 0;
@@ -528,7 +524,7 @@ fn nofile_limit(call: u16, regs: &pt_regs, target: u64, resource: u64, new_limit
     send_fd(&e);
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_setrlimit")]
+#[tracepoint]
 pub fn sys_exit_setrlimit(ctx: TracePointContext) -> u32 {
     if !traced() || config_features() & features::FD == 0 || ret(&ctx) != 0 {
         return 0;
@@ -539,7 +535,7 @@ pub fn sys_exit_setrlimit(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_prlimit64")]
+#[tracepoint]
 pub fn sys_exit_prlimit64(ctx: TracePointContext) -> u32 {
     if !traced() || config_features() & features::FD == 0 || ret(&ctx) != 0 {
         return 0;
@@ -566,7 +562,7 @@ fn tmp_call(ctx: &TracePointContext) -> Option<pt_regs> {
     user_regs()
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_unlink")]
+#[tracepoint]
 pub fn sys_exit_unlink(ctx: TracePointContext) -> u32 {
     if let Some(r) = tmp_call(&ctx) {
         path_gone(fd_op::UNLINK, fd_call::UNLINK, &r, AT_FDCWD, arg(&r, 0));
@@ -574,7 +570,7 @@ pub fn sys_exit_unlink(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_unlinkat")]
+#[tracepoint]
 pub fn sys_exit_unlinkat(ctx: TracePointContext) -> u32 {
     if let Some(r) = tmp_call(&ctx) {
         path_gone(
@@ -588,7 +584,7 @@ pub fn sys_exit_unlinkat(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_rename")]
+#[tracepoint]
 pub fn sys_exit_rename(ctx: TracePointContext) -> u32 {
     if let Some(r) = tmp_call(&ctx) {
         path_gone(
@@ -612,12 +608,12 @@ fn renameat(ctx: &TracePointContext, call: u16) -> u32 {
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_renameat")]
+#[tracepoint]
 pub fn sys_exit_renameat(ctx: TracePointContext) -> u32 {
     renameat(&ctx, fd_call::RENAMEAT)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_renameat2")]
+#[tracepoint]
 pub fn sys_exit_renameat2(ctx: TracePointContext) -> u32 {
     renameat(&ctx, fd_call::RENAMEAT2)
 }

@@ -22,20 +22,21 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::TracePointContext,
 };
-use leaktrace_common::{PageEvent, ReleaseEvent, drop_reason, kind, release_op};
+use aya_log_ebpf::debug;
+use leaktrace_common::{
+    PageEvent, ReleaseEvent, drop_reason, kind,
+    linux::{
+        MADV_DONTNEED, MADV_FREE, MADV_REMOVE, MM_ANONPAGES, MM_SHMEMPAGES, PAGE_SIZE, PF_WRITE,
+        USER_END,
+    },
+    release_op,
+};
 
 use crate::{
     fd::{field, task_regs},
     maps::{TRACED, header_for, send_batched},
     stack,
 };
-
-/// Page-fault error code bit (x86): the access was a write.
-const PF_WRITE: u64 = 1 << 1;
-
-const MADV_DONTNEED: i64 = 4;
-const MADV_FREE: i64 = 8;
-const MADV_REMOVE: i64 = 9;
 
 /// The calling thread's `pid_tgid`, when its process is traced.
 #[inline(always)]
@@ -80,10 +81,6 @@ pub struct MemCounts {
 #[map]
 pub static MEM_COUNTS: HashMap<u32, MemCounts> = HashMap::with_max_entries(8192, 0);
 
-const MM_ANONPAGES: i32 = 1;
-const MM_SHMEMPAGES: i32 = 3;
-const PAGE_SIZE: u64 = 4096;
-
 /// `exceptions:page_fault_user`: address at 8, ip at 16, error_code at 24.
 #[tracepoint]
 pub fn page_fault_user(ctx: TracePointContext) -> u32 {
@@ -101,10 +98,6 @@ pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
     }
     note_fault(&ctx)
 }
-
-/// The end of the user half of the address space (x86-64, 4-level paging; 5-level user
-/// addresses reach further, and those faults are only not seen).
-const USER_END: u64 = 1 << 47;
 
 #[inline(always)]
 fn note_fault(ctx: &TracePointContext) -> u32 {
@@ -168,7 +161,9 @@ pub fn rss_stat(ctx: TracePointContext) -> u32 {
     } else {
         core::mem::replace(&mut counts.shmem, now)
     };
-    let _ = MEM_COUNTS.insert(pid, counts, 0);
+    if let Err(e) = MEM_COUNTS.insert(pid, counts, 0) {
+        debug!(&ctx, "MEM_COUNTS insert failed ({}): pid {}", e, pid);
+    }
     // The first count seen for this mm has nothing to compare with: a page, the usual case.
     let grown = if before == u64::MAX {
         PAGE_SIZE

@@ -15,7 +15,7 @@ use crate::maps::{header, send_now};
 // field:uid_t uid;	offset:48;	size:4;	signed:0;
 // field:unsigned long pgtables;	offset:56;	size:8;	signed:0;
 // field:short oom_score_adj;	offset:64;	size:2;	signed:1;
-#[tracepoint(category = "oom", name = "mark_victim")]
+#[tracepoint]
 pub fn mark_victim(ctx: TracePointContext) -> u32 {
     // SAFETY: offsets from the format above.
     let read = |off: usize| unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0);

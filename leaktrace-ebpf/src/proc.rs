@@ -12,12 +12,14 @@ use aya_ebpf::{
     macros::{tracepoint, uprobe},
     programs::{ProbeContext, TracePointContext},
 };
-use leaktrace_common::{ProcEvent, drop_reason, header_flags, kind, traced_flags};
+use aya_log_ebpf::debug;
+use leaktrace_common::{
+    ProcEvent, drop_reason, header_flags, kind,
+    linux::{SIGCONT, SIGSTOP},
+    traced_flags,
+};
 
 use crate::maps::{PENDING_FORKS, TRACED, header, inflight_slot, send_now};
-
-const SIGCONT: u32 = 18;
-const SIGSTOP: u32 = 19;
 
 #[inline(always)]
 fn traced(pid: u32) -> Option<u32> {
@@ -53,7 +55,7 @@ fn notify(kind: u16, flags: u32, other_pid: u32) {
 // field:__data_loc char[] filename;	offset:8;	size:4;	signed:0;
 // field:pid_t pid;	offset:12;	size:4;	signed:1;
 // field:pid_t old_pid;	offset:16;	size:4;	signed:1;
-#[tracepoint(category = "sched", name = "sched_process_exec")]
+#[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if let Some(flags) = traced(pid) {
@@ -67,7 +69,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
 // field:pid_t pid;	offset:24;	size:4;	signed:1;
 // field:int prio;	offset:28;	size:4;	signed:1;
 // field:bool group_dead;	offset:32;	size:1;	signed:0;
-#[tracepoint(category = "sched", name = "sched_process_exit")]
+#[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let pid = (id >> 32) as u32;
@@ -97,7 +99,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 // name: sched_process_fork (runs in the parent)
 // field:pid_t parent_pid;	offset:12;	size:4;	signed:1;
 // field:pid_t child_pid;	offset:20;	size:4;	signed:1;
-#[tracepoint(category = "sched", name = "sched_process_fork")]
+#[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     let Some(flags) = traced(parent) else {
@@ -110,7 +112,12 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let Ok(child) = (unsafe { ctx.read_at::<u32>(20) }) else {
         return 0;
     };
-    let _ = PENDING_FORKS.insert(child, parent, 0);
+    if let Err(e) = PENDING_FORKS.insert(child, parent, 0) {
+        debug!(
+            &ctx,
+            "PENDING_FORKS insert failed ({}): child {} of {} not followed", e, child, parent
+        );
+    }
     0
 }
 
@@ -140,28 +147,32 @@ fn fork_child_return(ctx: &TracePointContext) -> u32 {
     let Some(flags) = traced(parent) else {
         return 0;
     };
-    if TRACED.insert(pid, flags, 0).is_ok() {
-        notify(kind::FORK, flags, parent);
+    match TRACED.insert(pid, flags, 0) {
+        Ok(()) => notify(kind::FORK, flags, parent),
+        Err(e) => debug!(
+            ctx,
+            "TRACED insert failed ({}): child {} of {} not traced", e, pid, parent
+        ),
     }
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_clone")]
+#[tracepoint]
 pub fn sys_exit_clone(ctx: TracePointContext) -> u32 {
     fork_child_return(&ctx)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_clone3")]
+#[tracepoint]
 pub fn sys_exit_clone3(ctx: TracePointContext) -> u32 {
     fork_child_return(&ctx)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_fork")]
+#[tracepoint]
 pub fn sys_exit_fork(ctx: TracePointContext) -> u32 {
     fork_child_return(&ctx)
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_vfork")]
+#[tracepoint]
 pub fn sys_exit_vfork(ctx: TracePointContext) -> u32 {
     fork_child_return(&ctx)
 }

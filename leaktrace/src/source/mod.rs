@@ -121,8 +121,8 @@ impl Source {
             sample_bytes: opts.sample_bytes,
         };
         // aya-log-ebpf checks this level before it reserves a record.
-        let log_level: u32 = if opts.bpf_log {
-            aya_log::Level::Debug as u32
+        let log_level: u8 = if opts.bpf_log {
+            aya_log::Level::Debug as u8
         } else {
             0
         };
