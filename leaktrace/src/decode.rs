@@ -136,107 +136,16 @@ fn need<'a>(bytes: &'a [u8], what: &'static str, size: usize) -> Result<Fields<'
 pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     let kind = need(bytes, "header", size_of::<Header>())?.u16();
     Ok(match kind {
-        kind::ALLOC => {
-            let mut f = need(bytes, "alloc record", size_of::<AllocEvent>())?;
-            Event::Alloc(AllocEvent {
-                hdr: f.header(),
-                addr: f.u64(),
-                size: f.u64(),
-                old_addr: f.u64(),
-                stack_id: f.u64(),
-                shape: f.u32(),
-                _pad: f.u32(),
-            })
-        }
-        kind::FREE => {
-            let mut f = need(bytes, "free record", size_of::<FreeEvent>())?;
-            Event::Free(FreeEvent {
-                hdr: f.header(),
-                addr: f.u64(),
-            })
-        }
-        kind::STACK => {
-            let mut f = need(bytes, "stack record", size_of::<StackEvent>())?;
-            let hdr = f.header();
-            let stack_id = f.u64();
-            let nr = f.u32();
-            let flags = f.u32();
-            if nr as usize > MAX_FRAMES {
-                return Err(DecodeError::TooManyFrames(nr));
-            }
-            Event::Stack(StackRecord {
-                hdr,
-                stack_id,
-                flags,
-                bytes: f.bytes(8 * nr as usize),
-            })
-        }
-        kind::FD | kind::FD_PATH => {
-            let size = if kind == kind::FD {
-                size_of::<FdEvent>()
-            } else {
-                size_of::<FdPathEvent>()
-            };
-            let mut f = need(bytes, "descriptor record", size)?;
-            let event = FdEvent {
-                hdr: f.header(),
-                op: f.u16(),
-                syscall: f.u16(),
-                fd: f.u32() as i32,
-                fd2: f.u32() as i32,
-                flags: f.u32(),
-                errno: f.u32() as i32,
-                dirfd: f.u32() as i32,
-                stack_id: f.u64(),
-                value: f.u64(),
-            };
-            let path = (kind == kind::FD_PATH).then(|| {
-                let raw = f.bytes(FD_PATH_LEN);
-                &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]
-            });
-            Event::Fd(FdRecord { event, path })
-        }
-        kind::PAGE => {
-            let mut f = need(bytes, "page record", size_of::<PageEvent>())?;
-            Event::Page(PageEvent {
-                hdr: f.header(),
-                addr: f.u64(),
-                stack_id: f.u64(),
-                size: f.u64(),
-            })
-        }
-        kind::RELEASE => {
-            let mut f = need(bytes, "release record", size_of::<ReleaseEvent>())?;
-            Event::Release(ReleaseEvent {
-                hdr: f.header(),
-                start: f.u64(),
-                end: f.u64(),
-                op: f.u32(),
-                _pad: f.u32(),
-            })
-        }
-        kind::OOM => {
-            let mut f = need(bytes, "OOM record", size_of::<OomEvent>())?;
-            let mut e = OomEvent {
-                hdr: f.header(),
-                victim: f.u32(),
-                oom_score_adj: f.u32() as i32,
-                total_vm_kb: f.u64(),
-                anon_rss_kb: f.u64(),
-                file_rss_kb: f.u64(),
-                shmem_rss_kb: f.u64(),
-                comm: [0; 16],
-            };
-            e.comm.copy_from_slice(f.bytes(16));
-            Event::Oom(e)
-        }
+        kind::ALLOC => Event::Alloc(alloc(bytes)?),
+        kind::FREE => Event::Free(free(bytes)?),
+        kind::STACK => Event::Stack(stack(bytes)?),
+        kind::FD => Event::Fd(fd(bytes, false)?),
+        kind::FD_PATH => Event::Fd(fd(bytes, true)?),
+        kind::PAGE => Event::Page(page(bytes)?),
+        kind::RELEASE => Event::Release(release(bytes)?),
+        kind::OOM => Event::Oom(oom(bytes)?),
         kind::EXEC | kind::EXIT | kind::FORK | kind::LOADER => {
-            let mut f = need(bytes, "process record", size_of::<ProcEvent>())?;
-            let e = ProcEvent {
-                hdr: f.header(),
-                other_pid: f.u32(),
-                _pad: f.u32(),
-            };
+            let e = proc(bytes)?;
             match kind {
                 kind::EXEC => Event::Exec(e),
                 kind::EXIT => Event::Exit(e),
@@ -245,6 +154,131 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             }
         }
         other => return Err(DecodeError::UnknownKind(other)),
+    })
+}
+
+// One reader per record kind: each checks the record is long enough for its kind, then reads
+// it field by field.
+
+#[inline]
+fn alloc(bytes: &[u8]) -> Result<AllocEvent, DecodeError> {
+    let mut f = need(bytes, "alloc record", size_of::<AllocEvent>())?;
+    Ok(AllocEvent {
+        hdr: f.header(),
+        addr: f.u64(),
+        size: f.u64(),
+        old_addr: f.u64(),
+        stack_id: f.u64(),
+        shape: f.u32(),
+        _pad: f.u32(),
+    })
+}
+
+#[inline]
+fn free(bytes: &[u8]) -> Result<FreeEvent, DecodeError> {
+    let mut f = need(bytes, "free record", size_of::<FreeEvent>())?;
+    Ok(FreeEvent {
+        hdr: f.header(),
+        addr: f.u64(),
+    })
+}
+
+/// A stack record, its frames still in the ring buffer; the frame count is checked before
+/// they are sliced out.
+#[inline]
+fn stack(bytes: &[u8]) -> Result<StackRecord<'_>, DecodeError> {
+    let mut f = need(bytes, "stack record", size_of::<StackEvent>())?;
+    let hdr = f.header();
+    let stack_id = f.u64();
+    let nr = f.u32();
+    let flags = f.u32();
+    if nr as usize > MAX_FRAMES {
+        return Err(DecodeError::TooManyFrames(nr));
+    }
+    Ok(StackRecord {
+        hdr,
+        stack_id,
+        flags,
+        bytes: f.bytes(8 * nr as usize),
+    })
+}
+
+/// A descriptor record: an [`FdPathEvent`] when `with_path`, else an [`FdEvent`].
+#[inline]
+fn fd(bytes: &[u8], with_path: bool) -> Result<FdRecord<'_>, DecodeError> {
+    let size = if with_path {
+        size_of::<FdPathEvent>()
+    } else {
+        size_of::<FdEvent>()
+    };
+    let mut f = need(bytes, "descriptor record", size)?;
+    let event = FdEvent {
+        hdr: f.header(),
+        op: f.u16(),
+        syscall: f.u16(),
+        fd: f.u32() as i32,
+        fd2: f.u32() as i32,
+        flags: f.u32(),
+        errno: f.u32() as i32,
+        dirfd: f.u32() as i32,
+        stack_id: f.u64(),
+        value: f.u64(),
+    };
+    let path = with_path.then(|| {
+        let raw = f.bytes(FD_PATH_LEN);
+        &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]
+    });
+    Ok(FdRecord { event, path })
+}
+
+#[inline]
+fn page(bytes: &[u8]) -> Result<PageEvent, DecodeError> {
+    let mut f = need(bytes, "page record", size_of::<PageEvent>())?;
+    Ok(PageEvent {
+        hdr: f.header(),
+        addr: f.u64(),
+        stack_id: f.u64(),
+        size: f.u64(),
+    })
+}
+
+#[inline]
+fn release(bytes: &[u8]) -> Result<ReleaseEvent, DecodeError> {
+    let mut f = need(bytes, "release record", size_of::<ReleaseEvent>())?;
+    Ok(ReleaseEvent {
+        hdr: f.header(),
+        start: f.u64(),
+        end: f.u64(),
+        op: f.u32(),
+        _pad: f.u32(),
+    })
+}
+
+#[inline]
+fn oom(bytes: &[u8]) -> Result<OomEvent, DecodeError> {
+    let mut f = need(bytes, "OOM record", size_of::<OomEvent>())?;
+    let mut e = OomEvent {
+        hdr: f.header(),
+        victim: f.u32(),
+        oom_score_adj: f.u32() as i32,
+        total_vm_kb: f.u64(),
+        anon_rss_kb: f.u64(),
+        file_rss_kb: f.u64(),
+        shmem_rss_kb: f.u64(),
+        comm: [0; 16],
+    };
+    e.comm.copy_from_slice(f.bytes(16));
+    Ok(e)
+}
+
+/// An exec, exit, fork or loader record: one layout, told apart by the header's kind.
+#[inline]
+fn proc(bytes: &[u8]) -> Result<ProcEvent, DecodeError> {
+    let mut f = need(bytes, "process record", size_of::<ProcEvent>())?;
+    Ok(ProcEvent {
+        hdr: f.header(),
+        other_pid: f.u32(),
+        _pad: f.u32(),
     })
 }
 

@@ -183,11 +183,33 @@ mod golden {
         }
     }
 
+    const APP: &str = "/srv/app/bin/cache-server";
+
+    /// A frame of the traced program, with its symbol and source line.
+    fn app_frame(addr: u64, symbol: &str, file: &str, line: u32) -> Frame {
+        frame(addr, Some(symbol), APP, Some((file, line)))
+    }
+
     fn sample() -> Report {
-        let app = "/srv/app/bin/cache-server";
-        let leak = |pid, count, bytes, at_exit, frames| Leak {
+        let main = app_frame(0x5555_0000_1300, "main", "/src/main.c", 88);
+        let loader = app_frame(0x5555_0000_1400, "load_geofence", "/src/geo.c", 40);
+        let insert = app_frame(0x5555_0000_1234, "cache_insert", "/src/cache.c", 17);
+        Report {
+            summary: summary(),
+            leaks: heap_leaks(&main),
+            runtime: vec![],
+            fd_leaks: fd_leaks(&loader, &main),
+            fd_exhaustion: vec![fd_exhaustion(&loader, &main)],
+            tmp_leaks: vec![tmp_leak(&loader, &main)],
+            oom_kills: vec![oom_kill(&insert, &main)],
+            is_final: true,
+        }
+    }
+
+    fn heap_leak(count: u64, bytes: u64, at_exit: bool, frames: Vec<Frame>) -> Leak {
+        Leak {
             kind: "heap",
-            pid,
+            pid: 4242,
             comm: "cache-server".into(),
             outstanding_count: count,
             outstanding_bytes: bytes,
@@ -198,95 +220,63 @@ mod golden {
             growth_bytes_per_s: (!at_exit).then_some(2048.0),
             truncated: false,
             frames,
-        };
-        let main = frame(
-            0x5555_0000_1300,
-            Some("main"),
-            app,
-            Some(("/src/main.c", 88)),
-        );
-        let loader = frame(
-            0x5555_0000_1400,
-            Some("load_geofence"),
-            app,
-            Some(("/src/geo.c", 40)),
-        );
-        let insert = frame(
-            0x5555_0000_1234,
-            Some("cache_insert"),
-            app,
-            Some(("/src/cache.c", 17)),
-        );
-        Report {
-            summary: summary(),
-            leaks: vec![
-                leak(
-                    4242,
-                    4000,
-                    8 << 20,
-                    false,
-                    vec![
-                        frame(
-                            0x5555_0000_1234,
-                            Some("cache_insert"),
-                            app,
-                            Some(("/src/cache.c", 17)),
-                        ),
-                        frame(
-                            0x5555_0000_1280,
-                            Some("handle_request"),
-                            app,
-                            Some(("/src/server.c", 301)),
-                        ),
-                        main.clone(),
-                    ],
-                ),
-                leak(
-                    4242,
-                    567,
-                    1 << 20,
-                    true,
-                    vec![
-                        frame(0x7f00_0000_4321, None, "/usr/lib/libplugin.so", None),
-                        frame(
-                            0x5555_0000_1290,
-                            Some("load_plugin; v2"),
-                            app,
-                            Some(("/src/plugin.c", 9)),
-                        ),
-                        main.clone(),
-                    ],
-                ),
-            ],
-            runtime: vec![],
-            fd_leaks: fd_leaks(&loader, &main),
-            fd_exhaustion: vec![FdExhaustion {
-                pid: 4242,
-                comm: "cache-server".into(),
-                errno: "EMFILE",
-                limit: Some(1024),
-                open: 1021,
-                count: 3,
-                at_s: 58.5,
-                frames: vec![main.clone()],
-                top_holders: vec![FdHolder {
-                    outstanding: 847,
-                    fd_kind: "file",
-                    frames: vec![loader.clone(), main.clone()],
-                }],
-            }],
-            tmp_leaks: vec![TmpLeak {
-                pid: 4242,
-                comm: "cache-server".into(),
-                files: 1247,
-                bytes: 5 << 20,
-                paths: vec!["/tmp/chunk-a1b2c3".into()],
-                oldest_age_s: 50.0,
-                truncated: false,
+        }
+    }
+
+    /// One leak still growing, and one left at exit whose innermost frame has no symbol.
+    fn heap_leaks(main: &Frame) -> Vec<Leak> {
+        vec![
+            heap_leak(
+                4000,
+                8 << 20,
+                false,
+                vec![
+                    app_frame(0x5555_0000_1234, "cache_insert", "/src/cache.c", 17),
+                    app_frame(0x5555_0000_1280, "handle_request", "/src/server.c", 301),
+                    main.clone(),
+                ],
+            ),
+            heap_leak(
+                567,
+                1 << 20,
+                true,
+                vec![
+                    frame(0x7f00_0000_4321, None, "/usr/lib/libplugin.so", None),
+                    app_frame(0x5555_0000_1290, "load_plugin; v2", "/src/plugin.c", 9),
+                    main.clone(),
+                ],
+            ),
+        ]
+    }
+
+    fn fd_exhaustion(loader: &Frame, main: &Frame) -> FdExhaustion {
+        FdExhaustion {
+            pid: 4242,
+            comm: "cache-server".into(),
+            errno: "EMFILE",
+            limit: Some(1024),
+            open: 1021,
+            count: 3,
+            at_s: 58.5,
+            frames: vec![main.clone()],
+            top_holders: vec![FdHolder {
+                outstanding: 847,
+                fd_kind: "file",
                 frames: vec![loader.clone(), main.clone()],
             }],
-            oom_kills: vec![oom_kill(&insert, &main)],
-            is_final: true,
+        }
+    }
+
+    fn tmp_leak(loader: &Frame, main: &Frame) -> TmpLeak {
+        TmpLeak {
+            pid: 4242,
+            comm: "cache-server".into(),
+            files: 1247,
+            bytes: 5 << 20,
+            paths: vec!["/tmp/chunk-a1b2c3".into()],
+            oldest_age_s: 50.0,
+            truncated: false,
+            frames: vec![loader.clone(), main.clone()],
         }
     }
 

@@ -93,32 +93,13 @@ pub fn place(code: &[u8], ip: u64, reads: u8) -> Result<ProbePoint, NoSafePoint>
     if first.is_invalid() {
         return Err(NoSafePoint::Undecodable);
     }
-    let bytes = |i: &iced_x86::Instruction| {
-        let start = (i.ip() - ip) as usize;
-        &code[start..start + i.len()]
-    };
-    if kernel_emulates(bytes(first)) {
+    if kernel_emulates(insn_bytes(code, ip, first)) {
         return Ok(ProbePoint {
             delta: 0,
             emulated: true,
         });
     }
-    // Direct branch targets inside the function, past its entry.
-    let end = ip + code.len() as u64;
-    let targets: Vec<u64> = insns
-        .iter()
-        .filter(|i| {
-            matches!(
-                i.flow_control(),
-                FlowControl::UnconditionalBranch
-                    | FlowControl::ConditionalBranch
-                    | FlowControl::Call
-                    | FlowControl::XbeginXabortXend
-            )
-        })
-        .map(|i| i.near_branch_target())
-        .filter(|&t| t > ip && t < end)
-        .collect();
+    let targets = branch_targets(&insns, ip, ip + code.len() as u64);
     let mut info = InstructionInfoFactory::new();
     for (n, insn) in insns.iter().enumerate().take(MAX_SKIPPED) {
         if insn.is_invalid() {
@@ -131,7 +112,7 @@ pub fn place(code: &[u8], ip: u64, reads: u8) -> Result<ProbePoint, NoSafePoint>
                     insn.ip() - ip
                 )));
             }
-            if kernel_emulates(bytes(insn)) {
+            if kernel_emulates(insn_bytes(code, ip, insn)) {
                 return Ok(ProbePoint {
                     delta: insn.ip() - ip,
                     emulated: true,
@@ -145,20 +126,7 @@ pub fn place(code: &[u8], ip: u64, reads: u8) -> Result<ProbePoint, NoSafePoint>
                 insn.ip() - ip
             )));
         }
-        let used = info.info(insn);
-        let writes =
-            |a: OpAccess| !matches!(a, OpAccess::Read | OpAccess::None | OpAccess::NoMemAccess);
-        let clobbers = used.used_registers().iter().any(|r| {
-            writes(r.access())
-                && match r.register().full_register() {
-                    iced_x86::Register::RSP => true,
-                    iced_x86::Register::RDI => reads & regs::RDI != 0,
-                    iced_x86::Register::RSI => reads & regs::RSI != 0,
-                    iced_x86::Register::RDX => reads & regs::RDX != 0,
-                    _ => false,
-                }
-        }) || used.used_memory().iter().any(|m| writes(m.access()));
-        if clobbers {
+        if clobbers(&mut info, insn, reads) {
             return Err(NoSafePoint::Blocked(format!(
                 "an instruction that writes a register or memory the probe needs, at +{}",
                 insn.ip() - ip
@@ -166,6 +134,48 @@ pub fn place(code: &[u8], ip: u64, reads: u8) -> Result<ProbePoint, NoSafePoint>
         }
     }
     Err(NoSafePoint::TooFar)
+}
+
+/// The bytes of `insn`, one of those decoded from `code` loaded at `ip`.
+fn insn_bytes<'c>(code: &'c [u8], ip: u64, insn: &iced_x86::Instruction) -> &'c [u8] {
+    let start = (insn.ip() - ip) as usize;
+    &code[start..start + insn.len()]
+}
+
+/// Direct branch targets inside the function (`ip..end`), past its entry.
+fn branch_targets(insns: &[iced_x86::Instruction], ip: u64, end: u64) -> Vec<u64> {
+    insns
+        .iter()
+        .filter(|i| {
+            matches!(
+                i.flow_control(),
+                FlowControl::UnconditionalBranch
+                    | FlowControl::ConditionalBranch
+                    | FlowControl::Call
+                    | FlowControl::XbeginXabortXend
+            )
+        })
+        .map(|i| i.near_branch_target())
+        .filter(|&t| t > ip && t < end)
+        .collect()
+}
+
+/// True when `insn` writes the stack pointer, one of the argument registers in `reads`, or
+/// any memory.
+fn clobbers(info: &mut InstructionInfoFactory, insn: &iced_x86::Instruction, reads: u8) -> bool {
+    let used = info.info(insn);
+    let writes =
+        |a: OpAccess| !matches!(a, OpAccess::Read | OpAccess::None | OpAccess::NoMemAccess);
+    used.used_registers().iter().any(|r| {
+        writes(r.access())
+            && match r.register().full_register() {
+                iced_x86::Register::RSP => true,
+                iced_x86::Register::RDI => reads & regs::RDI != 0,
+                iced_x86::Register::RSI => reads & regs::RSI != 0,
+                iced_x86::Register::RDX => reads & regs::RDX != 0,
+                _ => false,
+            }
+    }) || used.used_memory().iter().any(|m| writes(m.access()))
 }
 
 /// The one function `code` hands every call to, when it is a wrapper that tail-calls it:

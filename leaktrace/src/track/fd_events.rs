@@ -2,7 +2,7 @@
 //! create, which opens make temp files, paths made absolute while the process lives.
 use hashbrown::HashMap;
 use leaktrace_common::{
-    fd_call, fd_op, features,
+    FdEvent, fd_call, fd_op, features,
     linux::{AT_FDCWD, CLOSE_RANGE_CLOEXEC, FD_CLOEXEC, O_CLOEXEC, O_CREAT, O_EXCL, O_TMPFILE},
 };
 
@@ -119,60 +119,10 @@ impl FdTracker {
             let cwd = self.cwds.get(&pid).map(String::as_str);
             resolve(host, pid, e.dirfd, &String::from_utf8_lossy(p), cwd)
         });
-        let cloexec = e.flags & O_CLOEXEC != 0;
         match e.op {
-            fd_op::OPEN => {
-                if self.tracks(features::FD) {
-                    let how = Creation {
-                        stack: e.stack_id,
-                        kind: kind_of_call(e.syscall),
-                        cloexec,
-                        path: path.as_deref(),
-                        born_ms: at_ms,
-                    };
-                    match e.syscall {
-                        fd_call::DUP | fd_call::DUP2 | fd_call::DUP3 | fd_call::FCNTL => {
-                            self.fds.dup(pid, e.fd, e.fd2, &how)
-                        }
-                        _ => {
-                            self.fds.open(pid, e.fd, &how);
-                            if e.fd2 >= 0 {
-                                // The second end of a pipe or socketpair.
-                                self.fds.open(pid, e.fd2, &Creation { path: None, ..how });
-                            }
-                        }
-                    }
-                }
-                if self.tracks(features::TMP)
-                    && let Some(path) = path
-                    && let Some(unnamed) =
-                        temp_creation(e.flags, &path, || host.born_at(pid, &path, e.hdr.ts_ns))
-                {
-                    self.tmp.created(TmpFile {
-                        pid,
-                        stack_id: e.stack_id,
-                        path,
-                        unnamed,
-                        fd: e.fd,
-                        created_ms: at_ms,
-                    });
-                }
-            }
-            fd_op::CLOSE => {
-                if self.tracks(features::FD) {
-                    self.fds.close(pid, e.fd);
-                }
-                self.tmp.closed(pid, e.fd);
-            }
-            fd_op::CLOSE_RANGE => {
-                let cloexec_only = e.flags & CLOSE_RANGE_CLOEXEC != 0;
-                self.fds.close_range(pid, e.fd, e.fd2, cloexec_only);
-                if !cloexec_only {
-                    for fd in e.fd..=e.fd2.min(e.fd.saturating_add(65_536)) {
-                        self.tmp.closed(pid, fd);
-                    }
-                }
-            }
+            fd_op::OPEN => self.opened(host, e, path, at_ms),
+            fd_op::CLOSE => self.closed(pid, e.fd),
+            fd_op::CLOSE_RANGE => self.closed_range(e),
             fd_op::SET_CLOEXEC => self.fds.set_cloexec(pid, e.fd, e.flags & FD_CLOEXEC != 0),
             fd_op::FAIL => {
                 return Some(Exhausted {
@@ -181,10 +131,7 @@ impl FdTracker {
                     errno: e.errno,
                 });
             }
-            fd_op::NOFILE_LIMIT => {
-                let target = if e.fd2 > 0 { e.fd2 as u32 } else { pid };
-                self.limits.insert(target, e.value);
-            }
+            fd_op::NOFILE_LIMIT => self.limit_set(e),
             fd_op::UNLINK | fd_op::RENAME_FROM | fd_op::RENAME_TO => {
                 if let Some(path) = path {
                     self.tmp.path_gone(&path);
@@ -193,6 +140,90 @@ impl FdTracker {
             _ => {}
         }
         None
+    }
+
+    /// A call made a descriptor (`path`: where it opened, made absolute).
+    #[inline]
+    fn opened(&mut self, host: &dyn Host, e: &FdEvent, path: Option<String>, at_ms: u32) {
+        if self.tracks(features::FD) {
+            self.open_fds(e, path.as_deref(), at_ms);
+        }
+        if self.tracks(features::TMP)
+            && let Some(path) = path
+        {
+            self.maybe_temp_file(host, e, path, at_ms);
+        }
+    }
+
+    /// Enters the descriptors an open, dup or pipe-like call made into the tables.
+    #[inline]
+    fn open_fds(&mut self, e: &FdEvent, path: Option<&str>, at_ms: u32) {
+        let pid = e.hdr.pid;
+        let how = Creation {
+            stack: e.stack_id,
+            kind: kind_of_call(e.syscall),
+            cloexec: e.flags & O_CLOEXEC != 0,
+            path,
+            born_ms: at_ms,
+        };
+        match e.syscall {
+            fd_call::DUP | fd_call::DUP2 | fd_call::DUP3 | fd_call::FCNTL => {
+                self.fds.dup(pid, e.fd, e.fd2, &how)
+            }
+            _ => {
+                self.fds.open(pid, e.fd, &how);
+                if e.fd2 >= 0 {
+                    // The second end of a pipe or socketpair.
+                    self.fds.open(pid, e.fd2, &Creation { path: None, ..how });
+                }
+            }
+        }
+    }
+
+    /// Watches the file an open made at `path` when it is a temp file ([`temp_creation`]).
+    #[inline]
+    fn maybe_temp_file(&mut self, host: &dyn Host, e: &FdEvent, path: String, at_ms: u32) {
+        let pid = e.hdr.pid;
+        if let Some(unnamed) =
+            temp_creation(e.flags, &path, || host.born_at(pid, &path, e.hdr.ts_ns))
+        {
+            self.tmp.created(TmpFile {
+                pid,
+                stack_id: e.stack_id,
+                path,
+                unnamed,
+                fd: e.fd,
+                created_ms: at_ms,
+            });
+        }
+    }
+
+    #[inline]
+    fn closed(&mut self, pid: u32, fd: i32) {
+        if self.tracks(features::FD) {
+            self.fds.close(pid, fd);
+        }
+        self.tmp.closed(pid, fd);
+    }
+
+    /// `close_range(fd, fd2)`, or with `CLOSE_RANGE_CLOEXEC` only marking them close-on-exec.
+    #[inline]
+    fn closed_range(&mut self, e: &FdEvent) {
+        let pid = e.hdr.pid;
+        let cloexec_only = e.flags & CLOSE_RANGE_CLOEXEC != 0;
+        self.fds.close_range(pid, e.fd, e.fd2, cloexec_only);
+        if !cloexec_only {
+            for fd in e.fd..=e.fd2.min(e.fd.saturating_add(65_536)) {
+                self.tmp.closed(pid, fd);
+            }
+        }
+    }
+
+    /// A new soft descriptor limit (`value`) for process `fd2`, or for the caller when 0.
+    #[inline]
+    fn limit_set(&mut self, e: &FdEvent) {
+        let target = if e.fd2 > 0 { e.fd2 as u32 } else { e.hdr.pid };
+        self.limits.insert(target, e.value);
     }
 
     /// The process exec'd: close-on-exec descriptors are gone, and unnamed temp files with

@@ -232,78 +232,108 @@ pub fn compile_path(path: &Path) -> Result<UnwindTable, UnwindError> {
 pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
     let data = crate::targets::modules::map_file(file)?;
     let elf = object::File::parse(&*data)?;
-    let section = |name: &str| elf.section_by_name(name);
-    let mut bases = BaseAddresses::default();
-    if let Some(text) = section(".text") {
-        bases = bases.set_text(text.address());
-    }
-    if let Some(got) = section(".got") {
-        bases = bases.set_got(got.address());
-    }
-    let plt: Vec<(u64, u64)> = elf
-        .sections()
-        .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
-        .map(|s| (s.address(), s.address() + s.size()))
-        .collect();
+    let bases = base_addresses(&elf);
+    let plt = plt_ranges(&elf);
 
     let mut ranges = Vec::new();
-    let mut fdes = 0;
-    if let Some(eh) = section(".eh_frame")
-        && let Ok(data) = eh.data()
-    {
-        let bases = bases.clone().set_eh_frame(eh.address());
-        fdes += collect(&EhFrame::new(data, LittleEndian), &bases, &plt, &mut ranges)?;
-    }
-    let covered = ranges.len();
+    let mut fdes = eh_frame(&elf, &bases, &plt, &mut ranges)?;
     let mut debug = Vec::new();
-    let own = debug_frame(&elf, &bases, &plt, &mut debug)?;
-    fdes += own;
-    if own == 0 {
-        // Stripped of its debug info: a separate debug file, found by build id, may hold a
-        // .debug_frame. Its addresses are the same; file offsets still come from this file.
-        if let Some(file) = debug_file(&elf)
-            && let Ok(data) = crate::targets::modules::map_file(&file)
-            && let Ok(dbg) = object::File::parse(&*data)
-        {
-            fdes += debug_frame(&dbg, &bases, &plt, &mut debug)?;
-        }
-    }
-    // .debug_frame only where .eh_frame says nothing.
-    let mut eh: Vec<(u64, u64)> = ranges[..covered].iter().map(|&(s, e, _)| (s, e)).collect();
-    eh.sort_unstable();
-    ranges.extend(debug.into_iter().filter(|&(s, _, _)| {
-        let i = eh.partition_point(|&(es, _)| es <= s);
-        i == 0 || eh[i - 1].1 <= s
-    }));
+    fdes += own_or_separate_debug_frame(&elf, &bases, &plt, &mut debug)?;
+    add_uncovered(&mut ranges, debug);
     if fdes == 0 {
         return Err(UnwindError::NoUnwindInfo);
     }
 
     let offsets = crate::targets::modules::FileOffsets::of(&elf);
-    let file_offset = |addr| offsets.get(addr);
+    let (rows, unsupported) = rows_of(ranges, |addr| offsets.get(addr))?;
+    Ok(UnwindTable {
+        rows,
+        fdes,
+        unsupported,
+    })
+}
 
+/// The section addresses pointer encodings in CFI may be relative to.
+fn base_addresses<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>) -> BaseAddresses {
+    let mut bases = BaseAddresses::default();
+    if let Some(text) = elf.section_by_name(".text") {
+        bases = bases.set_text(text.address());
+    }
+    if let Some(got) = elf.section_by_name(".got") {
+        bases = bases.set_got(got.address());
+    }
+    bases
+}
+
+/// The address ranges of the PLT sections, whose stubs get their own rule.
+fn plt_ranges<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>) -> Vec<(u64, u64)> {
+    elf.sections()
+        .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
+        .map(|s| (s.address(), s.address() + s.size()))
+        .collect()
+}
+
+/// Collects the ranges of the `.eh_frame` of `elf` into `out`; returns how many FDEs it read.
+fn eh_frame<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    bases: &BaseAddresses,
+    plt: &[(u64, u64)],
+    out: &mut Vec<(u64, u64, Rule)>,
+) -> Result<usize, gimli::Error> {
+    let Some(eh) = elf.section_by_name(".eh_frame") else {
+        return Ok(0);
+    };
+    let Ok(data) = eh.data() else {
+        return Ok(0);
+    };
+    let bases = bases.clone().set_eh_frame(eh.address());
+    collect(&EhFrame::new(data, LittleEndian), &bases, plt, out)
+}
+
+/// Collects the ranges of the `.debug_frame` of `elf`, or else of its separate debug file,
+/// into `out`; returns how many FDEs it read.
+fn own_or_separate_debug_frame<'d, R: object::ReadRef<'d>>(
+    elf: &object::File<'d, R>,
+    bases: &BaseAddresses,
+    plt: &[(u64, u64)],
+    out: &mut Vec<(u64, u64, Rule)>,
+) -> Result<usize, gimli::Error> {
+    let own = debug_frame(elf, bases, plt, out)?;
+    if own != 0 {
+        return Ok(own);
+    }
+    // Stripped of its debug info: a separate debug file, found by build id, may hold a
+    // .debug_frame. Its addresses are the same; file offsets still come from this file.
+    if let Some(file) = debug_file(elf)
+        && let Ok(data) = crate::targets::modules::map_file(&file)
+        && let Ok(dbg) = object::File::parse(&*data)
+    {
+        return debug_frame(&dbg, bases, plt, out);
+    }
+    Ok(0)
+}
+
+/// Adds to the `.eh_frame` ranges the `.debug_frame` ones that start where `.eh_frame` says
+/// nothing.
+fn add_uncovered(ranges: &mut Vec<(u64, u64, Rule)>, debug: Vec<(u64, u64, Rule)>) {
+    let mut eh: Vec<(u64, u64)> = ranges.iter().map(|&(s, e, _)| (s, e)).collect();
+    eh.sort_unstable();
+    ranges.extend(debug.into_iter().filter(|&(s, _, _)| {
+        let i = eh.partition_point(|&(es, _)| es <= s);
+        i == 0 || eh[i - 1].1 <= s
+    }));
+}
+
+/// Turns address ranges into rows keyed by file offset (`file_offset` of an address), with
+/// a no-info row in each gap and after the last; also counts the unsupported ranges.
+fn rows_of(
+    mut ranges: Vec<(u64, u64, Rule)>,
+    file_offset: impl Fn(u64) -> Option<u64>,
+) -> Result<(Vec<UnwindRow>, usize), UnwindError> {
     ranges.sort_by_key(|&(start, _, _)| start);
     let mut rows: Vec<UnwindRow> = Vec::with_capacity(ranges.len());
     let mut unsupported = 0;
     let mut prev_end = 0u64;
-    let push = |rows: &mut Vec<UnwindRow>, offset: u64, r: Rule| -> Result<(), UnwindError> {
-        let pc = u32::try_from(offset).map_err(|_| UnwindError::TooLarge)?;
-        let row = UnwindRow {
-            pc,
-            cfa_off: r.cfa_off,
-            rbp_off: r.rbp_off,
-            kind: r.kind,
-        };
-        match rows.last_mut() {
-            // Equal neighbours merge; a later row at the same pc replaces an earlier one.
-            Some(last)
-                if (last.kind, last.cfa_off, last.rbp_off)
-                    == (row.kind, row.cfa_off, row.rbp_off) => {}
-            Some(last) if last.pc == row.pc => *last = row,
-            _ => rows.push(row),
-        }
-        Ok(())
-    };
     for (start, end, r) in ranges {
         let (Some(start_off), Some(end_off)) = (file_offset(start), file_offset(end - 1)) else {
             continue;
@@ -311,24 +341,39 @@ pub fn compile(file: &File) -> Result<UnwindTable, UnwindError> {
         if start > prev_end && prev_end != 0 {
             // A gap between functions: no rule from the previous one may leak into it.
             if let Some(gap) = file_offset(prev_end) {
-                push(&mut rows, gap, NO_INFO)?;
+                push_row(&mut rows, gap, NO_INFO)?;
             }
         }
         if r.kind == unwind_kind::UNSUPPORTED {
             unsupported += 1;
         }
-        push(&mut rows, start_off, r)?;
+        push_row(&mut rows, start_off, r)?;
         prev_end = prev_end.max(end);
         let _ = end_off;
     }
     if let Some(end) = file_offset(prev_end.saturating_sub(1)) {
-        push(&mut rows, end + 1, NO_INFO)?;
+        push_row(&mut rows, end + 1, NO_INFO)?;
     }
-    Ok(UnwindTable {
-        rows,
-        fdes,
-        unsupported,
-    })
+    Ok((rows, unsupported))
+}
+
+/// Appends the row for `r` from file offset `offset` on.
+fn push_row(rows: &mut Vec<UnwindRow>, offset: u64, r: Rule) -> Result<(), UnwindError> {
+    let pc = u32::try_from(offset).map_err(|_| UnwindError::TooLarge)?;
+    let row = UnwindRow {
+        pc,
+        cfa_off: r.cfa_off,
+        rbp_off: r.rbp_off,
+        kind: r.kind,
+    };
+    match rows.last_mut() {
+        // Equal neighbours merge; a later row at the same pc replaces an earlier one.
+        Some(last)
+            if (last.kind, last.cfa_off, last.rbp_off) == (row.kind, row.cfa_off, row.rbp_off) => {}
+        Some(last) if last.pc == row.pc => *last = row,
+        _ => rows.push(row),
+    }
+    Ok(())
 }
 
 /// Registers at the start of a walk.
@@ -374,48 +419,18 @@ pub fn walk<'t>(
             .and_then(|(t, off)| t.lookup(off))
             .copied();
         if row.map(|r| r.kind) == Some(unwind_kind::SIGNAL) {
-            // Back into the code the signal interrupted, at its exact instruction. A handler
-            // may run on another stack, so sp need not grow here.
-            let next = (
-                read(sp + unwind_kind::UC_RIP),
-                read(sp + unwind_kind::UC_RSP),
-                read(sp + unwind_kind::UC_RBP),
-            );
-            let (Some(next_pc), Some(next_sp), Some(next_bp)) = next else {
+            // Back into the code the signal interrupted, at its exact instruction.
+            let Some(next) = interrupted(sp, &read) else {
                 return (frames, WalkEnd::Broken);
             };
-            frames.push(next_pc);
-            (pc, sp, bp) = (next_pc, next_sp, next_bp);
+            frames.push(next.pc);
+            (pc, sp, bp) = (next.pc, next.sp, next.bp);
             exact = true;
             continue;
         }
-        let (cfa, next_bp) = match row.map(|r| r.kind) {
-            Some(unwind_kind::END) => return (frames, WalkEnd::Complete),
-            Some(unwind_kind::CFA_RSP | unwind_kind::CFA_RBP | unwind_kind::PLT) => {
-                let r = row.unwrap_or_default();
-                let base = if r.kind == unwind_kind::CFA_RBP {
-                    bp
-                } else {
-                    sp
-                };
-                let mut cfa = base + u64::from(r.cfa_off);
-                if r.kind == unwind_kind::PLT && (lookup & 15) >= 11 {
-                    cfa += 8;
-                }
-                let next_bp = if r.rbp_off == 0 {
-                    Some(bp)
-                } else {
-                    read(cfa.wrapping_add_signed(i64::from(r.rbp_off) * 8))
-                };
-                (cfa, next_bp)
-            }
-            // No usable rule: the frame pointer, if the frame has one.
-            _ => {
-                if bp == 0 || bp < sp {
-                    return (frames, WalkEnd::Broken);
-                }
-                (bp + 16, read(bp))
-            }
+        let (cfa, next_bp) = match caller_frame(row, lookup, sp, bp, &read) {
+            Ok(frame) => frame,
+            Err(end) => return (frames, end),
         };
         let (Some(ret), Some(next_bp)) = (read(cfa - 8), next_bp) else {
             return (frames, WalkEnd::Broken);
@@ -434,6 +449,59 @@ pub fn walk<'t>(
         }
         frames.push(ret);
         (pc, sp, bp) = (ret, cfa, next_bp);
+    }
+}
+
+/// At a signal frame whose `ucontext` is at `sp`: the registers of the code the signal
+/// interrupted. A handler may run on another stack, so sp need not grow here.
+fn interrupted(sp: u64, read: &impl Fn(u64) -> Option<u64>) -> Option<Regs> {
+    let next = (
+        read(sp + unwind_kind::UC_RIP),
+        read(sp + unwind_kind::UC_RSP),
+        read(sp + unwind_kind::UC_RBP),
+    );
+    let (Some(pc), Some(sp), Some(bp)) = next else {
+        return None;
+    };
+    Some(Regs { pc, sp, bp })
+}
+
+/// Where the caller's frame starts (the CFA) and the caller's rbp (`None` when it cannot be
+/// read), by the `row` covering `lookup`; or why the walk ends here.
+fn caller_frame(
+    row: Option<UnwindRow>,
+    lookup: u64,
+    sp: u64,
+    bp: u64,
+    read: &impl Fn(u64) -> Option<u64>,
+) -> Result<(u64, Option<u64>), WalkEnd> {
+    match row.map(|r| r.kind) {
+        Some(unwind_kind::END) => Err(WalkEnd::Complete),
+        Some(unwind_kind::CFA_RSP | unwind_kind::CFA_RBP | unwind_kind::PLT) => {
+            let r = row.unwrap_or_default();
+            let base = if r.kind == unwind_kind::CFA_RBP {
+                bp
+            } else {
+                sp
+            };
+            let mut cfa = base + u64::from(r.cfa_off);
+            if r.kind == unwind_kind::PLT && (lookup & 15) >= 11 {
+                cfa += 8;
+            }
+            let next_bp = if r.rbp_off == 0 {
+                Some(bp)
+            } else {
+                read(cfa.wrapping_add_signed(i64::from(r.rbp_off) * 8))
+            };
+            Ok((cfa, next_bp))
+        }
+        // No usable rule: the frame pointer, if the frame has one.
+        _ => {
+            if bp == 0 || bp < sp {
+                return Err(WalkEnd::Broken);
+            }
+            Ok((bp + 16, read(bp)))
+        }
     }
 }
 
