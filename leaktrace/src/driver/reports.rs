@@ -18,7 +18,9 @@ pub struct KernelStats {
     pub lost: Vec<(String, u64)>,
     /// Frees of never-seen addresses counted in the kernel instead of sent.
     pub filtered_frees: u64,
+    /// Stack captures the kernel's per-CPU walk cache answered without walking.
     pub stack_cache_hits: u64,
+    /// Stack captures that walked.
     pub stack_walks: u64,
     /// Stack walking cost (`--measure-walks` only).
     pub walks: Option<WalkSummary>,

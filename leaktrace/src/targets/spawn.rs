@@ -17,12 +17,21 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error("command not found: {0}")]
+    /// No executable of this name in `PATH` (empty: no command given).
     NotFound(String),
+    /// `execve` of the command failed (not executable, not a valid binary, ...).
     #[error("cannot execute {path}: {source}")]
-    Exec { path: PathBuf, source: io::Error },
+    Exec {
+        /// The resolved path of the command.
+        path: PathBuf,
+        /// Why `execve` failed.
+        source: io::Error,
+    },
     #[error("cannot start {0}: {1}")]
+    /// A system call (named) failed before the exec.
     Os(&'static str, io::Error),
     #[error("argument contains a NUL byte")]
+    /// An argument contains a NUL byte, which `execve` cannot pass.
     Nul,
 }
 
@@ -72,6 +81,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
 /// A forked child waiting to exec.
 #[derive(Debug)]
 pub struct Held {
+    /// The child's pid.
     pub pid: u32,
     path: PathBuf,
     go: OwnedFd,
@@ -183,6 +193,7 @@ impl Held {
 /// A started child, to wait for.
 #[derive(Debug)]
 pub struct Child {
+    /// The child's pid.
     pub pid: u32,
     pidfd: OwnedFd,
 }
@@ -202,6 +213,7 @@ impl Child {
         })
     }
 
+    /// The pidfd, readable once the child has exited (for the event loop to poll).
     pub fn pidfd(&self) -> &OwnedFd {
         &self.pidfd
     }
