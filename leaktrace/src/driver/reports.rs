@@ -67,7 +67,7 @@ impl Pipeline {
             fd_exhaustion: &exhaustion,
             oom_kills: &self.oom.records,
         };
-        report::build(input, &self.options, &mut self.symbols, &mut self.trend)
+        report::build(&input, &self.options, &mut self.symbols, &mut self.trend)
     }
 
     fn log_report(&mut self, is_final: bool, kernel: &KernelStats) {

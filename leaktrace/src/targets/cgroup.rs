@@ -93,7 +93,7 @@ pub fn mounts(mountinfo: &str) -> (Option<PathBuf>, Option<PathBuf>) {
         match (fstype, mountpoint) {
             (Some("cgroup2"), Some(m)) if v2.is_none() => v2 = Some(PathBuf::from(m)),
             (Some("cgroup"), Some(m)) if superopts.split(',').any(|o| o == "memory") => {
-                v1 = Some(PathBuf::from(m))
+                v1 = Some(PathBuf::from(m));
             }
             _ => {}
         }

@@ -206,11 +206,9 @@ impl Child {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: a new descriptor we own.
-        Ok(Self {
-            pid,
-            pidfd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-        })
+        // SAFETY: pidfd_open succeeded, so `fd` is a new descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Self { pid, pidfd })
     }
 
     /// The pidfd, readable once the child has exited (for the event loop to poll).
@@ -285,7 +283,7 @@ mod tests {
         std::fs::write(&script, b"\x7fELF garbage").unwrap();
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let held = hold(&[script.clone().into()], false).unwrap();
+        let held = hold(&[script.into()], false).unwrap();
         let err = held.release().unwrap_err();
         assert!(matches!(err, SpawnError::Exec { .. }), "{err}");
         assert_eq!(err.exit_code(), 126);
