@@ -8,8 +8,11 @@
 /// Argument registers (System V x86-64) as bits: what an entry program reads, so probe
 /// placement knows which registers must still hold the arguments where the probe lands.
 pub mod arg_regs {
+    /// `rdi`: the first argument.
     pub const RDI: u8 = 1;
+    /// `rsi`: the second argument.
     pub const RSI: u8 = 2;
+    /// `rdx`: the third argument.
     pub const RDX: u8 = 4;
 }
 
@@ -130,7 +133,9 @@ pub mod hook_family {
 pub struct Tracepoint {
     /// The program (its eBPF function's name).
     pub program: &'static str,
+    /// The tracepoint's category (`syscalls`, `oom`, ...), the directory under `events/`.
     pub category: &'static str,
+    /// The tracepoint's name within its category.
     pub event: &'static str,
     /// One of [`hook_family`].
     pub family: u32,

@@ -53,6 +53,7 @@ pub mod kind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PageEvent {
+    /// Kind [`kind::PAGE`]; pid and tid of the faulting thread.
     pub hdr: Header,
     /// Where it starts: the faulting address rounded down to `size` when that is a power of
     /// two (a 4 KiB page, a transparent huge page), else to 4 KiB.
@@ -68,12 +69,15 @@ const _: () = assert!(size_of::<PageEvent>() == 48);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReleaseEvent {
+    /// Kind [`kind::RELEASE`].
     pub hdr: Header,
     /// `[start, end)` released; for [`release_op::BRK`], `start` is the new program break.
     pub start: u64,
+    /// End of the released range, exclusive; 0 for [`release_op::BRK`].
     pub end: u64,
     /// One of [`release_op`].
     pub op: u32,
+    /// Explicit padding to 8 bytes; not read.
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<ReleaseEvent>() == 48);
@@ -105,6 +109,7 @@ pub struct Header {
     pub pid: u32,
     /// Thread id (the kernel's pid).
     pub tid: u32,
+    /// Explicit padding so `ts_ns` is 8-aligned; not read.
     pub _pad: u32,
     /// `CLOCK_MONOTONIC` time of the event, in nanoseconds.
     pub ts_ns: u64,
@@ -119,6 +124,7 @@ const _: () = assert!(size_of::<Header>() == 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllocEvent {
+    /// Kind [`kind::ALLOC`]; pid and tid of the calling thread.
     pub hdr: Header,
     /// The returned block; 0 when the call failed (or `realloc(p, 0)` freed `p`).
     pub addr: u64,
@@ -130,6 +136,7 @@ pub struct AllocEvent {
     pub stack_id: u64,
     /// One of [`alloc_shape`]: how the call's arguments were read.
     pub shape: u32,
+    /// Explicit padding to 8 bytes; not read.
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<AllocEvent>() == 64);
@@ -138,7 +145,9 @@ const _: () = assert!(size_of::<AllocEvent>() == 64);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FreeEvent {
+    /// Kind [`kind::FREE`].
     pub hdr: Header,
+    /// The block passed to `free`; never 0.
     pub addr: u64,
 }
 const _: () = assert!(size_of::<FreeEvent>() == 32);
@@ -160,6 +169,7 @@ pub mod stack_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct StackEvent {
+    /// Kind [`kind::STACK`]; the pid the stack belongs to.
     pub hdr: Header,
     /// A hash of the pid and the frames.
     pub stack_id: u64,
@@ -167,6 +177,7 @@ pub struct StackEvent {
     pub nr: u32,
     /// Bits of [`stack_flags`].
     pub flags: u32,
+    /// Instruction addresses, innermost first; only the first `nr` are valid.
     pub frames: [u64; MAX_FRAMES],
 }
 const _: () = assert!(size_of::<StackEvent>() == 40 + 8 * MAX_FRAMES);
@@ -176,9 +187,11 @@ const _: () = assert!(size_of::<StackEvent>() == 40 + 8 * MAX_FRAMES);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcEvent {
+    /// One of the kinds above; the pid is the process concerned (the child, for FORK).
     pub hdr: Header,
     /// FORK: the parent's pid. Otherwise 0.
     pub other_pid: u32,
+    /// Explicit padding to 8 bytes; not read.
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<ProcEvent>() == 32);
@@ -209,34 +222,63 @@ pub mod fd_op {
 
 /// The system calls behind descriptor events ([`FdEvent::syscall`]).
 pub mod fd_call {
+    /// `open(2)`.
     pub const OPEN: u16 = 1;
+    /// `openat(2)`.
     pub const OPENAT: u16 = 2;
+    /// `openat2(2)`.
     pub const OPENAT2: u16 = 3;
+    /// `creat(2)`.
     pub const CREAT: u16 = 4;
+    /// `socket(2)`.
     pub const SOCKET: u16 = 5;
+    /// `socketpair(2)`: two descriptors, `fd` and `fd2`.
     pub const SOCKETPAIR: u16 = 6;
+    /// `accept(2)`.
     pub const ACCEPT: u16 = 7;
+    /// `accept4(2)`.
     pub const ACCEPT4: u16 = 8;
+    /// `pipe(2)`: two descriptors, `fd` and `fd2`.
     pub const PIPE: u16 = 9;
+    /// `pipe2(2)`: two descriptors, `fd` and `fd2`.
     pub const PIPE2: u16 = 10;
+    /// `dup(2)`.
     pub const DUP: u16 = 11;
+    /// `dup2(2)`.
     pub const DUP2: u16 = 12;
+    /// `dup3(2)`.
     pub const DUP3: u16 = 13;
+    /// `fcntl(2)` with `F_DUPFD`, `F_DUPFD_CLOEXEC` or `F_SETFD`.
     pub const FCNTL: u16 = 14;
+    /// `eventfd(2)` or `eventfd2`.
     pub const EVENTFD: u16 = 15;
+    /// `epoll_create(2)` or `epoll_create1`.
     pub const EPOLL_CREATE: u16 = 16;
+    /// `timerfd_create(2)`.
     pub const TIMERFD_CREATE: u16 = 17;
+    /// `signalfd(2)` or `signalfd4`.
     pub const SIGNALFD: u16 = 18;
+    /// `memfd_create(2)`.
     pub const MEMFD_CREATE: u16 = 19;
+    /// `inotify_init(2)` or `inotify_init1`.
     pub const INOTIFY_INIT: u16 = 20;
+    /// `close(2)`.
     pub const CLOSE: u16 = 21;
+    /// `close_range(2)`.
     pub const CLOSE_RANGE: u16 = 22;
+    /// `unlink(2)`.
     pub const UNLINK: u16 = 23;
+    /// `unlinkat(2)`.
     pub const UNLINKAT: u16 = 24;
+    /// `rename(2)`.
     pub const RENAME: u16 = 25;
+    /// `renameat(2)`.
     pub const RENAMEAT: u16 = 26;
+    /// `renameat2(2)`.
     pub const RENAMEAT2: u16 = 27;
+    /// `setrlimit(2)`.
     pub const SETRLIMIT: u16 = 28;
+    /// `prlimit64(2)`.
     pub const PRLIMIT64: u16 = 29;
 
     /// The call's name, or `"?"`.
@@ -280,12 +322,17 @@ pub mod fd_call {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FdEvent {
+    /// Kind [`kind::FD`] (or [`kind::FD_PATH`] inside a [`FdPathEvent`]).
     pub hdr: Header,
     /// One of [`fd_op`].
     pub op: u16,
     /// One of [`fd_call`].
     pub syscall: u16,
+    /// The descriptor created, closed or flagged, the first of the range for CLOSE_RANGE;
+    /// -1 when there is none (FAIL, NOFILE_LIMIT, path-only ops).
     pub fd: i32,
+    /// The second descriptor: the other end of a pipe or socket pair, the source of a dup, the
+    /// last of the range for CLOSE_RANGE; for NOFILE_LIMIT the target pid (0: the caller); else -1.
     pub fd2: i32,
     /// Open flags (`O_CLOEXEC`, `O_CREAT`, `O_EXCL`, `O_TMPFILE`, ...), socket type flags,
     /// `FD_CLOEXEC` for SET_CLOEXEC, close_range flags.
@@ -308,6 +355,7 @@ pub const FD_PATH_LEN: usize = 256;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FdPathEvent {
+    /// The descriptor event the path belongs to.
     pub fd: FdEvent,
     /// NUL-terminated, as the process passed it (absolute or relative to `fd.dirfd`).
     pub path: [u8; FD_PATH_LEN],
@@ -319,13 +367,21 @@ const _: () = assert!(size_of::<FdPathEvent>() == size_of::<FdEvent>() + FD_PATH
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OomEvent {
+    /// Kind [`kind::OOM`].
     pub hdr: Header,
+    /// The victim's pid, as `oom:mark_victim` reports it.
     pub victim: u32,
+    /// The victim's `oom_score_adj`, -1000 to 1000.
     pub oom_score_adj: i32,
+    /// The victim's virtual memory size, in KiB.
     pub total_vm_kb: u64,
+    /// The victim's resident anonymous memory, in KiB.
     pub anon_rss_kb: u64,
+    /// The victim's resident file-backed memory, in KiB.
     pub file_rss_kb: u64,
+    /// The victim's resident shared memory (shmem, tmpfs), in KiB.
     pub shmem_rss_kb: u64,
+    /// The victim's command name, NUL-padded; zeros if it could not be read.
     pub comm: [u8; 16],
 }
 const _: () = assert!(size_of::<OomEvent>() == 24 + 8 + 32 + 16);
@@ -381,6 +437,7 @@ pub mod traced_flags {
 pub struct Inflight {
     /// The thread owning the slot.
     pub tid: u32,
+    /// Explicit padding so `sp` is 8-aligned; not read.
     pub _pad: u32,
     /// Stack pointer at the outermost entry; a deeper entry (lower `sp`) is a nested call.
     pub sp: u64,
@@ -408,9 +465,11 @@ pub mod counter {
     /// Frees of addresses no traced allocation ever returned, filtered in the kernel: they
     /// count as unmatched frees without crossing to user space.
     pub const FILTERED_FREES: u32 = 0;
-    /// Stack captures answered by the per-CPU walk cache, and those that walked.
+    /// Stack captures answered by the per-CPU walk cache, without walking.
     pub const WALK_CACHE_HITS: u32 = 1;
+    /// Stack captures that walked the stack.
     pub const WALKS: u32 = 2;
+    /// Number of counters.
     pub const COUNT: u32 = 3;
 }
 
@@ -424,8 +483,11 @@ pub mod counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct UnwindRow {
+    /// File offset in the module of the first instruction the row covers.
     pub pc: u32,
+    /// Bytes added to rsp or rbp (as `kind` says) to get the CFA.
     pub cfa_off: u16,
+    /// Where the caller's rbp was saved, in 8-byte words from the CFA; 0: rbp is unchanged.
     pub rbp_off: i8,
     /// One of [`unwind_kind`].
     pub kind: u8,
@@ -449,9 +511,11 @@ pub mod unwind_kind {
     /// A signal trampoline (`__restore_rt`): the interrupted registers are in the
     /// `ucontext_t` at the stack pointer, and the interrupted pc is exact.
     pub const SIGNAL: u8 = 6;
-    /// Offsets in `ucontext_t` (x86-64) of the interrupted rbp, rsp and rip.
+    /// Offset of the interrupted rbp in `ucontext_t` (x86-64), in bytes.
     pub const UC_RBP: u64 = 120;
+    /// Offset of the interrupted rsp in `ucontext_t`, in bytes.
     pub const UC_RSP: u64 = 160;
+    /// Offset of the interrupted rip in `ucontext_t`, in bytes.
     pub const UC_RIP: u64 = 168;
 }
 
@@ -459,18 +523,22 @@ pub mod unwind_kind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CodeMapping {
+    /// First address of the mapping in the process.
     pub start: u64,
+    /// Address just past the mapping's end.
     pub end: u64,
     /// File offset of `start`.
     pub offset: u64,
     /// Rows `[table_start, table_start + table_len)` of `UNWIND_ROWS`; `table_len` 0 means
     /// no table (frame pointers only).
     pub table_start: u32,
+    /// Rows in the module's table; 0: no table.
     pub table_len: u32,
     /// Entries `[index_start, index_start + index_len)` of `UNWIND_INDEX`: for each
-    /// [`UNWIND_PAGE`]-byte page of the file, the (table-relative) row covering its start,
+    /// `1 << UNWIND_PAGE_SHIFT`-byte page of the file, the (table-relative) row covering its start,
     /// so a lookup searches only the rows of one page.
     pub index_start: u32,
+    /// Entries of this mapping in `UNWIND_INDEX`; 0: no index, a lookup searches all its rows.
     pub index_len: u32,
 }
 const _: () = assert!(size_of::<CodeMapping>() == 40);
@@ -485,10 +553,12 @@ pub const MAX_CODE_MAPPINGS: usize = 250;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessCode {
+    /// How many entries of `mappings` are valid.
     pub len: u32,
     /// Changes whenever user space rewrites the value, so the walker knows when mappings it
     /// cached from an earlier walk are stale.
     pub generation: u32,
+    /// The mappings, sorted by `start`; only the first `len` are valid.
     pub mappings: [CodeMapping; MAX_CODE_MAPPINGS],
 }
 const _: () = assert!(size_of::<ProcessCode>() == 8 + 40 * MAX_CODE_MAPPINGS);
@@ -533,8 +603,11 @@ pub mod features {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WalkStats {
+    /// Stack walks timed.
     pub walks: u64,
+    /// Frames those walks produced.
     pub frames: u64,
+    /// Time spent in those walks, in nanoseconds.
     pub ns: u64,
 }
 

@@ -13,16 +13,27 @@ use bytes::Buf as _;
 /// A decoded record. `Stack` borrows its frames from the ring buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event<'a> {
+    /// An allocation ([`kind::ALLOC`]).
     Alloc(AllocEvent),
+    /// A `free` ([`kind::FREE`]).
     Free(FreeEvent),
+    /// The frames of a stack id ([`kind::STACK`]).
     Stack(StackRecord<'a>),
+    /// A traced process exec'd ([`kind::EXEC`]).
     Exec(ProcEvent),
+    /// A traced process exited ([`kind::EXIT`]).
     Exit(ProcEvent),
+    /// A traced process forked a traced child ([`kind::FORK`]).
     Fork(ProcEvent),
+    /// A process's dynamic loader changed its object list ([`kind::LOADER`]).
     Loader(ProcEvent),
+    /// A descriptor event, with or without a path ([`kind::FD`], [`kind::FD_PATH`]).
     Fd(FdRecord<'a>),
+    /// The OOM killer chose a victim ([`kind::OOM`]).
     Oom(OomEvent),
+    /// Growth mode: a write fault gave a process memory ([`kind::PAGE`]).
     Page(PageEvent),
+    /// Growth mode: a process released memory ([`kind::RELEASE`]).
     Release(ReleaseEvent),
 }
 
@@ -30,7 +41,9 @@ pub enum Event<'a> {
 /// without the NUL).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdRecord<'a> {
+    /// The fixed part of the record (its header's kind tells a path record from a plain one).
     pub event: FdEvent,
+    /// The path bytes up to the first NUL, for [`kind::FD_PATH`] records; else `None`.
     pub path: Option<&'a [u8]>,
 }
 
@@ -53,7 +66,9 @@ impl Event<'_> {
 /// The frames of one stack id, still in the ring buffer's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackRecord<'a> {
+    /// The record's header.
     pub hdr: Header,
+    /// The id [`leaktrace_common::AllocEvent::stack_id`] and others refer to.
     pub stack_id: u64,
     /// Bits of [`leaktrace_common::stack_flags`].
     pub flags: u32,
@@ -73,14 +88,20 @@ impl<'a> StackRecord<'a> {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than its {need}-byte {what}")]
+    /// The record is shorter than the struct its kind names.
     TooShort {
+        /// What was being read (the struct's name).
         what: &'static str,
+        /// The record's length, in bytes.
         len: usize,
+        /// The bytes that struct needs.
         need: usize,
     },
     #[error("record of unknown kind {0}")]
+    /// The header's kind is none of [`kind`].
     UnknownKind(u16),
     #[error("stack record claims {0} frames (at most {MAX_FRAMES})")]
+    /// A stack record's `nr` exceeds [`MAX_FRAMES`].
     TooManyFrames(u32),
 }
 

@@ -49,8 +49,9 @@ fn run_measured(cmd: &mut Command) -> Result<(String, u64)> {
         out.push('\n');
     }
     let mut status = 0;
-    // SAFETY: zeroed rusage is a valid out-parameter; waiting for our own child.
+    // SAFETY: rusage is plain integers and timevals, for which all-zero bytes are valid.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own unreaped child; `status` and `usage` are valid for writes.
     if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
         bail!("wait4 failed");
     }
@@ -248,7 +249,7 @@ pub fn unwind(rounds: usize) -> Result<()> {
         "/usr/lib/x86_64-linux-gnu/libstdc++.so.6".to_owned(),
     ];
     // A large binary: the nightly compiler's driver library, else leaktrace itself.
-    let sysroot = std::process::Command::new("rustc")
+    let sysroot = Command::new("rustc")
         .args(["+nightly", "--print", "sysroot"])
         .output()?;
     let lib = std::path::PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
@@ -261,11 +262,7 @@ pub fn unwind(rounds: usize) -> Result<()> {
         })
         .unwrap_or_else(|| leaktrace.clone());
     modules.push(large.to_string_lossy().into_owned());
-    let (out, _) = run_measured(
-        std::process::Command::new(lt)
-            .arg("unwind-info")
-            .args(&modules),
-    )?;
+    let (out, _) = run_measured(Command::new(lt).arg("unwind-info").args(&modules))?;
     for line in out.lines() {
         let v: serde_json::Value = serde_json::from_str(line)?;
         let bytes = v["row_bytes"].as_u64().unwrap_or(0) + v["index_bytes"].as_u64().unwrap_or(0);

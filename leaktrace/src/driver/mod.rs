@@ -48,7 +48,9 @@ pub enum Target {
     Pid(u32),
     /// A command leaktrace starts.
     Run {
+        /// The command and its arguments; `argv[0]` is found as a shell would (along `PATH` unless it has a `/`).
         argv: Vec<OsString>,
+        /// Trace the children it forks too.
         follow_forks: bool,
     },
 }
@@ -56,14 +58,23 @@ pub enum Target {
 /// Everything a session needs to know.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
+    /// What to trace.
     pub target: Target,
+    /// Stop after this long and print the final report; `None`: until the target exits or a signal.
     pub duration: Option<Duration>,
+    /// Print a report this often; `None`: only the final report.
     pub interval: Option<Duration>,
+    /// What reports show and how they are trimmed.
     pub report: ReportOptions,
+    /// How reports are written.
     pub format: Format,
+    /// What folded stacks are weighted by.
     pub weight: FoldedWeight,
+    /// Write reports to this file (always the latest complete one) instead of stdout.
     pub output: Option<PathBuf>,
+    /// Size of the kernel-to-user ring buffer, in bytes (a power of two).
     pub ring_buffer_bytes: u32,
+    /// How the kernel side walks stacks.
     pub unwind: Unwind,
     /// Capacity of the kernel-side unwind table (rows of 8 bytes, all modules together).
     pub unwind_rows: u32,
@@ -91,24 +102,33 @@ pub struct SessionConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error(transparent)]
+    /// The host cannot trace (privileges, kernel features).
     Preflight(#[from] PreflightError),
     #[error(transparent)]
+    /// The eBPF programs could not be loaded or attached.
     Source(#[from] SourceError),
     #[error("no process with pid {0}")]
+    /// `--pid` names no running process.
     NoSuchProcess(u32),
     #[error(
         "pid {pid} ({comm}) has no allocator leaktrace can hook: {detail} (heap tracing hooks \
          malloc/free in libc or in a statically linked executable; Go and other runtimes with \
          their own allocator are not supported yet)"
     )]
+    /// The target links no allocator leaktrace knows how to probe.
     NoAllocator {
+        /// The target process.
         pid: u32,
+        /// Its command name.
         comm: String,
+        /// Why: what its maps lacked, or that they could not be read.
         detail: String,
     },
     #[error(transparent)]
+    /// The command could not be started.
     Spawn(#[from] SpawnError),
     #[error("{0}: {1}")]
+    /// An I/O error; the string says what was being done.
     Io(&'static str, io::Error),
 }
 

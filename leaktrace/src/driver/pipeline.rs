@@ -51,7 +51,9 @@ pub enum Alert {
 pub struct Applied {
     /// The record's header (`None` when it could not be decoded).
     pub hdr: Option<Header>,
+    /// What the driver must do for the process, if anything.
     pub lifecycle: Option<Lifecycle>,
+    /// What to print at once, if anything.
     pub alert: Option<Alert>,
 }
 

@@ -35,24 +35,52 @@ use crate::{
 pub enum Entry {
     /// The session's settings.
     Begin {
+        /// The report options the session ran with.
         options: ReportOptions,
         /// Bits of [`leaktrace_common::features`].
         features: u32,
     },
     /// A ring-buffer record, as hex.
-    Record { hex: String },
+    Record {
+        /// The record's bytes, two lowercase hex digits each.
+        hex: String,
+    },
     /// [`Pipeline::start`].
-    Start { pid: u32, spawned: bool },
+    Start {
+        /// The process.
+        pid: u32,
+        /// A command leaktrace started, not yet exec'd.
+        spawned: bool,
+    },
     /// [`Pipeline::retire`].
-    Retire { pid: u32, ts_ns: u64 },
+    Retire {
+        /// The process.
+        pid: u32,
+        /// When, in `CLOCK_MONOTONIC` nanoseconds.
+        ts_ns: u64,
+    },
     /// [`Pipeline::tick`].
-    Tick { pids: Vec<u32> },
+    Tick {
+        /// The processes the tick looked at.
+        pids: Vec<u32>,
+    },
     /// [`Pipeline::report`].
-    Report { is_final: bool, kernel: KernelStats },
+    Report {
+        /// Whether it was the session's last report.
+        is_final: bool,
+        /// What the kernel side counted, as read for that report.
+        kernel: KernelStats,
+    },
     /// What the host answered to question `q`.
-    Answer { q: String, a: Value },
+    Answer {
+        /// The question: the [`Host`] method and its arguments (`comm 42`, `maps 42`).
+        q: String,
+        /// The answer, as JSON.
+        a: Value,
+    },
     /// What every (module, offset) looked up resolved to.
     Symbols {
+        /// (device, inode, file offset, what it resolved to), as [`Symbols::known`] lists them.
         entries: Vec<(u64, u64, u64, Resolved)>,
     },
 }
@@ -249,13 +277,21 @@ impl Host for Replayed {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error("line {line}: {source}")]
+    /// A line is not a valid entry.
     Json {
+        /// 1-based line number in the recording.
         line: usize,
+        /// What the JSON parser said.
         source: serde_json::Error,
     },
+    /// A record's hex is malformed.
     #[error("line {line}: a record's hex is malformed")]
-    Hex { line: usize },
+    Hex {
+        /// 1-based line number in the recording.
+        line: usize,
+    },
     #[error("the recording does not start with its settings")]
+    /// The first line is not a [`Entry::Begin`].
     NoBegin,
 }
 

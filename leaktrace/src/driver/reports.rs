@@ -18,7 +18,9 @@ pub struct KernelStats {
     pub lost: Vec<(String, u64)>,
     /// Frees of never-seen addresses counted in the kernel instead of sent.
     pub filtered_frees: u64,
+    /// Stack captures the kernel's per-CPU walk cache answered without walking.
     pub stack_cache_hits: u64,
+    /// Stack captures that walked.
     pub stack_walks: u64,
     /// Stack walking cost (`--measure-walks` only).
     pub walks: Option<WalkSummary>,
@@ -65,7 +67,7 @@ impl Pipeline {
             fd_exhaustion: &exhaustion,
             oom_kills: &self.oom.records,
         };
-        report::build(input, &self.options, &mut self.symbols, &mut self.trend)
+        report::build(&input, &self.options, &mut self.symbols, &mut self.trend)
     }
 
     fn log_report(&mut self, is_final: bool, kernel: &KernelStats) {

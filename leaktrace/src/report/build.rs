@@ -95,17 +95,17 @@ pub fn stack_frames(
 
 /// Builds a report: symbolizes, classifies, trims and merges rows, ranks them.
 pub fn build(
-    input: ReportInput<'_>,
+    input: &ReportInput<'_>,
     opts: &ReportOptions,
     symbols: &mut Symbols,
     trend: &mut Trend,
 ) -> Report {
-    let mut summary = summary(&input, opts);
-    let heap = heap_rows(&input, opts, symbols, &mut summary);
-    let (leaks, runtime) = heap_leaks(heap, &input, opts, trend);
+    let mut summary = summary(input, opts);
+    let heap = heap_rows(input, opts, symbols, &mut summary);
+    let (leaks, runtime) = heap_leaks(heap, input, opts, trend);
 
-    let mut fd_leaks = fd_leaks(&input, symbols);
-    let mut tmp_leaks = tmp_leaks(&input, symbols, input.snapshot.now_ms);
+    let mut fd_leaks = fd_leaks(input, symbols);
+    let mut tmp_leaks = tmp_leaks(input, symbols, input.snapshot.now_ms);
     let fd_totals = input.fds.totals;
     summary.fds_opened = fd_totals.opened;
     summary.fds_closed = fd_totals.closed;

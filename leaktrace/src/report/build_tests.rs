@@ -114,7 +114,7 @@ fn report(
     ];
     let comm = |pid: u32| format!("p{pid}");
     let r = crate::report::build(
-        ReportInput {
+        &ReportInput {
             snapshot: &snapshot,
             stacks,
             lost: &[("ring_full", 2), ("stack_ring_full", 1), ("other", 0)],

@@ -53,8 +53,8 @@ impl<T: Copy> SharedArray<T> {
         }
         // SAFETY: `used + len <= capacity` elements lie inside the mapping; T is plain data.
         unsafe {
-            std::ptr::copy_nonoverlapping(items.as_ptr(), self.ptr.add(self.used), items.len())
-        };
+            std::ptr::copy_nonoverlapping(items.as_ptr(), self.ptr.add(self.used), items.len());
+        }
         let start = self.used as u32;
         self.used += items.len();
         Some(start)

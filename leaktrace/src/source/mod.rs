@@ -34,22 +34,32 @@ pub enum SourceError {
         "this leaktrace binary was built without its eBPF programs (nightly with rust-src and \
          bpf-linker were missing); run `cargo xtask setup` and rebuild"
     )]
+    /// The binary was built with an empty stub instead of the eBPF object.
     NoObject,
     #[error("cannot load the eBPF programs: {0}")]
+    /// The kernel refused the eBPF object (verifier, BTF, maps).
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
+    /// A program could not be loaded or attached.
     Program {
+        /// The program's name in the eBPF object.
         name: &'static str,
+        /// What aya reported.
         source: ProgramError,
     },
     #[error("eBPF map {name}: {source}")]
+    /// A map could not be opened or written.
     Map {
+        /// The map's name in the eBPF object.
         name: &'static str,
+        /// What aya reported.
         source: aya::maps::MapError,
     },
     #[error("eBPF object lacks {0}")]
+    /// The object has no program or map of this name (`"pid"`: probes were asked for pid 0).
     Missing(&'static str),
     #[error("cannot map the unwind table: {0}")]
+    /// `mmap` of the `UNWIND_ROWS` or `UNWIND_INDEX` array failed.
     Mmap(std::io::Error),
 }
 
@@ -60,6 +70,7 @@ pub struct LoadOptions {
     pub ring_buffer_bytes: u32,
     /// Attach the hooks that follow forked children.
     pub follow_forks: bool,
+    /// How stacks are walked (written to the kernel side's `CONFIG`).
     pub unwind: Unwind,
     /// Capacity of the kernel-side unwind table, in rows (8 bytes each), for all modules.
     pub unwind_rows: u32,

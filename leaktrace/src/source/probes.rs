@@ -40,6 +40,7 @@ impl ProcessProbes {
         self.links.len()
     }
 
+    /// True when no probe is attached.
     pub fn is_empty(&self) -> bool {
         self.links.is_empty()
     }
@@ -73,6 +74,7 @@ impl Default for Detacher {
 }
 
 impl Detacher {
+    /// Detaches `probes` on the detach thread (inline when there is none); returns at once.
     pub fn detach(&self, probes: ProcessProbes) {
         if let Some(tx) = &self.tx
             && let Err(std::sync::mpsc::SendError(probes)) = tx.send(probes)

@@ -8,9 +8,11 @@ use hashbrown::HashMap;
 /// One line of `/proc/PID/cgroup`: `hierarchy:controllers:path`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CgroupLine {
+    /// Hierarchy id; 0 for the unified (v2) hierarchy.
     pub hierarchy: u32,
     /// Empty for the unified (v2) hierarchy.
     pub controllers: Vec<String>,
+    /// The cgroup's path from the hierarchy's root, starting with `/`.
     pub path: String,
 }
 
@@ -91,7 +93,7 @@ pub fn mounts(mountinfo: &str) -> (Option<PathBuf>, Option<PathBuf>) {
         match (fstype, mountpoint) {
             (Some("cgroup2"), Some(m)) if v2.is_none() => v2 = Some(PathBuf::from(m)),
             (Some("cgroup"), Some(m)) if superopts.split(',').any(|o| o == "memory") => {
-                v1 = Some(PathBuf::from(m))
+                v1 = Some(PathBuf::from(m));
             }
             _ => {}
         }
@@ -110,8 +112,11 @@ pub fn parse_limit(text: &str) -> Option<u64> {
 /// and the memory limit that applies to it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attribution {
+    /// The memory cgroup's path, from `/proc/PID/cgroup`.
     pub cgroup: String,
+    /// The container id in that path (64 hex digits), if any (see [`container_id`]).
     pub container_id: Option<String>,
+    /// The Kubernetes pod uid in that path, if any (see [`pod_uid`]).
     pub pod_uid: Option<String>,
     /// The memory limit of its cgroup (the nearest limited ancestor), in bytes.
     pub limit_bytes: Option<u64>,

@@ -25,6 +25,7 @@ pub const LOADER_STATE_SYMBOL: &str = "_dl_debug_state";
 pub struct AllocatorEntry {
     /// One of [`alloc_shape`].
     pub shape: u32,
+    /// The function's name (a row of [`leaktrace_common::ALLOCATOR_FNS`]).
     pub symbol: &'static str,
     /// File offset of the function's first instruction.
     pub offset: u64,
@@ -61,13 +62,23 @@ impl ElfInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
     #[error("cannot open {path} mapped by pid {pid}: {source}")]
+    /// The mapped file could not be opened or mapped.
     Open {
+        /// The process that maps it.
         pid: u32,
+        /// The path as that process sees it.
         path: String,
+        /// The I/O error.
         source: io::Error,
     },
+    /// The file could not be parsed as ELF.
     #[error("cannot read ELF file {path}: {source}")]
-    Elf { path: String, source: object::Error },
+    Elf {
+        /// The file's path.
+        path: String,
+        /// What the ELF parser said.
+        source: object::Error,
+    },
 }
 
 /// Turns an ELF file's virtual addresses into file offsets (what uprobes attach to and what
@@ -75,6 +86,7 @@ pub enum ModuleError {
 pub struct FileOffsets(Vec<(u64, u64, u64)>);
 
 impl FileOffsets {
+    /// Reads `elf`'s segments: (virtual address, file offset, size in the file) each.
     pub fn of<'d, R: object::ReadRef<'d>>(elf: &object::File<'d, R>) -> Self {
         Self(
             elf.segments()
@@ -222,18 +234,22 @@ pub fn inspect_elf(data: &[u8]) -> Result<ElfInfo, object::Error> {
 /// Identifies a file on the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModuleKey {
+    /// The device holding the file (`st_dev`).
     pub dev: u64,
+    /// The file's inode number.
     pub inode: u64,
 }
 
 /// An executable or shared library mapped by a traced process, held open.
 #[derive(Debug)]
 pub struct Module {
+    /// The file's identity on the node.
     pub key: ModuleKey,
     /// The path as the (first) process that mapped it sees it.
     pub path: String,
     /// The file, held open; `None` when only its name is known (a recording).
     file: Option<File>,
+    /// What was found in it: allocator entries, loader hook.
     pub elf: ElfInfo,
 }
 
@@ -294,10 +310,12 @@ impl Modules {
         Ok(module)
     }
 
+    /// How many distinct modules (by [`ModuleKey`]) are held.
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
 
+    /// True when no module is open.
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }
@@ -306,7 +324,9 @@ impl Modules {
 /// An executable range of a process and the module it maps.
 #[derive(Clone, Debug)]
 pub struct CodeRange {
+    /// First address of the range in the process.
     pub start: u64,
+    /// Address just past the range's end.
     pub end: u64,
     /// File offset of `start`.
     pub offset: u64,
@@ -320,6 +340,7 @@ pub struct CodeRange {
 /// outside all of them cannot be real, which is how a broken stack walk is recognised.
 #[derive(Clone, Debug, Default)]
 pub struct AddressSpace {
+    /// The process these mappings belong to.
     pub pid: u32,
     ranges: Vec<CodeRange>,
     /// The path of the main executable (the first file mapping).

@@ -19,23 +19,28 @@ pub enum PreflightError {
         "insufficient privileges: leaktrace needs CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE \
          (or root), and this process lacks {0}; run it with sudo"
     )]
+    /// The effective capability set lacks these (names, comma-separated).
     Capabilities(String),
     #[error("cannot read this process's capabilities: {0}")]
+    /// `CapEff` could not be read from `/proc/self/status`.
     ReadCapabilities(io::Error),
     #[error(
         "this kernel exposes no BTF ({0} is missing): leaktrace needs a kernel built with \
          CONFIG_DEBUG_INFO_BTF=y"
     )]
+    /// `kernel/btf/vmlinux` under sysfs, which does not exist.
     NoBtf(PathBuf),
     #[error(
         "this kernel has no uprobe support ({0} is missing): leaktrace needs \
          CONFIG_UPROBE_EVENTS=y"
     )]
+    /// The uprobe PMU's `type` file under sysfs, which does not exist.
     NoUprobes(PathBuf),
     #[error(
         "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({0}); mount it \
          with `mount -t tracefs tracefs /sys/kernel/tracing`"
     )]
+    /// tracefs is not mounted, and this is the error of mounting it.
     NoTracefs(io::Error),
 }
 

@@ -74,10 +74,13 @@ pub fn kernel_emulates(bytes: &[u8]) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NoSafePoint {
     #[error("its code could not be decoded")]
+    /// The decoder could not make sense of the entry code.
     Undecodable,
     #[error("no emulated instruction before {0}")]
+    /// An instruction that cannot be skipped (named here) comes before any emulated one.
     Blocked(String),
     #[error("no emulated instruction in its first {MAX_SKIPPED} instructions")]
+    /// No emulated instruction within the first `MAX_SKIPPED` (16) instructions.
     TooFar,
 }
 

@@ -5,18 +5,24 @@ use std::{fs, io, path::PathBuf};
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Mapping {
+    /// First address of the mapping.
     pub start: u64,
+    /// Address just past the mapping's end.
     pub end: u64,
     /// Offset of `start` in the mapped file.
     pub offset: u64,
+    /// `r` permission.
     pub readable: bool,
+    /// `x` permission.
     pub executable: bool,
     /// `makedev(major, minor)` of the file's device.
     pub dev: u64,
+    /// The file's inode number; 0 for anonymous mappings.
     pub inode: u64,
     /// The file's path as the process sees it, `[vdso]`-style names, or empty (anonymous).
     /// A trailing ` (deleted)` is removed and reported in `deleted`.
     pub path: String,
+    /// The path ended in ` (deleted)`: the file was unlinked or replaced since it was mapped.
     pub deleted: bool,
 }
 

@@ -17,12 +17,21 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error("command not found: {0}")]
+    /// No executable of this name in `PATH` (empty: no command given).
     NotFound(String),
+    /// `execve` of the command failed (not executable, not a valid binary, ...).
     #[error("cannot execute {path}: {source}")]
-    Exec { path: PathBuf, source: io::Error },
+    Exec {
+        /// The resolved path of the command.
+        path: PathBuf,
+        /// Why `execve` failed.
+        source: io::Error,
+    },
     #[error("cannot start {0}: {1}")]
+    /// A system call (named) failed before the exec.
     Os(&'static str, io::Error),
     #[error("argument contains a NUL byte")]
+    /// An argument contains a NUL byte, which `execve` cannot pass.
     Nul,
 }
 
@@ -72,6 +81,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
 /// A forked child waiting to exec.
 #[derive(Debug)]
 pub struct Held {
+    /// The child's pid.
     pub pid: u32,
     path: PathBuf,
     go: OwnedFd,
@@ -183,6 +193,7 @@ impl Held {
 /// A started child, to wait for.
 #[derive(Debug)]
 pub struct Child {
+    /// The child's pid.
     pub pid: u32,
     pidfd: OwnedFd,
 }
@@ -195,13 +206,12 @@ impl Child {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: a new descriptor we own.
-        Ok(Self {
-            pid,
-            pidfd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-        })
+        // SAFETY: pidfd_open succeeded, so `fd` is a new descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Self { pid, pidfd })
     }
 
+    /// The pidfd, readable once the child has exited (for the event loop to poll).
     pub fn pidfd(&self) -> &OwnedFd {
         &self.pidfd
     }
@@ -273,7 +283,7 @@ mod tests {
         std::fs::write(&script, b"\x7fELF garbage").unwrap();
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let held = hold(&[script.clone().into()], false).unwrap();
+        let held = hold(&[script.into()], false).unwrap();
         let err = held.release().unwrap_err();
         assert!(matches!(err, SpawnError::Exec { .. }), "{err}");
         assert_eq!(err.exit_code(), 126);

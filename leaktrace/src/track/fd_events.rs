@@ -75,15 +75,20 @@ pub fn resolve(host: &dyn Host, pid: u32, dirfd: i32, path: &str, cwd: Option<&s
 /// A descriptor table that filled up: what the session reports at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exhausted {
+    /// The process whose table is full.
     pub pid: u32,
+    /// The stack of the call that failed.
     pub stack_id: StackId,
+    /// `EMFILE` (the process's limit) or `ENFILE` (the system's).
     pub errno: i32,
 }
 
 /// Descriptors and temp files of all traced processes.
 #[derive(Debug, Default)]
 pub struct FdTracker {
+    /// Open descriptors per process.
     pub fds: FdTables,
+    /// Temp files being watched.
     pub tmp: TmpFiles,
     /// Bits of [`features`].
     pub features: u32,
@@ -95,6 +100,7 @@ pub struct FdTracker {
 }
 
 impl FdTracker {
+    /// An empty tracker; `features` are bits of [`features`].
     pub fn new(features: u32) -> Self {
         Self {
             features,

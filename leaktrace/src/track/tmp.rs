@@ -42,13 +42,17 @@ pub fn in_temp_dir(path: &str) -> bool {
 /// A temp file being watched.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TmpFile {
+    /// The process that created it.
     pub pid: u32,
+    /// The stack that created it.
     pub stack_id: StackId,
     /// Absolute path; for an unnamed (`O_TMPFILE`) file, the directory it lives in.
     pub path: String,
     /// Unnamed: it exists while descriptor `fd` of `pid` is open.
     pub unnamed: bool,
+    /// The descriptor it was created on; only an unnamed file's is tracked to its close.
     pub fd: i32,
+    /// When it was created, in ms since the heap table's epoch.
     pub created_ms: u32,
 }
 
@@ -59,6 +63,7 @@ pub struct TmpFiles {
     unnamed: HashMap<(u32, i32), TmpFile>,
     /// How many were created, and how many went away.
     pub created: u64,
+    /// How many went away (unlinked, renamed away, or closed when unnamed).
     pub removed: u64,
     /// Created while [`MAX_WATCHED`] files were watched already: counted, not watched.
     pub unwatched: u64,
@@ -69,6 +74,7 @@ pub struct TmpFiles {
 pub const MAX_WATCHED: usize = 1 << 16;
 
 impl TmpFiles {
+    /// Starts watching `file`, unless [`MAX_WATCHED`] are watched already (then only counts it).
     pub fn created(&mut self, file: TmpFile) {
         self.created += 1;
         let watched = self.named.len() + self.unnamed.len();

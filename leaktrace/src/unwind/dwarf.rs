@@ -19,14 +19,19 @@ use object::{Object as _, ObjectSection as _};
 #[derive(Debug, thiserror::Error)]
 pub enum UnwindError {
     #[error("cannot open: {0}")]
+    /// The file could not be opened or mapped into memory.
     Open(#[from] std::io::Error),
     #[error("cannot read ELF file: {0}")]
+    /// The file is not a readable ELF file.
     Elf(#[from] object::Error),
     #[error("cannot parse unwind information: {0}")]
+    /// Its `.eh_frame` or `.debug_frame` is malformed.
     Dwarf(#[from] gimli::Error),
     #[error("no .eh_frame or .debug_frame")]
+    /// The file has neither `.eh_frame` nor `.debug_frame`.
     NoUnwindInfo,
     #[error("code beyond 4 GiB in the file")]
+    /// Code lies beyond 4 GiB in the file, past what [`UnwindRow::pc`] holds.
     TooLarge,
 }
 
@@ -379,8 +384,11 @@ fn push_row(rows: &mut Vec<UnwindRow>, offset: u64, r: Rule) -> Result<(), Unwin
 /// Registers at the start of a walk.
 #[derive(Clone, Copy, Debug)]
 pub struct Regs {
+    /// Instruction pointer (rip).
     pub pc: u64,
+    /// Stack pointer (rsp).
     pub sp: u64,
+    /// Frame pointer (rbp).
     pub bp: u64,
 }
 

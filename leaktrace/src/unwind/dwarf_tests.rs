@@ -106,8 +106,8 @@ fn at_the_bottom(check: Check<'_>) {
     let (pc, sp, bp): (u64, u64, u64);
     // SAFETY: reads rip, rsp and rbp; touches nothing.
     unsafe {
-        std::arch::asm!("lea {}, [rip]", "mov {}, rsp", "mov {}, rbp", out(reg) pc, out(reg) sp, out(reg) bp)
-    };
+        std::arch::asm!("lea {}, [rip]", "mov {}, rsp", "mov {}, rbp", out(reg) pc, out(reg) sp, out(reg) bp);
+    }
     let mut buf = [std::ptr::null_mut(); 64];
     // SAFETY: buf has room for 64 frames.
     let n = unsafe { libc::backtrace(buf.as_mut_ptr(), 64) } as usize;
@@ -118,9 +118,9 @@ fn at_the_bottom(check: Check<'_>) {
 #[inline(never)]
 fn nested(depth: usize, check: Check<'_>) {
     if depth == 0 {
-        at_the_bottom(check)
+        at_the_bottom(check);
     } else {
-        nested(depth - 1, check)
+        nested(depth - 1, check);
     }
     std::hint::black_box(depth);
 }
