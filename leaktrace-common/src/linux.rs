@@ -48,8 +48,9 @@ pub const SIGSTOP: u32 = 19;
 
 /// Page-fault error code bit (x86, `exceptions:page_fault_*`): the access was a write.
 pub const PF_WRITE: u64 = 1 << 1;
-/// `kmem:rss_stat` members: the mm's anonymous and shmem page counters.
+/// `kmem:rss_stat` member: the mm's anonymous page counter.
 pub const MM_ANONPAGES: i32 = 1;
+/// `kmem:rss_stat` member: the mm's shmem page counter.
 pub const MM_SHMEMPAGES: i32 = 3;
 /// The base page size.
 pub const PAGE_SIZE: u64 = 4096;

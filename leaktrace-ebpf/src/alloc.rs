@@ -8,7 +8,7 @@
 //! lower stack pointer than the recorded outer one is nested.
 //!
 //! User space attaches these where the kernel emulates the probed instruction
-//! (`leaktrace::placement`), not always at the first byte of the function.
+//! (`leaktrace::targets::probe_point`), not always at the first byte of the function.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::pt_regs,
@@ -204,7 +204,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// `free`, wherever placement put it (past glibc's `test %rdi,%rdi`, with `%rdi` intact).
+/// `free`, at its probe point (past glibc's `test %rdi,%rdi`, with `%rdi` intact).
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let addr = arg(&ctx, 0);

@@ -33,15 +33,6 @@
 //!   to attach when a process execs or forks) and the event loop, nothing a stage needs.
 pub mod decode;
 pub mod driver;
-// The golden-file test in export/mod.rs spells out `std::path::Path` and `std::fs`, which it
-// has in scope; that file is being split on another branch, which takes the fix.
-#[cfg_attr(
-    test,
-    expect(
-        unused_qualifications,
-        reason = "export/mod.rs tests, fixed with the split of that file"
-    )
-)]
 pub mod export;
 pub mod report;
 pub mod source;

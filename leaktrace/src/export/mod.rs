@@ -369,13 +369,13 @@ mod golden {
     }
 
     fn check(name: &str, got: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("src/export/golden")
             .join(name);
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, got).unwrap();
+            fs::write(&path, got).unwrap();
         }
-        let want = std::fs::read_to_string(&path).unwrap_or_default();
+        let want = fs::read_to_string(&path).unwrap_or_default();
         assert_eq!(
             got, want,
             "{name} differs from its golden file (UPDATE_GOLDEN=1 to accept)"

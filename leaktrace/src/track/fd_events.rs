@@ -174,7 +174,7 @@ impl FdTracker {
         };
         match e.syscall {
             fd_call::DUP | fd_call::DUP2 | fd_call::DUP3 | fd_call::FCNTL => {
-                self.fds.dup(pid, e.fd, e.fd2, &how)
+                self.fds.dup(pid, e.fd, e.fd2, &how);
             }
             _ => {
                 self.fds.open(pid, e.fd, &how);

@@ -4,12 +4,6 @@
 //! The heap and descriptor trackers share one [`Snapshot`] type: per-stack rows of live
 //! processes and of processes that exited, plus the tracker's totals.
 pub mod fd;
-// `self.fds.dup(..)` ends a match arm block without `;` in fd_events.rs; that file is being
-// split on another branch, which takes the fix.
-#[expect(
-    clippy::semicolon_if_nothing_returned,
-    reason = "fd_events.rs, fixed with the split of that file"
-)]
 pub mod fd_events;
 pub mod heap;
 pub mod oom;
