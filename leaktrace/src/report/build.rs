@@ -315,12 +315,7 @@ fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols) -> Vec<FdLeak> {
             frames: frames.iter().map(Frame::from).collect(),
         }
     });
-    let mut leaks = merge(rows);
-    for l in &mut leaks {
-        l.comm = (input.comm)(l.pid);
-    }
-    rank(&mut leaks);
-    leaks
+    merged_named_ranked(rows, input, |l| &mut l.comm)
 }
 
 /// Temp files still on disk, merged per (process, trimmed stack), largest first.
@@ -338,9 +333,20 @@ fn tmp_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, now_ms: u32) -> Vec
             frames: frames.iter().map(Frame::from).collect(),
         }
     });
+    merged_named_ranked(rows, input, |l| &mut l.comm)
+}
+
+/// Merges rows per (process, trimmed stack), names each merged row's process once, and
+/// ranks them heaviest first.
+fn merged_named_ranked<R: Row>(
+    rows: impl IntoIterator<Item = R>,
+    input: &ReportInput<'_>,
+    comm: impl Fn(&mut R) -> &mut String,
+) -> Vec<R> {
     let mut leaks = merge(rows);
     for l in &mut leaks {
-        l.comm = (input.comm)(l.pid);
+        let pid = l.pid();
+        *comm(l) = (input.comm)(pid);
     }
     rank(&mut leaks);
     leaks
