@@ -100,6 +100,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,
 
+    /// Keep each process's rows apart. By default the same stack in several processes of one
+    /// executable and container (a prefork server's workers, a command's children) is one
+    /// row with a process count.
+    #[arg(long)]
+    pub by_pid: bool,
+
     /// Report format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -213,6 +219,7 @@ impl CommonArgs {
                 growth_mode: self.mode == Mode::Growth,
                 sample_bytes: self.sample_bytes.unwrap_or(0),
                 top,
+                by_pid: self.by_pid,
             },
             format: self.format,
             weight: self.folded_weight,

@@ -12,7 +12,7 @@ use leaktrace_common::{AllocEvent, Header, alloc_shape, release_op};
 use super::record::{Entry, Recorder};
 use crate::{
     decode::{Event, StackRecord, decode},
-    report::{FdExhaustion, OomKill, ReportOptions, Trend},
+    report::{FdExhaustion, OomKill, Owner, ReportOptions, Trend},
     symbolize::{
         Symbols,
         stacks::{Stack, StackStore, normalize},
@@ -64,6 +64,18 @@ pub(super) struct Exhaustion {
     pub(super) record: FdExhaustion,
 }
 
+/// Who a process is, as the host tells: its name, executable, cgroup and container.
+pub(super) fn owner_of(host: &dyn Host, pid: u32) -> Owner {
+    let attribution = host.attribution(pid);
+    Owner {
+        comm: host.comm(pid),
+        exe: host.proc_link(pid, "exe"),
+        container_id: attribution.as_ref().and_then(|a| a.container_id.clone()),
+        container_runtime: None,
+        cgroup: attribution.map(|a| a.cgroup),
+    }
+}
+
 /// The tracking state of a session.
 pub struct Pipeline {
     pub(super) host: Box<dyn Host>,
@@ -76,7 +88,8 @@ pub struct Pipeline {
     pub(super) stacks: StackStore,
     pub(super) symbols: Symbols,
     pub(super) trend: Trend,
-    pub(super) comms: HashMap<u32, String>,
+    /// Who each process is, read when it was first seen.
+    pub(super) owners: HashMap<u32, Owner>,
     /// Processes tracked and not yet gone.
     tracked: hashbrown::HashSet<u32>,
     /// A command we started, not yet exec'd: what it does with descriptors is our own
@@ -113,7 +126,7 @@ impl Pipeline {
             stacks: StackStore::default(),
             symbols,
             trend: Trend::default(),
-            comms: HashMap::new(),
+            owners: HashMap::new(),
             tracked: hashbrown::HashSet::new(),
             before_exec: None,
             decode_errors: 0,
@@ -175,16 +188,16 @@ impl Pipeline {
 
     fn note(&mut self, pid: u32) {
         let host = self.host.as_ref();
-        self.comms.insert(pid, host.comm(pid));
+        self.owners.insert(pid, owner_of(host, pid));
         self.fd.note_process(host, pid);
         self.oom.track(host, pid);
     }
 
     /// The command name of a process, as first read.
     pub fn comm(&self, pid: u32) -> String {
-        self.comms
+        self.owners
             .get(&pid)
-            .cloned()
+            .map(|o| o.comm.clone())
             .unwrap_or_else(|| self.host.comm(pid))
     }
 

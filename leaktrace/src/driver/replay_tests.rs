@@ -104,7 +104,7 @@ fn heap_leaks_are_counted_exactly_at_their_sites() {
         .iter()
         .map(|l| (l.outstanding_count, l.allocs))
         .collect();
-    assert_eq!(cache, [(219, 219), (219, 219)]);
+    assert_eq!(cache, [(226, 226), (226, 226)]);
     // Request buffers are freed: not a leak.
     assert!(leaks_at(&r.leaks, "handle_request").is_empty(), "{r:#?}");
     let s = &r.summary;
@@ -124,7 +124,7 @@ fn descriptors_temp_files_and_alerts_are_named_by_their_stack() {
             .sum::<u64>()
     };
     // demo forgets every 50th config check's descriptor; fd_exhaust hoards up to its limit.
-    assert_eq!(fd("check_config"), 18);
+    assert_eq!(fd("check_config"), 19);
     assert_eq!(fd("hoard"), 60);
     assert_eq!(fd("one_more"), 0, "the failed open holds nothing");
     let tmp = |symbol: &str| {

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use super::pipeline::{Alert, Exhaustion, Pipeline};
 use crate::{
     report::{
-        self, FdExhaustion, FdHolder, Frame, HeapHolder, OomKill, Report, ReportInput, WalkSummary,
+        self, FdExhaustion, FdHolder, Frame, HeapHolder, OomKill, Owner, Report, ReportInput,
+        WalkSummary,
     },
     track::fd_events::Exhausted,
 };
@@ -42,13 +43,18 @@ impl Pipeline {
         let tmp = self.fd.tmp_rows(self.host.as_ref());
         let exhaustion: Vec<FdExhaustion> =
             self.exhaustion.iter().map(|x| x.record.clone()).collect();
-        let (comms, host) = (&self.comms, self.host.as_ref());
-        let comm = |pid: u32| comms.get(&pid).cloned().unwrap_or_else(|| host.comm(pid));
+        let (owners, host) = (&self.owners, self.host.as_ref());
+        let owner = |pid: u32| {
+            owners
+                .get(&pid)
+                .cloned()
+                .unwrap_or_else(|| Owner::named(host.comm(pid)))
+        };
         let input = ReportInput {
             snapshot: &snapshot,
             stacks: &self.stacks,
             lost: &lost,
-            comm: &comm,
+            owner: &owner,
             is_final,
             walks: kernel.walks,
             fds: &fds,

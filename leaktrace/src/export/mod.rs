@@ -166,8 +166,8 @@ mod golden {
     //! them; review the diff.
     use super::*;
     use crate::report::{
-        FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Summary,
-        TmpLeak,
+        FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Owner,
+        Summary, TmpLeak,
     };
 
     fn frame(addr: u64, symbol: Option<&str>, module: &str, file: Option<(&str, u32)>) -> Frame {
@@ -210,7 +210,9 @@ mod golden {
         Leak {
             kind: "heap",
             pid: 4242,
-            comm: "cache-server".into(),
+            processes: 1,
+            pids: vec![4242],
+            owner: Owner::named("cache-server"),
             outstanding_count: count,
             outstanding_bytes: bytes,
             allocs: count + 10,
@@ -270,7 +272,9 @@ mod golden {
     fn tmp_leak(loader: &Frame, main: &Frame) -> TmpLeak {
         TmpLeak {
             pid: 4242,
-            comm: "cache-server".into(),
+            processes: 1,
+            pids: vec![4242],
+            owner: Owner::named("cache-server"),
             files: 1247,
             bytes: 5 << 20,
             paths: vec!["/tmp/chunk-a1b2c3".into()],
@@ -307,7 +311,9 @@ mod golden {
         vec![
             FdLeak {
                 pid: 4242,
-                comm: "cache-server".into(),
+                processes: 1,
+                pids: vec![4242],
+                owner: Owner::named("cache-server"),
                 outstanding: 847,
                 fd_kind: "file",
                 paths: vec!["/srv/geo/zone-1.json".into(), "/srv/geo/zone-2.json".into()],
@@ -320,7 +326,9 @@ mod golden {
             },
             FdLeak {
                 pid: 4242,
-                comm: "cache-server".into(),
+                processes: 1,
+                pids: vec![4242],
+                owner: Owner::named("cache-server"),
                 outstanding: 12,
                 fd_kind: "socket",
                 paths: vec![],

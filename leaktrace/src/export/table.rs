@@ -3,7 +3,7 @@ use std::fmt::Write as _;
 
 use crate::{
     export::Exporter,
-    report::{FdExhaustion, FdHolder, FdLeak, Frame, Leak, OomKill, Report, TmpLeak},
+    report::{FdExhaustion, FdHolder, FdLeak, Frame, Leak, OomKill, Owner, Report, TmpLeak},
 };
 
 /// `1.5 MiB`-style sizes.
@@ -63,12 +63,11 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
     if l.kind == "growth" {
         let _ = write!(
             out,
-            "#{rank} {} in {} pages written and kept{} — pid {} ({}), pages written {}, given back {}, oldest {}",
+            "#{rank} {} in {} pages written and kept{} — {}, pages written {}, given back {}, oldest {}",
             bytes(l.outstanding_bytes),
             count(l.outstanding_count),
             if l.at_exit { " to exit" } else { "" },
-            l.pid,
-            l.comm,
+            who(l.pid, l.processes, &l.pids, &l.owner),
             count(l.allocs),
             count(l.frees),
             age(l.oldest_age_s),
@@ -76,11 +75,10 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
     } else {
         let _ = write!(
             out,
-            "#{rank} {} in {} blocks {when} — pid {} ({}), allocs {}, frees {}, oldest {}",
+            "#{rank} {} in {} blocks {when} — {}, allocs {}, frees {}, oldest {}",
             bytes(l.outstanding_bytes),
             count(l.outstanding_count),
-            l.pid,
-            l.comm,
+            who(l.pid, l.processes, &l.pids, &l.owner),
             count(l.allocs),
             count(l.frees),
             age(l.oldest_age_s),
@@ -125,12 +123,11 @@ fn fd_leak(out: &mut String, rank: usize, l: &FdLeak) {
     let when = if l.at_exit { "open at exit" } else { "open" };
     let _ = writeln!(
         out,
-        "#{rank} {} {} {} {when} — pid {} ({}), opened {}, closed {}, oldest {}",
+        "#{rank} {} {} {} {when} — {}, opened {}, closed {}, oldest {}",
         count(l.outstanding),
         l.fd_kind,
         plural(l.outstanding, "descriptor"),
-        l.pid,
-        l.comm,
+        who(l.pid, l.processes, &l.pids, &l.owner),
         count(l.opened),
         count(l.closed),
         age(l.oldest_age_s),
@@ -163,15 +160,39 @@ fn holders(out: &mut String, holders: &[FdHolder]) {
 /// Frames shown per holder in a notice: enough to name the site.
 const HOLDER_FRAMES: usize = 4;
 
+/// Who holds a row: `pid 42 (comm)`, or `3 processes of comm (pids 42, 43, 44)`, and the
+/// container when there is one.
+fn who(pid: u32, processes: u32, pids: &[u32], owner: &Owner) -> String {
+    let mut s = if processes > 1 {
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let more = if (processes as usize) > pids.len() {
+            ", …"
+        } else {
+            ""
+        };
+        format!(
+            "{processes} processes of {} (pids {}{more})",
+            owner.comm,
+            list.join(", ")
+        )
+    } else {
+        format!("pid {pid} ({})", owner.comm)
+    };
+    if let Some(id) = &owner.container_id {
+        let runtime = owner.container_runtime.unwrap_or("container");
+        let _ = write!(s, " in {runtime} {}", &id[..id.len().min(12)]);
+    }
+    s
+}
+
 fn tmp_leak(out: &mut String, rank: usize, l: &TmpLeak) {
     let _ = writeln!(
         out,
-        "#{rank} {} temp {}, {} on disk — pid {} ({}), oldest {}",
+        "#{rank} {} temp {}, {} on disk — {}, oldest {}",
         count(l.files),
         plural(l.files, "file"),
         bytes(l.bytes),
-        l.pid,
-        l.comm,
+        who(l.pid, l.processes, &l.pids, &l.owner),
         age(l.oldest_age_s),
     );
     let _ = writeln!(out, "    paths: {}", l.paths.join(", "));

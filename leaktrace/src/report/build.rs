@@ -3,7 +3,7 @@
 use crate::{
     report::merge::{Row, Trend, merge, merge_paths, rank},
     report::model::{
-        FdExhaustion, FdLeak, Frame, Leak, OomKill, Report, Summary, TmpLeak, TracerUsage,
+        FdExhaustion, FdLeak, Frame, Leak, OomKill, Owner, Report, Summary, TmpLeak, TracerUsage,
         WalkSummary,
     },
     symbolize::stacks::StackStore,
@@ -24,6 +24,10 @@ pub struct ReportOptions {
     pub sample_bytes: u32,
     /// Keep at most this many leaks (`None`: all).
     pub top: Option<usize>,
+    /// Keep the rows of each process apart, instead of merging the same stack across the
+    /// processes of one executable in one container.
+    #[serde(default)]
+    pub by_pid: bool,
 }
 
 /// Everything a report is built from.
@@ -34,8 +38,8 @@ pub struct ReportInput<'a> {
     pub stacks: &'a StackStore,
     /// Lost events and stacks, by cause.
     pub lost: &'a [(&'static str, u64)],
-    /// The command name of a pid.
-    pub comm: &'a dyn Fn(u32) -> String,
+    /// Who a pid is.
+    pub owner: &'a dyn Fn(u32) -> Owner,
     /// Whether this is the session's last report.
     pub is_final: bool,
     /// Stack walking cost, when measured.
@@ -104,8 +108,8 @@ pub fn build(
     let heap = heap_rows(input, opts, symbols, &mut summary);
     let (leaks, runtime) = heap_leaks(heap, input, opts, trend);
 
-    let mut fd_leaks = fd_leaks(input, symbols);
-    let mut tmp_leaks = tmp_leaks(input, symbols, input.snapshot.now_ms);
+    let mut fd_leaks = fd_leaks(input, symbols, opts.by_pid);
+    let mut tmp_leaks = tmp_leaks(input, symbols, input.snapshot.now_ms, opts.by_pid);
     let fd_totals = input.fds.totals;
     summary.fds_opened = fd_totals.opened;
     summary.fds_closed = fd_totals.closed;
@@ -172,6 +176,15 @@ impl Row for HeapRow {
     fn pid(&self) -> u32 {
         self.leak.pid
     }
+    fn owner(&self) -> &Owner {
+        &self.leak.owner
+    }
+    fn pids_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.leak.pids
+    }
+    fn processes_mut(&mut self) -> &mut u32 {
+        &mut self.leak.processes
+    }
     fn at_exit(&self) -> bool {
         self.leak.at_exit
     }
@@ -235,7 +248,9 @@ fn heap_rows(
         let leak = Leak {
             kind: if opts.growth_mode { "growth" } else { "heap" },
             pid,
-            comm: String::new(), // filled in once per merged row
+            processes: 1,
+            pids: vec![pid],
+            owner: (input.owner)(pid),
             outstanding_count: aged_count,
             outstanding_bytes: aged_bytes,
             allocs: c.allocs,
@@ -252,7 +267,7 @@ fn heap_rows(
     // program's allocs - frees still equals its outstanding blocks.
     summary.allocs = snap.totals.allocs - runtime_allocs;
     summary.frees = snap.totals.frees - runtime_frees;
-    merge(out)
+    merge(out, opts.by_pid)
 }
 
 /// The merged heap rows as ranked leaks, the program's and the runtime's apart, each with
@@ -271,12 +286,11 @@ fn heap_leaks(
         runtime: by_runtime,
     } in rows
     {
-        let key = leak.key();
+        let key = leak.key(opts.by_pid);
         if !leak.at_exit {
             leak.growth_bytes_per_s = trend.observe(&key, now_s, leak.outstanding_bytes);
         }
         keys.push(key);
-        leak.comm = (input.comm)(leak.pid);
         if by_runtime {
             runtime.push(leak);
         } else {
@@ -294,7 +308,7 @@ fn heap_leaks(
 }
 
 /// Descriptors still open, merged per (process, trimmed stack), most first.
-fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols) -> Vec<FdLeak> {
+fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, by_pid: bool) -> Vec<FdLeak> {
     let rows = input.fds.rows().filter(|r| r.row.outstanding > 0).map(|r| {
         let (pid, at_exit, at_ms, s) = (r.pid, r.at_exit, r.at_ms, r.row);
         let (frames, truncated) = stack_frames(input.stacks, symbols, s.stack_id);
@@ -303,7 +317,9 @@ fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols) -> Vec<FdLeak> {
         merge_paths(&mut paths, &s.paths);
         FdLeak {
             pid,
-            comm: String::new(), // filled in once per merged row
+            processes: 1,
+            pids: vec![pid],
+            owner: (input.owner)(pid),
             outstanding: s.outstanding,
             fd_kind: s.kind.map_or("other", FdKind::name),
             paths,
@@ -315,16 +331,23 @@ fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols) -> Vec<FdLeak> {
             frames: frames.iter().map(Frame::from).collect(),
         }
     });
-    merged_named_ranked(rows, input, |l| &mut l.comm)
+    merged_ranked(rows, by_pid)
 }
 
 /// Temp files still on disk, merged per (process, trimmed stack), largest first.
-fn tmp_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, now_ms: u32) -> Vec<TmpLeak> {
+fn tmp_leaks(
+    input: &ReportInput<'_>,
+    symbols: &mut Symbols,
+    now_ms: u32,
+    by_pid: bool,
+) -> Vec<TmpLeak> {
     let rows = input.tmp.iter().map(|row| {
         let (frames, truncated) = stack_frames(input.stacks, symbols, row.stack_id);
         TmpLeak {
             pid: row.pid,
-            comm: String::new(), // filled in once per merged row
+            processes: 1,
+            pids: vec![row.pid],
+            owner: (input.owner)(row.pid),
             files: 1,
             bytes: row.bytes,
             paths: vec![row.path.clone()],
@@ -333,21 +356,12 @@ fn tmp_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, now_ms: u32) -> Vec
             frames: frames.iter().map(Frame::from).collect(),
         }
     });
-    merged_named_ranked(rows, input, |l| &mut l.comm)
+    merged_ranked(rows, by_pid)
 }
 
-/// Merges rows per (process, trimmed stack), names each merged row's process once, and
-/// ranks them heaviest first.
-fn merged_named_ranked<R: Row>(
-    rows: impl IntoIterator<Item = R>,
-    input: &ReportInput<'_>,
-    comm: impl Fn(&mut R) -> &mut String,
-) -> Vec<R> {
-    let mut leaks = merge(rows);
-    for l in &mut leaks {
-        let pid = l.pid();
-        *comm(l) = (input.comm)(pid);
-    }
+/// Merges rows per owner and trimmed stack (see [`Row::key`]) and ranks them heaviest first.
+fn merged_ranked<R: Row>(rows: impl IntoIterator<Item = R>, by_pid: bool) -> Vec<R> {
+    let mut leaks = merge(rows, by_pid);
     rank(&mut leaks);
     leaks
 }

@@ -112,13 +112,13 @@ fn report(
             created_ms: 3,
         },
     ];
-    let comm = |pid: u32| format!("p{pid}");
+    let owner = |pid: u32| crate::report::Owner::named(format!("p{pid}"));
     let r = crate::report::build(
         &ReportInput {
             snapshot: &snapshot,
             stacks,
             lost: &[("ring_full", 2), ("stack_ring_full", 1), ("other", 0)],
-            comm: &comm,
+            owner: &owner,
             is_final: false,
             walks: None,
             fds: &fds,
@@ -137,6 +137,7 @@ fn report(
             growth_mode: false,
             sample_bytes: 0,
             top: None,
+            by_pid: false,
         },
         symbols,
         trend,

@@ -1,19 +1,44 @@
 //! Rows that show the same stack merged into one, rows ranked, and how each leak trends
 //! across reports. Written once for every kind of row (heap, descriptors, temp files).
-use std::{cmp::Ordering, collections::VecDeque};
+use std::{
+    cmp::Ordering,
+    collections::VecDeque,
+    hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash},
+};
 
 use hashbrown::{HashMap, hash_map::Entry};
 
-use crate::report::model::{FdLeak, Frame, Leak, TmpLeak};
+use crate::report::model::{FdLeak, Frame, Leak, Owner, PIDS_SHOWN, TmpLeak};
 
-/// Identifies a row, when merging and across reports: the process, whether it is what the
-/// process held at exit, and the addresses of the trimmed frames.
-pub(crate) type LeakKey = (u32, bool, Vec<u64>);
+/// Identifies a row, when merging and across reports: who holds it (a pid, or a hash of an
+/// executable and its container with the top bit set), whether it is what was held at exit,
+/// and the trimmed frames (addresses for one process; module and offset hashed across
+/// processes, whose addresses differ).
+pub(crate) type LeakKey = (u64, bool, Vec<u64>);
+
+/// A hash that is the same in every report of a session (and every run).
+fn stable_hash(value: impl Hash) -> u64 {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
+}
+
+/// The same code in any process that maps the same module: module and offset, hashed.
+fn frame_identity(f: &Frame) -> u64 {
+    match (&f.module, f.offset) {
+        (Some(module), Some(offset)) => stable_hash((module, offset)),
+        _ => f.addr,
+    }
+}
 
 /// A report row: merged with the rows of the same [`LeakKey`], then ranked.
 pub(crate) trait Row {
-    /// The process.
+    /// The process (merged: the first).
     fn pid(&self) -> u32;
+    /// Who the process is.
+    fn owner(&self) -> &Owner;
+    /// The pids merged into this row (one before merging).
+    fn pids_mut(&mut self) -> &mut Vec<u32>;
+    /// How many processes hold this row.
+    fn processes_mut(&mut self) -> &mut u32;
     /// Whether this is what the process held at exit.
     fn at_exit(&self) -> bool;
     /// The trimmed frames, innermost first.
@@ -23,25 +48,50 @@ pub(crate) trait Row {
     /// Adds a row of the same key to this one (which keeps its other fields).
     fn absorb(&mut self, other: Self);
 
-    /// The row's [`LeakKey`].
-    fn key(&self) -> LeakKey {
-        let addrs = self.frames().iter().map(|f| f.addr).collect();
-        (self.pid(), self.at_exit(), addrs)
+    /// The row's [`LeakKey`]: per process when `by_pid` or when the executable is unknown,
+    /// else per executable and container.
+    fn key(&self, by_pid: bool) -> LeakKey {
+        let owner = self.owner();
+        match &owner.exe {
+            Some(exe) if !by_pid => {
+                let group = stable_hash((exe, &owner.container_id)) | 1 << 63;
+                let frames = self.frames().iter().map(frame_identity).collect();
+                (group, self.at_exit(), frames)
+            }
+            _ => {
+                let addrs = self.frames().iter().map(|f| f.addr).collect();
+                (u64::from(self.pid()), self.at_exit(), addrs)
+            }
+        }
     }
 }
 
-/// Merges the rows of each [`LeakKey`] into the first one seen, in the order first seen.
-pub(crate) fn merge<R: Row>(rows: impl IntoIterator<Item = R>) -> Vec<R> {
+/// Merges the rows of each [`LeakKey`] into the first one seen, in the order first seen,
+/// and counts the processes each merged row holds.
+pub(crate) fn merge<R: Row>(rows: impl IntoIterator<Item = R>, by_pid: bool) -> Vec<R> {
     let mut index: HashMap<LeakKey, usize> = HashMap::new();
     let mut merged: Vec<R> = Vec::new();
-    for row in rows {
-        match index.entry(row.key()) {
-            Entry::Occupied(at) => merged[*at.get()].absorb(row),
+    for mut row in rows {
+        match index.entry(row.key(by_pid)) {
+            Entry::Occupied(at) => {
+                let into = &mut merged[*at.get()];
+                let pids = std::mem::take(row.pids_mut());
+                into.pids_mut().extend(pids);
+                into.absorb(row);
+            }
             Entry::Vacant(at) => {
                 at.insert(merged.len());
                 merged.push(row);
             }
         }
+    }
+    for row in &mut merged {
+        let pids = row.pids_mut();
+        pids.sort_unstable();
+        pids.dedup();
+        let n = pids.len().max(1) as u32;
+        pids.truncate(PIDS_SHOWN);
+        *row.processes_mut() = n;
     }
     merged
 }
@@ -92,6 +142,15 @@ impl Row for Leak {
     fn pid(&self) -> u32 {
         self.pid
     }
+    fn owner(&self) -> &Owner {
+        &self.owner
+    }
+    fn pids_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.pids
+    }
+    fn processes_mut(&mut self) -> &mut u32 {
+        &mut self.processes
+    }
     fn at_exit(&self) -> bool {
         self.at_exit
     }
@@ -115,6 +174,15 @@ impl Row for FdLeak {
     fn pid(&self) -> u32 {
         self.pid
     }
+    fn owner(&self) -> &Owner {
+        &self.owner
+    }
+    fn pids_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.pids
+    }
+    fn processes_mut(&mut self) -> &mut u32 {
+        &mut self.processes
+    }
     fn at_exit(&self) -> bool {
         self.at_exit
     }
@@ -137,6 +205,15 @@ impl Row for FdLeak {
 impl Row for TmpLeak {
     fn pid(&self) -> u32 {
         self.pid
+    }
+    fn owner(&self) -> &Owner {
+        &self.owner
+    }
+    fn pids_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.pids
+    }
+    fn processes_mut(&mut self) -> &mut u32 {
+        &mut self.processes
     }
     fn at_exit(&self) -> bool {
         false

@@ -154,10 +154,18 @@ fn hex_opt<S: serde::Serializer>(addr: &Option<u64>, s: S) -> Result<S::Ok, S::E
 pub struct Leak {
     /// `heap`, or `growth` in growth mode.
     pub kind: &'static str,
-    /// The process.
+    /// The process (merged: the first of them).
     pub pid: u32,
-    /// Its command name.
-    pub comm: String,
+    /// How many processes hold this row: more than one when rows of one executable in one
+    /// container merge (`--by-pid` keeps them apart).
+    #[serde(skip_serializing_if = "is_one")]
+    pub processes: u32,
+    /// The first of those processes' pids ([`PIDS_SHOWN`] at most), when more than one.
+    #[serde(skip_serializing_if = "at_most_one")]
+    pub pids: Vec<u32>,
+    /// Who the process is.
+    #[serde(flatten)]
+    pub owner: Owner,
     /// Outstanding blocks at least `--min-age` old.
     pub outstanding_count: u64,
     /// Their bytes.
@@ -178,13 +186,62 @@ pub struct Leak {
     pub frames: Vec<Frame>,
 }
 
+/// Pids a merged row lists.
+pub const PIDS_SHOWN: usize = 16;
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+fn at_most_one(pids: &[u32]) -> bool {
+    pids.len() <= 1
+}
+
+/// Who a row belongs to, as the node tells it: the process's name, executable, cgroup and
+/// the container that cgroup names. Unknown parts are left out of the JSON.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Owner {
+    /// The command name.
+    pub comm: String,
+    /// The executable, as `/proc/PID/exe` names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    /// The cgroup (the memory controller's on a v1 hierarchy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The id of the container the cgroup belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The runtime that made that container: `docker`, `containerd`, `cri-o` or `podman`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_runtime: Option<&'static str>,
+}
+
+impl Owner {
+    /// An owner known by its command name only.
+    pub fn named(comm: impl Into<String>) -> Self {
+        Self {
+            comm: comm.into(),
+            ..Self::default()
+        }
+    }
+}
+
 /// Descriptors still open, per creating stack (the JSON `fd_leaks` entries).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FdLeak {
-    /// The process.
+    /// The process (merged: the first of them).
     pub pid: u32,
-    /// Its command name.
-    pub comm: String,
+    /// How many processes hold this row: more than one when rows of one executable in one
+    /// container merge (`--by-pid` keeps them apart).
+    #[serde(skip_serializing_if = "is_one")]
+    pub processes: u32,
+    /// The first of those processes' pids ([`PIDS_SHOWN`] at most), when more than one.
+    #[serde(skip_serializing_if = "at_most_one")]
+    pub pids: Vec<u32>,
+    /// Who the process is.
+    #[serde(flatten)]
+    pub owner: Owner,
     /// Descriptors this stack created that are still open (or were open at exit).
     pub outstanding: u64,
     /// `file`, `socket`, `pipe` or `other`.
@@ -242,10 +299,18 @@ pub struct FdExhaustion {
 /// Temp files a stack created that still exist (the JSON `tmp_leaks` entries).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TmpLeak {
-    /// The process.
+    /// The process (merged: the first of them).
     pub pid: u32,
-    /// Its command name.
-    pub comm: String,
+    /// How many processes hold this row: more than one when rows of one executable in one
+    /// container merge (`--by-pid` keeps them apart).
+    #[serde(skip_serializing_if = "is_one")]
+    pub processes: u32,
+    /// The first of those processes' pids ([`PIDS_SHOWN`] at most), when more than one.
+    #[serde(skip_serializing_if = "at_most_one")]
+    pub pids: Vec<u32>,
+    /// Who the process is.
+    #[serde(flatten)]
+    pub owner: Owner,
     /// Temp files still on disk.
     pub files: u64,
     /// Their current size on disk.
