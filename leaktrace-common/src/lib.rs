@@ -586,8 +586,12 @@ pub struct Config {
     /// Non-zero: sample allocations, a block of `size` bytes with probability
     /// `min(1, size / sample_bytes)` (see `leaktrace::table`'s estimate).
     pub sample_bytes: u32,
+    /// With [`features::NODE`]: the tracer's own process, never traced.
+    pub self_tgid: u32,
+    /// Padding.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 24);
 
 /// What is traced besides the heap ([`Config::features`]).
 pub mod features {
@@ -597,6 +601,10 @@ pub mod features {
     pub const TMP: u32 = 1 << 1;
     /// Growth mode: page faults and memory released, no allocator probe.
     pub const GROWTH: u32 = 1 << 2;
+    /// Node-wide (the agent's first tier): every process but [`super::Config::self_tgid`]
+    /// counts as traced by the tracepoint hooks, without a `TRACED` entry; its forks are
+    /// not followed one by one.
+    pub const NODE: u32 = 1 << 3;
 }
 
 /// Per-CPU totals of stack walks, kept when [`Config::measure`] is set.

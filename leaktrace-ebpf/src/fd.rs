@@ -25,7 +25,7 @@ use leaktrace_common::{
 };
 
 use crate::{
-    maps::{EVENTS, TRACED, count_drop, header, send_batched},
+    maps::{EVENTS, count_drop, header, send_batched, traced_flags},
     stack,
 };
 
@@ -85,9 +85,7 @@ fn config_features() -> u32 {
 /// True when the calling process is traced: the first thing every program checks.
 #[inline(always)]
 fn traced() -> bool {
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: presence check only.
-    unsafe { TRACED.get(pid) }.is_some()
+    traced_flags((bpf_get_current_pid_tgid() >> 32) as u32).is_some()
 }
 
 /// Sends a descriptor record without a path.

@@ -19,7 +19,7 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
-    maps::{Array, HashMap},
+    maps::{Array, LruHashMap},
     programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
@@ -34,7 +34,7 @@ use leaktrace_common::{
 
 use crate::{
     fd::{field, task_regs},
-    maps::{TRACED, header_for, send_batched},
+    maps::{header_for, send_batched, traced_flags},
     stack,
 };
 
@@ -42,8 +42,7 @@ use crate::{
 #[inline(always)]
 fn traced() -> Option<u64> {
     let id = bpf_get_current_pid_tgid();
-    // SAFETY: presence check only.
-    unsafe { TRACED.get((id >> 32) as u32) }.map(|_| id)
+    traced_flags((id >> 32) as u32).map(|_| id)
 }
 
 /// A write fault being handled: its thread, where the thread was, and the address.
@@ -77,9 +76,10 @@ pub struct MemCounts {
 }
 
 /// Per traced process (tgid): its last `MM_ANONPAGES` and `MM_SHMEMPAGES`. The exit hook
-/// removes the entry.
+/// removes the entry. LRU, for node-wide tracing: a process evicted counts its next change
+/// as one page, as a new one does.
 #[map]
-pub static MEM_COUNTS: HashMap<u32, MemCounts> = HashMap::with_max_entries(8192, 0);
+pub static MEM_COUNTS: LruHashMap<u32, MemCounts> = LruHashMap::with_max_entries(16384, 0);
 
 /// `exceptions:page_fault_user`: address at 8, ip at 16, error_code at 24.
 #[tracepoint]

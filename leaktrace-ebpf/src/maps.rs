@@ -94,6 +94,20 @@ fn increment(map: &PerCpuArray<u64>, index: u32) {
 #[map]
 pub static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(8192, 0);
 
+/// The `traced_flags` of process `pid` when it is traced: its `TRACED` entry, or, node-wide,
+/// none for every process but the tracer itself.
+#[inline(always)]
+pub fn traced_flags(pid: u32) -> Option<u32> {
+    // SAFETY: plain read of a u32 value.
+    if let Some(flags) = unsafe { TRACED.get(pid) } {
+        return Some(*flags);
+    }
+    match crate::stack::node_wide_except() {
+        Some(me) if pid != me && pid != 0 => Some(0),
+        _ => None,
+    }
+}
+
 /// Children forked by a process that follows forks, from `sched_process_fork` (in the
 /// parent) until the child's first return to user space: child tid → parent tgid.
 #[map]

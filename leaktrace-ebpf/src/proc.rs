@@ -19,12 +19,11 @@ use leaktrace_common::{
     traced_flags,
 };
 
-use crate::maps::{PENDING_FORKS, TRACED, header, inflight_slot, send_now};
+use crate::maps::{PENDING_FORKS, TRACED, header, inflight_slot, send_now, traced_flags};
 
 #[inline(always)]
 fn traced(pid: u32) -> Option<u32> {
-    // SAFETY: plain read of a u32 value.
-    unsafe { TRACED.get(pid) }.copied()
+    traced_flags(pid)
 }
 
 /// Sends a lifecycle record for the current process and, if it is gated, stops it.

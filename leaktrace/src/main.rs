@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         e.exit();
     }
     let (config, verbose) = match cli.into_action() {
-        cli::Action::Trace(config, verbose) => (config, verbose),
+        cli::Action::Trace(config, verbose) => (*config, verbose),
         cli::Action::UnwindInfo(files) => return unwind_info(&files),
     };
     init_logging(verbose);

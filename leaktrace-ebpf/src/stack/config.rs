@@ -8,6 +8,8 @@ static CONFIG: Config = Config {
     measure: 0,
     features: 0,
     sample_bytes: 0,
+    self_tgid: 0,
+    _pad: 0,
 };
 
 #[inline(always)]
@@ -20,6 +22,13 @@ pub(super) fn config() -> Config {
 #[inline(always)]
 pub fn sample_bytes() -> u32 {
     config().sample_bytes
+}
+
+/// Node-wide tracing ([`leaktrace_common::features::NODE`]): every process but this one.
+#[inline(always)]
+pub fn node_wide_except() -> Option<u32> {
+    let c = config();
+    (c.features & leaktrace_common::features::NODE != 0).then_some(c.self_tgid)
 }
 
 /// Bits of `leaktrace_common::features` this session traces.

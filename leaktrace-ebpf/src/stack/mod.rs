@@ -46,7 +46,7 @@ use leaktrace_common::{
     Header, MAX_FRAMES, WalkStats, counter, drop_reason, kind, stack_flags, unwind_mode,
 };
 
-pub use self::config::{features, sample_bytes};
+pub use self::config::{features, node_wide_except, sample_bytes};
 use self::{
     cache::{WalkStart, cache_set, cached_walk, remember_walk, victim},
     config::config,

@@ -11,6 +11,7 @@ use leaktrace::{
 };
 use leaktrace_common::features;
 
+mod agent;
 mod run;
 
 const EXIT_CODES: &str = "\
@@ -64,6 +65,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Run(run::RunArgs),
+    Agent(agent::AgentArgs),
     /// Compile the unwind tables of ELF files and print what they cost (for benchmarks).
     #[command(hide = true)]
     UnwindInfo {
@@ -76,7 +78,7 @@ pub enum Command {
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Action {
-    Trace(SessionConfig, u8),
+    Trace(Box<SessionConfig>, u8),
     UnwindInfo(Vec<PathBuf>),
 }
 
@@ -202,7 +204,7 @@ impl CommonArgs {
     pub fn session(&self, target: Target) -> SessionConfig {
         let interval = match (&target, self.interval) {
             (_, Some(i)) => Some(i),
-            (Target::Pid(_), None) => Some(Duration::from_secs(10)),
+            (Target::Pid(_) | Target::Node(_), None) => Some(Duration::from_secs(10)),
             (Target::Run { .. }, None) => None,
         };
         let top = match (self.top, self.format) {
@@ -220,6 +222,7 @@ impl CommonArgs {
                 sample_bytes: self.sample_bytes.unwrap_or(0),
                 top,
                 by_pid: self.by_pid,
+                row_limit: None,
             },
             format: self.format,
             weight: self.folded_weight,
@@ -251,7 +254,7 @@ impl CommonArgs {
         }
     }
 
-    fn traces(&self, kind: Kind) -> bool {
+    pub(crate) fn traces(&self, kind: Kind) -> bool {
         self.only.is_empty() || self.only.contains(&kind)
     }
 }
@@ -261,6 +264,16 @@ impl Cli {
     pub fn validate(&self) -> Result<(), clap::Error> {
         let common = match &self.command {
             Some(Command::Run(run)) => &run.common,
+            Some(Command::Agent(agent)) => {
+                if agent.common.mode != Mode::Full || agent.common.sample_bytes.is_some() {
+                    return Err(<Self as clap::CommandFactory>::command().error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        "the agent picks its own modes: growth for every process, exact heap \
+                         tracing for --full and --full-auto; --mode and --sample-bytes do not apply",
+                    ));
+                }
+                &agent.common
+            }
             Some(Command::UnwindInfo { .. }) => return Ok(()),
             None => &self.common,
         };
@@ -279,7 +292,7 @@ impl Cli {
             Some(Command::UnwindInfo { files }) => Action::UnwindInfo(files),
             _ => {
                 let (config, verbose) = self.into_session();
-                Action::Trace(config, verbose)
+                Action::Trace(Box::new(config), verbose)
             }
         }
     }
@@ -288,6 +301,10 @@ impl Cli {
     pub fn into_session(self) -> (SessionConfig, u8) {
         match self.command {
             Some(Command::UnwindInfo { .. }) => unreachable!("not a session"),
+            Some(Command::Agent(agent)) => {
+                let verbose = agent.common.verbose;
+                (agent.session(), verbose)
+            }
             Some(Command::Run(run)) => {
                 let target = Target::Run {
                     argv: run.cmd,

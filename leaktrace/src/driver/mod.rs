@@ -25,6 +25,7 @@ use crate::{
     unwind::Unwind,
 };
 
+pub mod agent;
 mod pipeline;
 pub mod record;
 mod reports;
@@ -35,9 +36,17 @@ mod tracer;
 #[cfg(test)]
 mod replay_tests;
 
+pub use agent::{AgentConfig, Selector};
 pub use pipeline::{Alert, Applied, Lifecycle, Pipeline};
 pub use reports::KernelStats;
-pub use session::run;
+
+/// Runs a session (`--pid`, `run`) or the node agent to its end.
+pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
+    match config.target {
+        Target::Node(_) => agent::run(config).await,
+        _ => session::run(config).await,
+    }
+}
 use sink::Sink;
 use tracer::Tracer;
 
@@ -53,6 +62,8 @@ pub enum Target {
         /// Trace the children it forks too.
         follow_forks: bool,
     },
+    /// Every process on the node (`leaktrace agent`).
+    Node(AgentConfig),
 }
 
 /// Everything a session needs to know.

@@ -85,6 +85,13 @@ pub struct Pipeline {
     /// Processes whose maps were read since the driver last asked ([`Self::take_respaced`]).
     respaced: Vec<u32>,
     pub(super) heap: HeapTables,
+    /// Growth tables kept apart from the heap's (the node agent: growth everywhere, the
+    /// heap of a few); `None`: growth mode keeps pages in `heap`.
+    pub(super) pages: Option<HeapTables>,
+    pub(super) growth_trend: Trend,
+    /// Keep what a process held when it exited, as *in use at exit* (`--pid`, `run`); the
+    /// node agent forgets it (exited processes hold nothing; only their temp files stay).
+    pub(super) keep_exited: bool,
     pub(super) stacks: StackStore,
     pub(super) symbols: Symbols,
     pub(super) trend: Trend,
@@ -123,6 +130,9 @@ impl Pipeline {
             spaces_read: HashMap::new(),
             respaced: Vec::new(),
             heap: HeapTables::new(epoch),
+            pages: None,
+            growth_trend: Trend::default(),
+            keep_exited: true,
             stacks: StackStore::default(),
             symbols,
             trend: Trend::default(),
@@ -137,6 +147,23 @@ impl Pipeline {
             exhaustion: Vec::new(),
             recorder: None,
         }
+    }
+
+    /// Keeps the pages each stack makes resident in their own tables, apart from the heap's
+    /// (reported as `growth`), so exact heap tracing and growth can run side by side.
+    pub fn keep_growth_apart(&mut self) {
+        self.pages = Some(HeapTables::new(self.heap.epoch_ns()));
+    }
+
+    /// Forgets what a process held when it exits, instead of keeping it as *in use at exit*
+    /// (the node agent: an exited process holds nothing).
+    pub fn forget_exited(&mut self) {
+        self.keep_exited = false;
+    }
+
+    /// The tables pages are counted in.
+    fn pages_mut(&mut self) -> &mut HeapTables {
+        self.pages.as_mut().unwrap_or(&mut self.heap)
     }
 
     fn log(&mut self, entry: impl FnOnce() -> Entry) {
@@ -184,6 +211,23 @@ impl Pipeline {
         if let Err(e) = self.read_space(pid) {
             tracing::debug!("pid {pid}: cannot read maps: {e}");
         }
+    }
+
+    /// Starts tracking a process found running (the node agent): its name, limits and
+    /// cgroup now, its maps only when a record needs them (see [`Self::ensure_space`]), so
+    /// adopting every process on a node stays cheap.
+    pub fn adopt(&mut self, pid: u32) {
+        self.log(|| Entry::Adopt { pid });
+        self.tracked.insert(pid);
+        self.note(pid);
+    }
+
+    /// Reads the process's maps unless they were read already.
+    pub fn ensure_space(&mut self, pid: u32) -> std::io::Result<()> {
+        if self.spaces.contains_key(&pid) {
+            return Ok(());
+        }
+        self.read_space(pid)
     }
 
     fn note(&mut self, pid: u32) {
@@ -260,10 +304,12 @@ impl Pipeline {
                 let _ = self.read_space(child);
                 lifecycle = Some(Lifecycle::Fork(child));
             }
-            Event::Exit(e) => {
+            // Node-wide, every process's exit comes: only a tracked one has anything to end.
+            Event::Exit(e) if self.tracked.contains(&e.hdr.pid) => {
                 self.forget(e.hdr.pid, e.hdr.ts_ns);
                 lifecycle = Some(Lifecycle::Exit(e.hdr.pid));
             }
+            Event::Exit(_) => {}
             Event::Fd(r) if self.before_exec == Some(r.event.hdr.pid) => {}
             Event::Fd(r) => {
                 let at_ms = self.heap.ms_since_epoch(r.event.hdr.ts_ns);
@@ -274,7 +320,7 @@ impl Pipeline {
             Event::Oom(e) => alert = Some(self.on_oom(&e)),
             Event::Page(e) => {
                 // What a fault added is a block allocated by the stack that first wrote there.
-                self.heap.alloc(&AllocEvent {
+                self.pages_mut().alloc(&AllocEvent {
                     hdr: e.hdr,
                     addr: e.addr,
                     size: e.size,
@@ -294,7 +340,7 @@ impl Pipeline {
                 } else {
                     (e.start, e.end)
                 };
-                self.heap.release_range(pid, start, end);
+                self.pages_mut().release_range(pid, start, end);
             }
         }
         (lifecycle, alert)
@@ -303,6 +349,9 @@ impl Pipeline {
     /// The old image is gone; what it held is kept as in use at exit of that image.
     fn exec(&mut self, pid: u32, ts_ns: u64) {
         self.heap.exec(pid, ts_ns);
+        if let Some(pages) = &mut self.pages {
+            pages.exec(pid, ts_ns);
+        }
         self.brk.remove(&pid);
         self.fd.exec(pid);
         if self.before_exec == Some(pid) {
@@ -364,39 +413,56 @@ impl Pipeline {
 
     fn forget(&mut self, pid: u32, ts_ns: u64) {
         self.tracked.remove(&pid);
-        self.heap.exit(pid, ts_ns);
+        let keep = self.keep_exited;
+        for t in std::iter::once(&mut self.heap).chain(self.pages.as_mut()) {
+            if keep {
+                t.exit(pid, ts_ns);
+            } else {
+                t.discard(pid);
+            }
+        }
         self.brk.remove(&pid);
-        self.fd.exit(pid, self.heap.ms_since_epoch(ts_ns));
+        self.fd.exit(pid, self.heap.ms_since_epoch(ts_ns), keep);
+        if !keep && !self.fd.tmp.files().any(|f| f.pid == pid) {
+            self.owners.remove(&pid);
+        }
         self.oom.forget(pid);
         self.spaces.remove(&pid);
         self.spaces_read.remove(&pid);
-        let heap_ids: hashbrown::HashSet<u64> = self
-            .heap
-            .snapshot(0, 0)
-            .exited
-            .iter()
-            .filter(|e| e.pid == pid)
-            .flat_map(|e| e.stacks.iter().map(|r| r.counters.stack_id))
-            .collect();
+        let mut kept: hashbrown::HashSet<u64> = self.heap.exited_stacks(pid).collect();
+        if let Some(pages) = &self.pages {
+            kept.extend(pages.exited_stacks(pid));
+        }
         // Stacks that still hold descriptors or temp files, or are named in a record, stay.
-        let fd_ids: hashbrown::HashSet<u64> = self
-            .fd
-            .fds
-            .snapshot(0)
-            .exited
-            .iter()
-            .filter(|e| e.pid == pid)
-            .flat_map(|e| e.stacks.iter().map(|s| s.stack_id))
-            .chain(
-                self.fd
-                    .tmp
-                    .files()
-                    .filter(|f| f.pid == pid)
-                    .map(|f| f.stack_id),
-            )
-            .collect();
-        self.stacks
-            .forget_pid(pid, |id| heap_ids.contains(&id) || fd_ids.contains(&id));
+        kept.extend(self.fd.fds.exited_stacks(pid));
+        kept.extend(
+            self.fd
+                .tmp
+                .files()
+                .filter(|f| f.pid == pid)
+                .map(|f| f.stack_id),
+        );
+        self.stacks.forget_pid(pid, |id| kept.contains(&id));
+    }
+
+    /// Drops what the heap tables hold for `pid` (its exact tracing stopped).
+    pub fn discard_heap(&mut self, pid: u32) {
+        self.log(|| Entry::Discard { pid });
+        self.heap.discard(pid);
+    }
+
+    /// Who a process is, as first read.
+    pub fn owner(&self, pid: u32) -> Option<&Owner> {
+        self.owners.get(&pid)
+    }
+
+    /// Outstanding (count, bytes) of one live process: pages in its growth tables when they
+    /// are kept apart, else its heap.
+    pub fn growth_of(&self, pid: u32) -> (u64, u64) {
+        self.pages
+            .as_ref()
+            .unwrap_or(&self.heap)
+            .outstanding_of(pid)
     }
 
     /// The liveness tick: notes every tracked process's outstanding heap bytes, for OOM

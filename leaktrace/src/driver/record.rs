@@ -59,6 +59,16 @@ pub enum Entry {
         /// When, in `CLOCK_MONOTONIC` nanoseconds.
         ts_ns: u64,
     },
+    /// [`Pipeline::adopt`].
+    Adopt {
+        /// The process.
+        pid: u32,
+    },
+    /// [`Pipeline::discard_heap`].
+    Discard {
+        /// The process.
+        pid: u32,
+    },
     /// [`Pipeline::tick`].
     Tick {
         /// The processes the tick looked at.
@@ -345,6 +355,8 @@ pub fn replay(text: &str) -> Result<Vec<Report>, ReplayError> {
             }
             Entry::Start { pid, spawned } => pipeline.start(pid, spawned),
             Entry::Retire { pid, ts_ns } => pipeline.retire(pid, ts_ns),
+            Entry::Discard { pid } => pipeline.discard_heap(pid),
+            Entry::Adopt { pid } => pipeline.adopt(pid),
             Entry::Tick { pids } => pipeline.tick(&pids),
             Entry::Report { is_final, kernel } => reports.push(pipeline.report(is_final, &kernel)),
             Entry::Begin { .. } | Entry::Answer { .. } | Entry::Symbols { .. } => {}

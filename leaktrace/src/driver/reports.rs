@@ -73,7 +73,22 @@ impl Pipeline {
             fd_exhaustion: &exhaustion,
             oom_kills: &self.oom.records,
         };
-        report::build(&input, &self.options, &mut self.symbols, &mut self.trend)
+        let mut report = report::build(&input, &self.options, &mut self.symbols, &mut self.trend);
+        if let Some(pages) = &self.pages {
+            let pages = pages.snapshot(now, self.options.min_age_ns);
+            let mut growth = report::growth_leaks(
+                &pages,
+                &input,
+                &self.options,
+                &mut self.symbols,
+                &mut self.growth_trend,
+            );
+            if let Some(top) = self.options.top {
+                growth.truncate(top);
+            }
+            report.growth = growth;
+        }
+        report
     }
 
     fn log_report(&mut self, is_final: bool, kernel: &KernelStats) {

@@ -62,7 +62,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
 }
 
 /// Loads the kernel side and makes the pipeline (recorded with `--record`).
-fn setup(
+pub(super) fn setup(
     config: &SessionConfig,
 ) -> Result<(Tracer, RingBuf<MapData>, Option<Recorder>), SessionError> {
     let follow_forks = matches!(
@@ -119,6 +119,7 @@ fn setup(
 /// Attaches to the running process, or starts the command held at its first instruction.
 fn attach(config: &SessionConfig, tracer: &mut Tracer) -> Result<Option<Child>, SessionError> {
     match &config.target {
+        Target::Node(_) => unreachable!("the agent attaches in `agent::run`"),
         Target::Pid(pid) => {
             let pid = *pid;
             if !procfs::is_alive(pid) {

@@ -30,6 +30,11 @@ pub(super) struct Tracer {
     pub(super) heap: bool,
     pub(super) allocator_probes: AllocatorProbes,
     pub(super) measure_walks: bool,
+    /// The node agent: only these processes get allocator (and loader) probes, the rest are
+    /// traced by tracepoints alone. `None`: every traced process (`--pid`, `run`).
+    pub(super) full: Option<HashSet<u32>>,
+    /// The header of the record handled last.
+    pub(super) last: Option<leaktrace_common::Header>,
 }
 
 impl Tracer {
@@ -44,7 +49,31 @@ impl Tracer {
             heap: true,
             allocator_probes: AllocatorProbes::Full,
             measure_walks: false,
+            full: None,
+            last: None,
         }
+    }
+
+    /// Starts exact heap tracing of `pid` (the agent's second tier): returns how many of
+    /// its modules have their allocator hooked.
+    pub(super) fn promote(&mut self, pid: u32) -> Result<usize, SessionError> {
+        if let Some(full) = &mut self.full {
+            full.insert(pid);
+        }
+        self.hook(pid).map(|(n, _)| n)
+    }
+
+    /// Ends exact heap tracing of `pid`: its probes go, and its heap tables with them (frees
+    /// would no longer be seen); tracepoint tracing goes on.
+    pub(super) fn demote(&mut self, pid: u32) {
+        if let Some(full) = &mut self.full {
+            full.remove(&pid);
+        }
+        if let Some(probes) = self.probes.remove(&pid) {
+            self.detacher.detach(probes);
+        }
+        self.hooked.remove(&pid);
+        self.pipeline.discard_heap(pid);
     }
 
     /// Hands the walker the code of every process whose maps were read since last time.
@@ -71,6 +100,10 @@ impl Tracer {
             ));
         };
         let modules = space.modules();
+        if self.full.as_ref().is_some_and(|f| !f.contains(&pid)) {
+            // The agent's first tier: tracepoints only, nothing to hook, nothing missing.
+            return Ok((modules.len(), false));
+        }
         let probes = self.probes.entry(pid).or_default();
         for module in &modules {
             if self.heap && module.elf.is_allocator() {
@@ -118,6 +151,7 @@ impl Tracer {
     /// happened. Returns an alert to act on at once.
     pub(super) fn handle(&mut self, bytes: &[u8]) -> Result<Option<Alert>, SessionError> {
         let applied = self.pipeline.apply(bytes);
+        self.last = applied.hdr;
         let Some(hdr) = applied.hdr else {
             return Ok(None);
         };
@@ -162,6 +196,10 @@ impl Tracer {
         // `Detacher`), and until that is done the new image would run under both the old
         // probes and the new: every free reported twice.
         let (hooked, has_loader) = self.hook(pid)?;
+        if self.full.is_some() {
+            // The agent traces every process, hookable or not.
+            return Ok(());
+        }
         if hooked == 0 && !has_loader && procfs::is_alive(pid) {
             // A static executable without malloc: nothing will ever be hooked.
             if pid != self.root {

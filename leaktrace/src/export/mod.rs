@@ -202,6 +202,9 @@ mod golden {
             fd_exhaustion: vec![fd_exhaustion(&loader, &main)],
             tmp_leaks: vec![tmp_leak(&loader, &main)],
             oom_kills: vec![oom_kill(&insert, &main)],
+            growth: vec![],
+            tier2: vec![],
+            notices: vec![],
             is_final: true,
         }
     }

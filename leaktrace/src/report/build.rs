@@ -28,6 +28,25 @@ pub struct ReportOptions {
     /// processes of one executable in one container.
     #[serde(default)]
     pub by_pid: bool,
+    /// Symbolize and list only the heaviest this many rows of each kind, before merging
+    /// (the node agent: symbolizing every stack of every process costs seconds). The
+    /// summary still counts every row. `None`: all.
+    #[serde(default)]
+    pub row_limit: Option<usize>,
+}
+
+/// Which of `weights` are among the heaviest `limit` (all when `None`).
+fn heaviest(weights: &[u64], limit: Option<usize>) -> Vec<bool> {
+    let Some(limit) = limit.filter(|&l| l < weights.len()) else {
+        return vec![true; weights.len()];
+    };
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| weights[b].cmp(&weights[a]).then(a.cmp(&b)));
+    let mut keep = vec![false; weights.len()];
+    for &i in &order[..limit] {
+        keep[i] = true;
+    }
+    keep
 }
 
 /// Everything a report is built from.
@@ -105,10 +124,11 @@ pub fn build(
     trend: &mut Trend,
 ) -> Report {
     let mut summary = summary(input, opts);
-    let heap = heap_rows(input, opts, symbols, &mut summary);
-    let (leaks, runtime) = heap_leaks(heap, input, opts, trend);
+    let kind = if opts.growth_mode { "growth" } else { "heap" };
+    let heap = heap_rows(input.snapshot, kind, input, opts, symbols, &mut summary);
+    let (leaks, runtime) = heap_leaks(heap, input.snapshot, opts, trend);
 
-    let mut fd_leaks = fd_leaks(input, symbols, opts.by_pid);
+    let mut fd_leaks = fd_leaks(input, symbols, opts);
     let mut tmp_leaks = tmp_leaks(input, symbols, input.snapshot.now_ms, opts.by_pid);
     let fd_totals = input.fds.totals;
     summary.fds_opened = fd_totals.opened;
@@ -130,8 +150,26 @@ pub fn build(
         fd_exhaustion: input.fd_exhaustion.to_vec(),
         tmp_leaks,
         oom_kills: input.oom_kills.to_vec(),
+        growth: Vec::new(),
+        tier2: Vec::new(),
+        notices: Vec::new(),
         is_final: input.is_final,
     }
+}
+
+/// The pages each stack keeps, from growth tables kept apart from the heap's (the node
+/// agent traces growth everywhere and the heap of a few processes): ranked, the runtime's
+/// rows left out, each with its trend.
+pub fn growth_leaks(
+    pages: &HeapSnapshot,
+    input: &ReportInput<'_>,
+    opts: &ReportOptions,
+    symbols: &mut Symbols,
+    trend: &mut Trend,
+) -> Vec<Leak> {
+    let mut ignored = Summary::default();
+    let rows = heap_rows(pages, "growth", input, opts, symbols, &mut ignored);
+    heap_leaks(rows, pages, opts, trend).0
 }
 
 /// The summary's session-wide figures; the heap, descriptor and temp file counts are
@@ -203,22 +241,28 @@ impl Row for HeapRow {
 /// The heap rows with blocks at least `--min-age` old, merged per stack; counts every row
 /// into `summary`, the runtime's blocks apart from the program's.
 fn heap_rows(
+    snap: &HeapSnapshot,
+    kind: &'static str,
     input: &ReportInput<'_>,
     opts: &ReportOptions,
     symbols: &mut Symbols,
     summary: &mut Summary,
 ) -> Vec<HeapRow> {
-    let snap = input.snapshot;
-    let rows = snap
+    let rows: Vec<_> = snap
         .rows()
-        .filter(|r| r.row.counters.outstanding_count > 0 || r.row.counters.allocs > 0);
+        .filter(|r| r.row.counters.outstanding_count > 0 || r.row.counters.allocs > 0)
+        .collect();
+    let weights: Vec<u64> = rows.iter().map(|r| r.row.aged_bytes).collect();
+    let listed = heaviest(&weights, opts.row_limit);
     symbols.prepare(
-        rows.clone()
-            .filter_map(|r| input.stacks.get(r.row.counters.stack_id)),
+        rows.iter()
+            .zip(&listed)
+            .filter(|(_, l)| **l)
+            .filter_map(|(r, _)| input.stacks.get(r.row.counters.stack_id)),
     );
     let (mut runtime_allocs, mut runtime_frees) = (0, 0);
     let mut out = Vec::new();
-    for r in rows {
+    for (r, listed) in rows.into_iter().zip(listed) {
         let (pid, at_exit, at_ms) = (r.pid, r.at_exit, r.at_ms);
         let StackRow {
             counters: c,
@@ -226,6 +270,11 @@ fn heap_rows(
             aged_bytes,
             oldest_born_ms,
         } = *r.row;
+        if !listed {
+            summary.outstanding_count += c.outstanding_count;
+            summary.outstanding_bytes += c.outstanding_bytes;
+            continue;
+        }
         let (mut frames, truncated) = match input.stacks.get(c.stack_id) {
             Some(stack) => (symbols.frames(stack), stack.truncated() || stack.broken()),
             None => (Vec::new(), true),
@@ -246,7 +295,7 @@ fn heap_rows(
         trim(&mut frames, |_| false);
         let age_ms = at_ms.saturating_sub(oldest_born_ms.unwrap_or(at_ms));
         let leak = Leak {
-            kind: if opts.growth_mode { "growth" } else { "heap" },
+            kind,
             pid,
             processes: 1,
             pids: vec![pid],
@@ -274,11 +323,11 @@ fn heap_rows(
 /// its trend while the process lives.
 fn heap_leaks(
     rows: Vec<HeapRow>,
-    input: &ReportInput<'_>,
+    snap: &HeapSnapshot,
     opts: &ReportOptions,
     trend: &mut Trend,
 ) -> (Vec<Leak>, Vec<Leak>) {
-    let now_s = f64::from(input.snapshot.now_ms) / 1e3;
+    let now_s = f64::from(snap.now_ms) / 1e3;
     let mut keys = Vec::with_capacity(rows.len());
     let (mut leaks, mut runtime) = (Vec::new(), Vec::new());
     for HeapRow {
@@ -308,30 +357,37 @@ fn heap_leaks(
 }
 
 /// Descriptors still open, merged per (process, trimmed stack), most first.
-fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, by_pid: bool) -> Vec<FdLeak> {
-    let rows = input.fds.rows().filter(|r| r.row.outstanding > 0).map(|r| {
-        let (pid, at_exit, at_ms, s) = (r.pid, r.at_exit, r.at_ms, r.row);
-        let (frames, truncated) = stack_frames(input.stacks, symbols, s.stack_id);
-        let age_ms = at_ms.saturating_sub(s.oldest_born_ms.unwrap_or(at_ms));
-        let mut paths = Vec::new();
-        merge_paths(&mut paths, &s.paths);
-        FdLeak {
-            pid,
-            processes: 1,
-            pids: vec![pid],
-            owner: (input.owner)(pid),
-            outstanding: s.outstanding,
-            fd_kind: s.kind.map_or("other", FdKind::name),
-            paths,
-            opened: s.opened,
-            closed: s.closed,
-            oldest_age_s: f64::from(age_ms) / 1e3,
-            at_exit,
-            truncated,
-            frames: frames.iter().map(Frame::from).collect(),
-        }
-    });
-    merged_ranked(rows, by_pid)
+fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, opts: &ReportOptions) -> Vec<FdLeak> {
+    let rows: Vec<_> = input.fds.rows().filter(|r| r.row.outstanding > 0).collect();
+    let weights: Vec<u64> = rows.iter().map(|r| r.row.outstanding).collect();
+    let listed = heaviest(&weights, opts.row_limit);
+    let rows = rows
+        .into_iter()
+        .zip(listed)
+        .filter(|(_, l)| *l)
+        .map(|(r, _)| {
+            let (pid, at_exit, at_ms, s) = (r.pid, r.at_exit, r.at_ms, r.row);
+            let (frames, truncated) = stack_frames(input.stacks, symbols, s.stack_id);
+            let age_ms = at_ms.saturating_sub(s.oldest_born_ms.unwrap_or(at_ms));
+            let mut paths = Vec::new();
+            merge_paths(&mut paths, &s.paths);
+            FdLeak {
+                pid,
+                processes: 1,
+                pids: vec![pid],
+                owner: (input.owner)(pid),
+                outstanding: s.outstanding,
+                fd_kind: s.kind.map_or("other", FdKind::name),
+                paths,
+                opened: s.opened,
+                closed: s.closed,
+                oldest_age_s: f64::from(age_ms) / 1e3,
+                at_exit,
+                truncated,
+                frames: frames.iter().map(Frame::from).collect(),
+            }
+        });
+    merged_ranked(rows, opts.by_pid)
 }
 
 /// Temp files still on disk, merged per (process, trimmed stack), largest first.

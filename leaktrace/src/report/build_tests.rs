@@ -138,6 +138,7 @@ fn report(
             sample_bytes: 0,
             top: None,
             by_pid: false,
+            row_limit: None,
         },
         symbols,
         trend,

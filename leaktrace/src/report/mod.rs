@@ -7,9 +7,9 @@ mod build;
 mod merge;
 pub mod model;
 
-pub use build::{ReportInput, ReportOptions, TmpRow, build, stack_frames};
+pub use build::{ReportInput, ReportOptions, TmpRow, build, growth_leaks, stack_frames};
 pub use merge::Trend;
 pub use model::{
     FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Owner, Report,
-    Summary, TmpLeak, TracerUsage, WalkSummary,
+    Summary, Tier2, TmpLeak, TracerUsage, WalkSummary,
 };

@@ -186,6 +186,24 @@ pub struct Leak {
     pub frames: Vec<Frame>,
 }
 
+/// A process the node agent traced exactly (its heap, with allocator probes).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Tier2 {
+    /// The process.
+    pub pid: u32,
+    /// Who it is.
+    #[serde(flatten)]
+    pub owner: Owner,
+    /// Why: the selector it matched, or the growth that promoted it.
+    pub reason: String,
+    /// When exact tracing began, seconds since the agent started.
+    pub since_s: f64,
+    /// When it ended (`None`: still traced).
+    pub until_s: Option<f64>,
+    /// Why it ended: the promotion's time budget ran out, or the process exited.
+    pub end: Option<String>,
+}
+
 /// Pids a merged row lists.
 pub const PIDS_SHOWN: usize = 16;
 
@@ -399,6 +417,17 @@ pub struct Report {
     pub tmp_leaks: Vec<TmpLeak>,
     /// OOM kills seen.
     pub oom_kills: Vec<OomKill>,
+    /// The node agent's first tier: the pages each stack made resident and kept, in every
+    /// process (kept apart from `leaks`, the exact heap of the processes traced in full).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub growth: Vec<Leak>,
+    /// The node agent's second tier: each process it traced exactly, why, and until when.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tier2: Vec<Tier2>,
+    /// Things the reader must know about this report (once each): probes that never fired,
+    /// selectors that matched nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<String>,
     /// Set on the last report of a session.
     #[serde(rename = "final")]
     pub is_final: bool,

@@ -130,6 +130,8 @@ impl Source {
             measure: u32::from(opts.measure_walks),
             features: opts.features,
             sample_bytes: opts.sample_bytes,
+            self_tgid: std::process::id(),
+            _pad: 0,
         };
         // aya-log-ebpf checks this level before it reserves a record.
         let log_level: u8 = if opts.bpf_log {

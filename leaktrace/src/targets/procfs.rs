@@ -153,6 +153,29 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
+/// Every process on the node (pids of `/proc`, in no order).
+pub fn all_pids() -> io::Result<Vec<u32>> {
+    Ok(fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+/// CPU time a process has used, in clock ticks (`utime + stime` of `/proc/PID/stat`).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(path(pid, "stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from the last `)`.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ').skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// True for a user-space process (kernel threads have no executable).
+pub fn has_exe(pid: u32) -> bool {
+    fs::read_link(path(pid, "exe")).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

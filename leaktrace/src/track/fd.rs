@@ -271,6 +271,19 @@ impl FdTables {
         }
     }
 
+    /// The stacks of what `pid` had open when it exited.
+    pub fn exited_stacks(&self, pid: u32) -> impl Iterator<Item = u64> + '_ {
+        self.exited
+            .iter()
+            .filter(move |e| e.pid == pid)
+            .flat_map(|e| e.stacks.iter().map(|s| s.stack_id))
+    }
+
+    /// Forgets a process without keeping what it had open.
+    pub fn discard(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+    }
+
     /// The process exited: what it still had open is kept as open at exit.
     pub fn exit(&mut self, pid: u32, at_ms: u32) {
         let Some(p) = self.procs.remove(&pid) else {

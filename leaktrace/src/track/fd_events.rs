@@ -267,11 +267,16 @@ impl FdTracker {
         self.limits.get(&pid).copied()
     }
 
-    /// The process exited: its descriptors are kept as open at exit; unnamed temp files die.
-    pub fn exit(&mut self, pid: u32, at_ms: u32) {
+    /// The process exited: its descriptors are kept as open at exit (`keep`) or forgotten;
+    /// unnamed temp files die.
+    pub fn exit(&mut self, pid: u32, at_ms: u32, keep: bool) {
         self.limits.remove(&pid);
         self.cwds.remove(&pid);
-        self.fds.exit(pid, at_ms);
+        if keep {
+            self.fds.exit(pid, at_ms);
+        } else {
+            self.fds.discard(pid);
+        }
         self.tmp.process_gone(pid);
     }
 

@@ -242,6 +242,19 @@ impl HeapTables {
         inside.len() as u64
     }
 
+    /// The stacks of what `pid` held when it exited or exec'd.
+    pub fn exited_stacks(&self, pid: u32) -> impl Iterator<Item = u64> + '_ {
+        self.exited
+            .iter()
+            .filter(move |e| e.pid == pid)
+            .flat_map(|e| e.stacks.iter().map(|r| r.counters.stack_id))
+    }
+
+    /// Forgets a live process's tables without keeping anything (tracing of it stopped).
+    pub fn discard(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+    }
+
     /// The process exited: what it still held becomes *in use at exit*.
     pub fn exit(&mut self, pid: u32, ts_ns: u64) {
         self.retire(pid, ts_ns, false);

@@ -1,0 +1,201 @@
+//! The node agent on the real kernel: every process in the first tier, exact heap tracing
+//! for the selected ones, a report on SIGTERM.
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Lines, Write as _},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Background, Report, c_fixture, privileged};
+use serde_json::Value;
+
+/// A fixture that says "ready", works on "go", says "done", and exits at end of input.
+struct Fixture {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Fixture {
+    fn start(name: &str) -> Self {
+        let mut child = Command::new(c_fixture(name))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn go(&mut self) {
+        self.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        assert_eq!(self.lines.next().unwrap().unwrap(), "done");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends SIGTERM to the agent and returns its final report and how long it took to stop.
+fn stop(agent: Background, out: &std::path::Path) -> (Report, Duration, String) {
+    let began = Instant::now();
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
+    let run = agent.finish(Duration::from_secs(30));
+    let took = began.elapsed();
+    assert!(run.status.success(), "{}", run.stderr);
+    let text = std::fs::read_to_string(out).unwrap();
+    (
+        Report(serde_json::from_str(&text).unwrap()),
+        took,
+        run.stderr,
+    )
+}
+
+fn rows_of<'a>(r: &'a Report, list: &str, pid: u32) -> Vec<&'a Value> {
+    r.0[list]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter(|l| {
+                    l["pid"].as_u64() == Some(u64::from(pid))
+                        || l["pids"]
+                            .as_array()
+                            .is_some_and(|p| p.contains(&Value::from(pid)))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn through(row: &Value, function: &str) -> bool {
+    row["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["symbol"].as_str() == Some(function))
+}
+
+#[test]
+fn the_agent_traces_every_process_and_the_selected_heap_exactly() {
+    if !privileged() {
+        return;
+    }
+    let mut selected = Fixture::start("heap_attach");
+    let mut other = Fixture::start("agent_tier1");
+    let dir = tempfile_dir("agent-tiers");
+    let out = dir.join("report.json");
+    let mut agent = Background::start(&[
+        "agent",
+        "--full",
+        "comm=heap_attach",
+        "--full",
+        "comm=no-such-command",
+        "--no-listen",
+        "--format",
+        "json",
+        "-o",
+        out.to_str().unwrap(),
+        "-v",
+    ]);
+    agent.wait_for("no-such-command matches no process yet");
+    selected.go();
+    other.go();
+    // Let the drain tick take the last records.
+    std::thread::sleep(Duration::from_millis(500));
+    let (r, took, stderr) = stop(agent, &out);
+    assert!(r.0["final"].as_bool().unwrap());
+    assert!(
+        stderr.contains(&format!(
+            "pid {} (heap_attach): exact heap tracing on: selected by comm=heap_attach",
+            selected.pid()
+        )),
+        "{stderr}"
+    );
+    // Tier 2: the selected process's heap, exactly, as with --pid.
+    r.assert_site("attach_leak", 12, 12 * 128);
+    r.assert_absent("attach_churn");
+    let tier2 = r.0["tier2"].as_array().unwrap();
+    assert_eq!(tier2.len(), 1, "{}", r.pretty());
+    assert_eq!(tier2[0]["pid"].as_u64(), Some(u64::from(selected.pid())));
+    assert_eq!(tier2[0]["reason"], "selected by comm=heap_attach");
+    assert!(tier2[0]["exe"].as_str().unwrap().ends_with("/heap_attach"));
+    // The unselected process never had its heap traced.
+    assert!(
+        rows_of(&r, "leaks", other.pid()).is_empty(),
+        "{}",
+        r.pretty()
+    );
+    // Tier 1, for the process nobody selected: its pages and descriptors, by stack.
+    let pages: u64 = rows_of(&r, "growth", other.pid())
+        .iter()
+        .filter(|l| through(l, "keep_pages"))
+        .map(|l| l["outstanding_bytes"].as_u64().unwrap())
+        .sum();
+    let lost = &r.0["summary"]["lost_by_cause"];
+    let lost_growth =
+        lost["growth_ringbuf"].as_u64().unwrap_or(0) + lost["stack_ringbuf"].as_u64().unwrap_or(0);
+    // Node-wide, a busy neighbour (a compiler) can fill the ring buffer: then the report
+    // says how many records were lost, and what it kept cannot exceed the truth.
+    if lost_growth == 0 {
+        assert_eq!(pages, (16 * 65 + 1) * 4096, "{}", r.pretty());
+    } else {
+        assert!(
+            pages <= (16 * 65 + 1) * 4096,
+            "lost: {lost}\n{}",
+            r.pretty()
+        );
+        eprintln!("{lost_growth} growth/stack records lost to a busy node: {pages} bytes seen");
+    }
+    let fds: Vec<&Value> = rows_of(&r, "fd_leaks", other.pid());
+    let kept: u64 = fds
+        .iter()
+        .filter(|l| through(l, "keep_fds"))
+        .map(|l| l["outstanding"].as_u64().unwrap())
+        .sum();
+    if lost["fd_ringbuf"].as_u64().unwrap_or(0) == 0 && lost_growth == 0 {
+        assert_eq!(kept, 5, "{}", r.pretty());
+    } else {
+        assert!(kept <= 5, "lost: {lost}\n{}", r.pretty());
+    }
+    assert!(
+        !fds.iter().any(|l| through(l, "churn_fds")),
+        "{}",
+        r.pretty()
+    );
+    // Rows carry who holds them.
+    let row = fds.iter().find(|l| through(l, "keep_fds")).unwrap();
+    assert_eq!(row["comm"], "agent_tier1");
+    assert!(row["exe"].as_str().unwrap().ends_with("/agent_tier1"));
+    assert!(row["cgroup"].as_str().is_some());
+    assert!(took < Duration::from_secs(10), "stopping took {took:?}");
+}
+
+#[test]
+fn a_bad_selector_is_a_one_line_error() {
+    let run = common::run(&["agent", "--full", "user=root"]);
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("unknown key `user`"), "{}", run.stderr);
+}
+
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("leaktrace-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
