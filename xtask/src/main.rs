@@ -283,6 +283,8 @@ fn test(args: &[String]) -> Result<()> {
     cmd.arg("test");
     // The integration tests load eBPF programs: they must run, not skip.
     cmd.env("LEAKTRACE_TEST_REQUIRE_ROOT", "1");
+    // Setup installed podman: the container tests must run too.
+    cmd.env("LEAKTRACE_TEST_REQUIRE_CONTAINERS", "1");
     if !is_root() {
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
