@@ -14,6 +14,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod containers;
+
 /// True when the tests can load eBPF programs. Without root they are skipped with a note,
 /// unless `LEAKTRACE_TEST_REQUIRE_ROOT=1` (set by `cargo xtask test`) makes that a failure.
 pub fn privileged() -> bool {

@@ -24,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (idempotent): nightly's rust-src, bpf-linker
-    /// built against the nightly's LLVM, a C compiler, tracefs.
+    /// built against the nightly's LLVM, a C compiler, podman and runc for the container
+    /// tests, tracefs.
     Setup,
     /// Set up, then build leaktrace in release mode with its eBPF programs.
     Build,
@@ -166,12 +167,29 @@ fn setup() -> Result<()> {
         .filter(|(tool, _)| output(Command::new(tool).arg("--version")).is_none())
         .map(|(_, package)| package)
         .collect();
+    // The container tests run fixtures under podman with runc (see tests/containers.md).
+    // Recommends are left out: as root, with no network and no registry, podman needs
+    // neither buildah, slirp4netns, fuse-overlayfs nor the user-session pieces.
+    let containers: Vec<&str> = [("podman", "podman"), ("runc", "runc")]
+        .into_iter()
+        .filter(|(tool, _)| output(Command::new(tool).arg("--version")).is_none())
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() || !containers.is_empty() {
+        run(as_root("apt-get").args(["update", "-q"]))?;
+    }
     if !missing.is_empty() {
         eprintln!("xtask: installing {}", missing.join(", "));
-        run(as_root("apt-get").args(["update", "-q"]))?;
         run(as_root("apt-get")
             .args(["install", "-yq", "libc6-dev"])
             .args(&missing))?;
+    }
+    if !containers.is_empty() {
+        eprintln!("xtask: installing {}", containers.join(", "));
+        run(as_root("apt-get")
+            .args(["install", "-yq", "--no-install-recommends"])
+            .args(&containers)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     mount_tracefs()
 }
@@ -265,6 +283,8 @@ fn test(args: &[String]) -> Result<()> {
     cmd.arg("test");
     // The integration tests load eBPF programs: they must run, not skip.
     cmd.env("LEAKTRACE_TEST_REQUIRE_ROOT", "1");
+    // Setup installed podman: the container tests must run too.
+    cmd.env("LEAKTRACE_TEST_REQUIRE_CONTAINERS", "1");
     if !is_root() {
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }

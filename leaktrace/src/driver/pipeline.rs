@@ -71,7 +71,10 @@ pub(super) fn owner_of(host: &dyn Host, pid: u32) -> Owner {
         comm: host.comm(pid),
         exe: host.proc_link(pid, "exe"),
         container_id: attribution.as_ref().and_then(|a| a.container_id.clone()),
-        container_runtime: None,
+        container_runtime: attribution
+            .as_ref()
+            .and_then(|a| crate::targets::cgroup::container(&a.cgroup))
+            .map(|(_, runtime)| runtime.name()),
         cgroup: attribution.map(|a| a.cgroup),
     }
 }

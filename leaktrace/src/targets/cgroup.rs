@@ -53,16 +53,134 @@ pub fn memory_cgroup(lines: &[CgroupLine]) -> Option<(&str, bool)> {
         })
 }
 
-/// The container id a cgroup path carries: 64 hex digits after `docker-`, `cri-containerd-`,
-/// `crio-`, `libpod-` (systemd scopes), or as the last component (`/docker/<id>`,
-/// `/kubepods/.../<id>`).
+/// The container runtime that made a cgroup, as its path tells (see [`container`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Runtime {
+    /// Docker (dockerd), alone or under Kubernetes with cri-dockerd's systemd driver.
+    Docker,
+    /// containerd: Kubernetes' CRI plugin, or nerdctl.
+    Containerd,
+    /// CRI-O.
+    CriO,
+    /// Podman (libpod), rootful or rootless.
+    Podman,
+}
+
+impl Runtime {
+    /// The runtime's usual lower-case name: `docker`, `containerd`, `cri-o`, `podman`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Docker => "docker",
+            Self::Containerd => "containerd",
+            Self::CriO => "cri-o",
+            Self::Podman => "podman",
+        }
+    }
+}
+
+/// 64 lower-case hex digits: a full container id as runtimes write it.
+fn is_container_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// What one path component says about a container.
+enum Component<'a> {
+    /// A container's own cgroup.
+    Container(&'a str, Runtime),
+    /// A runtime's monitor (conmon): next to a container, never in it.
+    Monitor,
+    /// A bare id: whose it is depends on the components above it.
+    BareId(&'a str),
+    /// Anything else.
+    Other,
+}
+
+/// Reads one component of a cgroup path (a `.scope` suffix taken off).
+fn component(part: &str) -> Component<'_> {
+    let part = part.strip_suffix(".scope").unwrap_or(part);
+    if is_container_id(part) {
+        return Component::BareId(part);
+    }
+    // Monitors first: `crio-conmon-<id>` also starts with `crio-`.
+    for monitor in ["crio-conmon-", "libpod-conmon-"] {
+        if part.strip_prefix(monitor).is_some_and(is_container_id) {
+            return Component::Monitor;
+        }
+    }
+    const PREFIXES: [(&str, Runtime); 6] = [
+        ("docker-", Runtime::Docker),
+        ("cri-containerd-", Runtime::Containerd),
+        ("nerdctl-", Runtime::Containerd),
+        ("crio-", Runtime::CriO),
+        ("libpod-payload-", Runtime::Podman),
+        ("libpod-", Runtime::Podman),
+    ];
+    for (prefix, runtime) in PREFIXES {
+        if let Some(id) = part.strip_prefix(prefix)
+            && is_container_id(id)
+        {
+            return Component::Container(id, runtime);
+        }
+    }
+    Component::Other
+}
+
+/// The container a cgroup path (as `/proc/PID/cgroup` writes it, v1 or v2) belongs to: its
+/// full 64-hex id and the runtime that made it. The path is read from its leaf up, so a
+/// process in a sub-cgroup of a container (`libpod-<id>.scope/container`, a nested
+/// `init.scope`) belongs to it, and the innermost container wins when they nest.
+///
+/// What is recognized, for both cgroup versions:
+/// - systemd driver, one scope per container: `docker-<id>.scope` (Docker),
+///   `cri-containerd-<id>.scope` and `nerdctl-<id>.scope` (containerd), `crio-<id>.scope`
+///   (CRI-O), `libpod-<id>.scope` (Podman, rootful in `machine.slice`, rootless under
+///   `user@UID.service`);
+/// - cgroupfs driver: `/docker/<id>` (Docker), `crio-<id>` (CRI-O), `/libpod_parent/libpod-<id>`
+///   and `libpod-payload-<id>` (Podman);
+/// - a bare `<id>` under a `kubepods` hierarchy (the kubelet's cgroupfs driver) is reported as
+///   containerd. The path alone cannot tell it from Docker through dockershim or cri-dockerd,
+///   which name their cgroups the same way; containerd is Kubernetes' default runtime since
+///   dockershim was removed (1.24), so that is the answer given.
+///
+/// A runtime's monitor (`crio-conmon-<id>`, `libpod-conmon-<id>`) is not its container: a
+/// path through one has none. Neither has a bare id under any other parent (a Docker
+/// `--cgroup-parent`, `ctr`'s namespaces): which runtime made it is unknown, though
+/// [`container_id`] still returns the id.
+pub fn container(path: &str) -> Option<(String, Runtime)> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    for (i, part) in parts.iter().enumerate().rev() {
+        match component(part) {
+            Component::Container(id, runtime) => return Some((id.to_owned(), runtime)),
+            Component::Monitor => return None,
+            Component::BareId(id) => {
+                let above = &parts[..i];
+                let runtime = if above.last() == Some(&"docker") {
+                    Runtime::Docker
+                } else if above.iter().any(|p| p.starts_with("kubepods")) {
+                    Runtime::Containerd
+                } else {
+                    return None;
+                };
+                return Some((id.to_owned(), runtime));
+            }
+            Component::Other => {}
+        }
+    }
+    None
+}
+
+/// The container id a cgroup path carries (64 hex digits): the id of [`container`], else the
+/// innermost bare id under a parent no runtime is known by (`/my-parent/<id>`). None for a
+/// runtime's monitor (conmon).
 pub fn container_id(path: &str) -> Option<String> {
-    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Some((id, _)) = container(path) {
+        return Some(id);
+    }
     for part in path.rsplit('/') {
-        let part = part.strip_suffix(".scope").unwrap_or(part);
-        let candidate = part.rsplit(['-', ':']).next().unwrap_or(part);
-        if is_id(candidate) {
-            return Some(candidate.to_owned());
+        match component(part) {
+            Component::Monitor => return None,
+            Component::BareId(id) => return Some(id.to_owned()),
+            Component::Container(..) | Component::Other => {}
         }
     }
     None
@@ -403,11 +521,15 @@ mod tests {
                 ),
                 Some(ID),
             ),
-            // CRI-O's conmon scope carries the id too
+            // podman with systemd, v2: the process sits in the scope's `container` leaf
             (
                 format!("/machine.slice/libpod-{ID}.scope/container"),
                 Some(ID),
             ),
+            // a bare id under a parent no runtime is known by: the id, runtime unknown
+            (format!("/my-services/{ID}"), Some(ID)),
+            // a runtime's monitor is not in the container
+            (format!("/system.slice/crio-conmon-{ID}.scope"), None),
             // not containers
             (
                 "/user.slice/user-1000.slice/session-2.scope".to_owned(),
@@ -419,6 +541,116 @@ mod tests {
         for (path, want) in cases {
             assert_eq!(container_id(&path).as_deref(), want, "{path}");
         }
+    }
+
+    #[test]
+    fn runtimes_in_real_cgroup_paths() {
+        use Runtime::*;
+        let pod = "pod0f2b6a7e-3d6c-4b1a-9c5e-2a7f8d9e0b1c";
+        let pod_ = "pod0f2b6a7e_3d6c_4b1a_9c5e_2a7f8d9e0b1c";
+        let cases = [
+            // Docker: cgroupfs (v1 and v2 alike), systemd, rootless, nested in Docker
+            (format!("/docker/{ID}"), Some(Docker)),
+            (format!("/system.slice/docker-{ID}.scope"), Some(Docker)),
+            (
+                format!("/user.slice/user-1000.slice/user@1000.service/docker-{ID}.scope"),
+                Some(Docker),
+            ),
+            (
+                format!("/docker/{}/docker/{ID}", "a".repeat(64)),
+                Some(Docker),
+            ),
+            // Kubernetes with cri-dockerd's systemd driver names the runtime
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-{pod_}.slice/docker-{ID}.scope"
+                ),
+                Some(Docker),
+            ),
+            // containerd: the kubelet's systemd driver (v2, and v1's every hierarchy)
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-{pod_}.slice/cri-containerd-{ID}.scope"
+                ),
+                Some(Containerd),
+            ),
+            // the kubelet's cgroupfs driver: a bare id, taken as containerd (dockershim
+            // wrote the same path)
+            (format!("/kubepods/besteffort/{pod}/{ID}"), Some(Containerd)),
+            (format!("/kubepods/{pod}/{ID}"), Some(Containerd)),
+            (
+                format!("/system.slice/nerdctl-{ID}.scope"),
+                Some(Containerd),
+            ),
+            // CRI-O: systemd (its scope, or the scope's `container` leaf) and cgroupfs
+            (
+                format!("/kubepods.slice/kubepods-{pod_}.slice/crio-{ID}.scope"),
+                Some(CriO),
+            ),
+            (
+                format!("/kubepods.slice/kubepods-{pod_}.slice/crio-{ID}.scope/container"),
+                Some(CriO),
+            ),
+            (format!("/kubepods/burstable/{pod}/crio-{ID}"), Some(CriO)),
+            // podman: cgroupfs (as on this project's test machines, v1), systemd (rootful,
+            // rootless, with the `container` leaf of --cgroupns), split cgroups, pods
+            (format!("/libpod_parent/libpod-{ID}"), Some(Podman)),
+            (format!("/machine.slice/libpod-{ID}.scope"), Some(Podman)),
+            (
+                format!("/machine.slice/libpod-{ID}.scope/container"),
+                Some(Podman),
+            ),
+            (
+                format!(
+                    "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope"
+                ),
+                Some(Podman),
+            ),
+            (
+                format!("/system.slice/app.service/libpod-payload-{ID}"),
+                Some(Podman),
+            ),
+            (
+                format!(
+                    "/machine.slice/machine-libpod_pod_{}.slice/libpod-{ID}.scope",
+                    "b".repeat(64)
+                ),
+                Some(Podman),
+            ),
+            // monitors: next to the container, not in it
+            (format!("/system.slice/crio-conmon-{ID}.scope"), None),
+            (
+                format!("/kubepods.slice/kubepods-{pod_}.slice/crio-conmon-{ID}.scope"),
+                None,
+            ),
+            (format!("/kubepods/burstable/{pod}/crio-conmon-{ID}"), None),
+            (format!("/machine.slice/libpod-conmon-{ID}.scope"), None),
+            ("/libpod_parent/conmon".to_owned(), None),
+            // no container, or none a runtime can be named for
+            (
+                "/user.slice/user-1000.slice/session-2.scope".to_owned(),
+                None,
+            ),
+            ("/system.slice/docker.service".to_owned(), None),
+            ("/kubepods.slice/kubepods-besteffort.slice".to_owned(), None),
+            (format!("/my-services/{ID}"), None),
+            (format!("/system.slice/docker-{}.scope", &ID[..63]), None),
+            (format!("/docker/{}", ID.to_uppercase()), None),
+            ("/".to_owned(), None),
+            (String::new(), None),
+        ];
+        for (path, want) in cases {
+            let got = container(&path);
+            assert_eq!(got.as_ref().map(|(_, r)| *r), want, "{path}");
+            if let Some((id, _)) = got {
+                assert_eq!(id, ID, "{path}");
+            }
+        }
+        let names: Vec<&str> = [Docker, Containerd, CriO, Podman]
+            .into_iter()
+            .map(Runtime::name)
+            .collect();
+        assert_eq!(names, ["docker", "containerd", "cri-o", "podman"]);
     }
 
     #[test]
