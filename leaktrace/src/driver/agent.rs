@@ -305,6 +305,16 @@ impl Policy {
             return;
         }
         tracer.pipeline.adopt(pid);
+        // Its code now, so that its first stacks are walked with its unwind tables (each
+        // module's table is compiled once, for every process that maps it).
+        match tracer.pipeline.ensure_space(pid) {
+            Ok(()) => {
+                if let Err(e) = tracer.hook(pid) {
+                    tracing::debug!("pid {pid}: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("pid {pid}: cannot read maps: {e}"),
+        }
         self.select(tracer, pid);
     }
 
