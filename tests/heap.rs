@@ -493,3 +493,27 @@ fn sampling_is_refused_in_growth_mode() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sample-bytes"));
 }
+
+#[test]
+fn prefork_workers_are_one_row_and_free_what_they_inherited() {
+    if !privileged() {
+        return;
+    }
+    let prog = c_fixture("heap_prefork");
+    let (run, r) = trace_json(&prog, &["--follow-forks"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    // Twenty workers of one executable, one stack: one row that counts them.
+    let rows = r.site("worker_leak");
+    assert_eq!(rows.len(), 1, "{}", r.pretty());
+    assert_eq!(rows[0]["processes"], 20, "{}", r.pretty());
+    assert_eq!(rows[0]["pids"].as_array().unwrap().len(), 16);
+    r.assert_site("worker_leak", 40, 40 * 64);
+    // Each worker freed its inherited copy of the table: matched, not unmatched, not a leak.
+    r.assert_absent("parent_table");
+    assert_eq!(r.summary("unmatched_frees"), 0, "{}", r.pretty());
+    assert_eq!(r.summary("inherited_frees"), 200, "{}", r.pretty());
+    // Split by pid on request.
+    let (_, r) = trace_json(&prog, &["--follow-forks", "--by-pid"], &[]);
+    assert_eq!(r.site("worker_leak").len(), 20, "{}", r.pretty());
+    r.assert_site("worker_leak", 40, 40 * 64);
+}

@@ -304,6 +304,7 @@ impl Pipeline {
                 self.tracked.insert(child);
                 self.note(child);
                 self.fd.fork(parent, child);
+                self.heap.fork(parent, child);
                 let _ = self.read_space(child);
                 lifecycle = Some(Lifecycle::Fork(child));
             }

@@ -186,6 +186,7 @@ fn summary(input: &ReportInput<'_>, opts: &ReportOptions) -> Summary {
     };
     Summary {
         unmatched_frees: snap.totals.unmatched_frees + input.filtered_frees,
+        inherited_frees: snap.totals.inherited_frees,
         tracer: input.tracer,
         stack_cache_hits: input.stack_cache_hits,
         stack_walks: input.stack_walks,

@@ -24,6 +24,9 @@ pub struct Summary {
     pub outstanding_bytes: u64,
     /// Frees of blocks allocated before tracing started (or whose allocation was lost).
     pub unmatched_frees: u64,
+    /// Frees, in forked children, of blocks their parent held at the fork (matched).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub inherited_frees: u64,
     /// Events the kernel side could not deliver; non-zero means counts are lower bounds.
     pub lost_events: u64,
     /// Stacks whose frames could not be delivered (counts stay exact; the frames are sent
@@ -206,6 +209,10 @@ pub struct Tier2 {
 
 /// Pids a merged row lists.
 pub const PIDS_SHOWN: usize = 16;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 fn is_one(n: &u32) -> bool {
     *n == 1

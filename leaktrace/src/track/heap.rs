@@ -55,6 +55,9 @@ pub struct Totals {
     /// Allocations returning an address that was still outstanding: its free was missed
     /// (a lost event or an unhooked release path). The old block counts as freed.
     pub replaced: u64,
+    /// Frees, in a forked child, of blocks its parent held at the fork: matched, neither
+    /// unmatched nor the child's.
+    pub inherited_frees: u64,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +65,9 @@ struct ProcessHeap {
     blocks: HashMap<u64, Block>,
     stacks: Vec<StackCounters>,
     stack_index: HashMap<StackId, u32>,
+    /// Blocks the parent held when it forked this process: a free of one is matched, and
+    /// they are counted in the parent's rows only.
+    inherited: hashbrown::HashSet<u64>,
 }
 
 impl ProcessHeap {
@@ -74,6 +80,18 @@ impl ProcessHeap {
             });
             (stacks.len() - 1) as u32
         })
+    }
+
+    /// Removes a block this process allocated or inherited: `Some(true)` for its own,
+    /// `Some(false)` for an inherited one, `None` when unknown.
+    fn release_any(&mut self, addr: u64) -> Option<bool> {
+        if self.release(addr) {
+            Some(true)
+        } else if self.inherited.remove(&addr) {
+            Some(false)
+        } else {
+            None
+        }
     }
 
     /// Removes a block, returning whether it was known.
@@ -170,10 +188,10 @@ impl HeapTables {
         let heap = self.procs.entry(e.hdr.pid).or_default();
         if e.old_addr != 0 && (e.addr != 0 || e.size == 0) {
             // realloc moved or freed the old block (realloc(p, 0) returns NULL).
-            if heap.release(e.old_addr) {
-                self.totals.frees += 1;
-            } else {
-                self.totals.unmatched_frees += 1;
+            match heap.release_any(e.old_addr) {
+                Some(true) => self.totals.frees += 1,
+                Some(false) => self.totals.inherited_frees += 1,
+                None => self.totals.unmatched_frees += 1,
             }
         }
         if e.addr == 0 {
@@ -204,11 +222,11 @@ impl HeapTables {
         let known = self
             .procs
             .get_mut(&e.hdr.pid)
-            .is_some_and(|heap| heap.release(e.addr));
-        if known {
-            self.totals.frees += 1;
-        } else {
-            self.totals.unmatched_frees += 1;
+            .and_then(|heap| heap.release_any(e.addr));
+        match known {
+            Some(true) => self.totals.frees += 1,
+            Some(false) => self.totals.inherited_frees += 1,
+            None => self.totals.unmatched_frees += 1,
         }
     }
 
@@ -240,6 +258,18 @@ impl HeapTables {
         }
         self.totals.frees += inside.len() as u64;
         inside.len() as u64
+    }
+
+    /// `parent` forked `child`: the child starts knowing the parent's outstanding blocks as
+    /// inherited, so its frees of them match instead of counting as unmatched. They stay
+    /// in the parent's rows only (the pages are shared copy-on-write until written).
+    pub fn fork(&mut self, parent: u32, child: u32) {
+        let Some(p) = self.procs.get(&parent) else {
+            return;
+        };
+        let inherited: hashbrown::HashSet<u64> =
+            p.blocks.keys().chain(&p.inherited).copied().collect();
+        self.procs.entry(child).or_default().inherited = inherited;
     }
 
     /// The stacks of what `pid` held when it exited or exec'd.

@@ -96,7 +96,8 @@ fn malloc_then_free_leaves_nothing_outstanding() {
             allocs: 2,
             frees: 1,
             unmatched_frees: 0,
-            replaced: 0
+            replaced: 0,
+            inherited_frees: 0,
         }
     );
     invariant(&t);
@@ -335,4 +336,27 @@ fn many_events_in_any_order_keep_the_invariant() {
     invariant(&t);
     t.exit(1, 0);
     invariant(&t);
+}
+
+#[test]
+fn a_forked_child_frees_what_it_inherited_without_unmatched_frees() {
+    let mut t = HeapTables::new(0);
+    t.alloc(&alloc(1, 0x1000, 100, 7));
+    t.alloc(&alloc(1, 0x2000, 200, 7));
+    t.fork(1, 2);
+    // The child frees an inherited block, reallocs the other, and allocates its own.
+    t.free(&free(2, 0x1000));
+    t.alloc(&realloc(2, 0x2000, 0x3000, 300, 8));
+    t.alloc(&alloc(2, 0x4000, 40, 9));
+    t.free(&free(2, 0x4000));
+    let totals = t.totals();
+    assert_eq!(totals.unmatched_frees, 0);
+    assert_eq!(totals.inherited_frees, 2);
+    // The parent still holds its two blocks; the child holds only what it allocated.
+    assert_eq!(t.outstanding_of(1), (2, 300));
+    assert_eq!(t.outstanding_of(2), (1, 300));
+    invariant(&t);
+    // Freed once in the child, the inherited block is no longer known there.
+    t.free(&free(2, 0x1000));
+    assert_eq!(t.totals().unmatched_frees, 1);
 }
