@@ -36,6 +36,7 @@ use super::{
 };
 use crate::{
     report::{Owner, Report, Tier2},
+    symbolize::stacks::StackStore,
     targets::{preflight, procfs},
 };
 
@@ -519,6 +520,10 @@ impl Policy {
     }
 }
 
+/// Stacks the agent keeps at most (~256 B each): past it new stacks are counted as lost
+/// (`stack_table_full`) until processes exit.
+const AGENT_STACKS: usize = 1 << 18;
+
 /// The latest report, for whoever asks (the HTTP server).
 pub type Latest = Arc<RwLock<Option<Arc<Report>>>>;
 
@@ -532,6 +537,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     tracer.full = Some(HashSet::new());
     tracer.pipeline.keep_growth_apart();
     tracer.pipeline.forget_exited();
+    tracer.pipeline.stacks = StackStore::with_cap(AGENT_STACKS);
     let sink = Sink {
         format: config.format,
         weight: config.weight,

@@ -39,6 +39,10 @@ impl Pipeline {
             .map(|(cause, n)| (cause_name(cause), *n))
             .collect();
         lost.push(("undecodable", self.decode_errors));
+        // Tables that were full: counted like the kernel side's losses.
+        if self.stacks.dropped() > 0 {
+            lost.push(("stack_table_full", self.stacks.dropped()));
+        }
         let fds = self.fd.fds.snapshot(snapshot.now_ms);
         let tmp = self.fd.tmp_rows(self.host.as_ref());
         let exhaustion: Vec<FdExhaustion> =

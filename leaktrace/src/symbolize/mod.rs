@@ -49,7 +49,12 @@ pub struct Symbols {
     /// `None` when replaying a recording: only what the cache holds is known.
     symbolizer: Option<Symbolizer>,
     cache: HashMap<(ModuleKey, u64), Arc<Resolved>>,
+    /// Times the cache was full and started over.
+    pub cache_resets: u64,
 }
+
+/// Addresses the symbol cache holds at most (a few hundred bytes each).
+const CACHE_CAP: usize = 1 << 18;
 
 impl Default for Symbols {
     fn default() -> Self {
@@ -95,6 +100,7 @@ impl Symbols {
         Self {
             symbolizer: Some(symbolizer),
             cache: HashMap::new(),
+            cache_resets: 0,
         }
     }
 
@@ -108,6 +114,7 @@ impl Symbols {
         Self {
             symbolizer: None,
             cache,
+            cache_resets: 0,
         }
     }
 
@@ -127,6 +134,11 @@ impl Symbols {
         let Some(symbolizer) = &self.symbolizer else {
             return;
         };
+        if self.cache.len() >= CACHE_CAP {
+            // Bounded: start over rather than grow with every address a node ever ran.
+            self.cache.clear();
+            self.cache_resets += 1;
+        }
         let mut todo: HashMap<ModuleKey, (Arc<Module>, Vec<u64>)> = HashMap::new();
         for stack in stacks {
             for (module, offset) in stack.frames.iter().filter_map(|f| f.place.as_ref()) {

@@ -80,19 +80,53 @@ pub fn normalize(
 }
 
 /// All stacks seen, by id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StackStore {
     stacks: HashMap<StackId, Stack>,
+    /// The stacks of each process, to forget them without a scan of all.
+    by_pid: HashMap<u32, Vec<StackId>>,
+    /// At most this many stacks are kept; more are dropped and counted.
+    cap: usize,
+    dropped: u64,
+}
+
+impl Default for StackStore {
+    fn default() -> Self {
+        Self::with_cap(Self::DEFAULT_CAP)
+    }
 }
 
 impl StackStore {
+    /// Stacks kept by default (a few hundred MiB at most).
+    pub const DEFAULT_CAP: usize = 1 << 21;
+
+    /// A store of at most `cap` stacks.
+    pub fn with_cap(cap: usize) -> Self {
+        Self {
+            stacks: HashMap::new(),
+            by_pid: HashMap::new(),
+            cap,
+            dropped: 0,
+        }
+    }
+
+    /// Stacks not stored because the store was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
     /// Whether the stack is known.
     pub fn contains(&self, id: StackId) -> bool {
         self.stacks.contains_key(&id)
     }
 
-    /// Stores a stack under its id.
+    /// Stores a stack under its id, unless the store is full (then it is counted).
     pub fn insert(&mut self, id: StackId, stack: Stack) {
+        if self.stacks.len() >= self.cap && !self.stacks.contains_key(&id) {
+            self.dropped += 1;
+            return;
+        }
+        self.by_pid.entry(stack.pid).or_default().push(id);
         self.stacks.insert(id, stack);
     }
 
@@ -118,6 +152,21 @@ impl StackStore {
 
     /// Forgets the stacks of a process no report needs any more.
     pub fn forget_pid(&mut self, pid: u32, keep: impl Fn(StackId) -> bool) {
-        self.stacks.retain(|&id, s| s.pid != pid || keep(id));
+        let Some(ids) = self.by_pid.remove(&pid) else {
+            return;
+        };
+        let kept: Vec<StackId> = ids
+            .into_iter()
+            .filter(|&id| {
+                let k = keep(id);
+                if !k {
+                    self.stacks.remove(&id);
+                }
+                k
+            })
+            .collect();
+        if !kept.is_empty() {
+            self.by_pid.insert(pid, kept);
+        }
     }
 }
