@@ -279,3 +279,40 @@ fn steady_growth_is_promoted_then_demoted_when_its_budget_runs_out() {
         r.pretty()
     );
 }
+
+#[test]
+fn a_selected_process_that_runs_without_its_probes_firing_is_reported_once() {
+    if !privileged() {
+        return;
+    }
+    let mut spin = Fixture::start("agent_spin");
+    let dir = tempfile_dir("agent-silence");
+    let out = dir.join("report.json");
+    let mut agent = Background::start(&[
+        "agent",
+        "--full",
+        &format!("pid={}", spin.pid()),
+        "--no-listen",
+        "--format",
+        "json",
+        "-o",
+        out.to_str().unwrap(),
+        "-v",
+    ]);
+    agent.wait_for("exact heap tracing on: selected by pid=");
+    spin.go();
+    let notice = format!(
+        "pid {} (agent_spin) used CPU but none of its allocator probes fired for 10s",
+        spin.pid()
+    );
+    agent.wait_for(&notice);
+    let (r, _, stderr) = stop(agent, &out);
+    assert_eq!(
+        stderr.matches(&notice).count(),
+        1,
+        "said more than once:\n{stderr}"
+    );
+    let notices = r.0["notices"].as_array().unwrap();
+    assert_eq!(notices.len(), 1, "{}", r.pretty());
+    assert!(notices[0].as_str().unwrap().starts_with(&notice));
+}
