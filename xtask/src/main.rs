@@ -45,7 +45,9 @@ enum Task {
         /// Which benchmark: `overhead` (heap tracing against untraced, the floor and
         /// bcc-style placement, on the churn fixture and real programs; the user-space
         /// pipeline alone), `alloc` (tracer memory with a million blocks outstanding),
-        /// `unwind` (stack walking cost, unwind table sizes) or `fd` (descriptor tracking).
+        /// `unwind` (stack walking cost, unwind table sizes), `fd` (descriptor tracking) or
+        /// `agent` (the node agent: tier 1 on busy programs, idle CPU, RSS with 1,000
+        /// processes).
         #[arg(long, default_value = "overhead")]
         only: String,
         /// Also write the overhead figures as JSON to FILE.
@@ -97,12 +99,16 @@ fn main() -> Result<()> {
                 "fd" => bench::fd(rounds),
                 "alloc" => bench::run(rounds),
                 "overhead" => overhead::run(rounds, json, &workload, &config, baseline),
-                other => anyhow::bail!("no benchmark `{other}` (overhead, alloc, unwind, fd)"),
+                "agent" => agent_bench::run(rounds, json),
+                other => {
+                    anyhow::bail!("no benchmark `{other}` (overhead, alloc, unwind, fd, agent)")
+                }
             }
         }
     }
 }
 
+mod agent_bench;
 mod bench;
 mod overhead;
 

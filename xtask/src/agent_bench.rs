@@ -1,0 +1,324 @@
+//! `cargo xtask bench --only agent`: what the node agent costs the node, side by side with
+//! no agent in one run.
+//!
+//! - **Tier 1 on busy programs**: each workload timed with no agent, then with `leaktrace
+//!   agent` running (every process in tier 1: growth, descriptors, temp files; nothing
+//!   selected), interleaved round by round; `× untraced` is the ratio of medians.
+//! - **Idle**: the agent's CPU over 20 s on this node with nothing to do.
+//! - **Memory**: the agent's RSS with 1,000 processes on the node, 50 of them allocating
+//!   and selected for exact heap tracing (`--full comm=agent_churner`).
+//!
+//! Prints a markdown table and one JSON line (`--json FILE` writes it there too).
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{as_root, bench::median, build_release, c_fixture, workspace_root};
+
+/// A running `leaktrace agent`, stopped with SIGTERM on drop.
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn start(leaktrace: &Path, extra: &[&str], out: &Path) -> Result<Self> {
+        let mut child = as_root(leaktrace.to_str().context("path")?)
+            .args(["agent", "--no-listen", "--interval", "1h", "--format", "json"])
+            .arg("-o")
+            .arg(out)
+            .args(extra)
+            .arg("-v")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("agent: watching") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("the agent did not start"),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { child })
+    }
+
+    /// CPU seconds it used so far.
+    fn cpu_s(&self) -> f64 {
+        proc_stat_cpu(self.child.id()).unwrap_or(0.0)
+    }
+
+    /// Its resident memory now and at its peak, in bytes.
+    fn rss(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// Stops it; returns how long that took.
+    fn stop(mut self) -> Duration {
+        let began = Instant::now();
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        began.elapsed()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: as in `stop`.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn proc_stat_cpu(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split(' ').skip(11);
+    let ticks: u64 = f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+struct Workload {
+    name: &'static str,
+    argv: Vec<String>,
+    /// Runs before each timed run (outside the timing).
+    reset: Option<PathBuf>,
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+fn workloads(dir: &Path) -> Result<Vec<Workload>> {
+    let mut list = Vec::new();
+    if on_path("sqlite3") {
+        let script = dir.join("inserts.sql");
+        let mut sql = String::from("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);\nBEGIN;\n");
+        for i in 0..60_000 {
+            sql.push_str(&format!("INSERT INTO t(v) VALUES ('value-{i}-{}');\n", i * 7919 % 1000));
+        }
+        sql.push_str("COMMIT;\nSELECT count(*), sum(length(v)) FROM t;\n");
+        std::fs::write(&script, sql)?;
+        list.push(Workload {
+            name: "sqlite3 60k inserts",
+            argv: vec![
+                "sqlite3".into(),
+                ":memory:".into(),
+                format!(".read {}", script.display()),
+            ],
+            reset: None,
+        });
+    }
+    if Path::new("/usr/bin/python3").exists() {
+        list.push(Workload {
+            name: "python3 dict churn",
+            argv: vec![
+                "/usr/bin/python3".into(),
+                "-c".into(),
+                "d={}\nfor i in range(600000):\n d[i%5000]=str(i)*3\nprint(len(d))".into(),
+            ],
+            reset: None,
+        });
+    }
+    if on_path("jq") {
+        let data = dir.join("records.json");
+        let rows: Vec<String> = (0..80_000)
+            .map(|i| format!("{{\"x\":{i},\"tags\":[\"a{}\",\"b{}\"]}}", i % 97, i % 13))
+            .collect();
+        std::fs::write(&data, format!("[{}]\n", rows.join(",")))?;
+        list.push(Workload {
+            name: "jq 80k records",
+            argv: vec![
+                "jq".into(),
+                "[.[] | {a: .x, c: (.tags|join(\",\"))}] | length".into(),
+                data.to_string_lossy().into_owned(),
+            ],
+            reset: None,
+        });
+    }
+    // Syscall-heavy: 20,000 small files extracted (an open, write and close each).
+    let tar = dir.join("tree.tar");
+    if !tar.exists() {
+        let tree = dir.join("tree");
+        for i in 0..20_000 {
+            let sub = tree.join(format!("d{:02}", i % 100));
+            std::fs::create_dir_all(&sub)?;
+            std::fs::write(sub.join(format!("f{i:05}.txt")), [b'a'; 512])?;
+        }
+        crate::run(Command::new("tar").arg("-cf").arg(&tar).arg("-C").arg(dir).arg("tree"))?;
+        std::fs::remove_dir_all(&tree)?;
+    }
+    let into = dir.join("untar");
+    list.push(Workload {
+        name: "tar -xf 20k files",
+        argv: vec![
+            "tar".into(),
+            "-xf".into(),
+            tar.to_string_lossy().into_owned(),
+            "-C".into(),
+            into.to_string_lossy().into_owned(),
+        ],
+        reset: Some(into),
+    });
+    Ok(list)
+}
+
+fn time(w: &Workload) -> Result<f64> {
+    if let Some(dir) = &w.reset {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+    }
+    let began = Instant::now();
+    let status = Command::new(&w.argv[0])
+        .args(&w.argv[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("{}: {status}", w.name);
+    }
+    Ok(began.elapsed().as_secs_f64())
+}
+
+/// Tier 1 on busy programs: (workload, untraced seconds, under-agent seconds) medians.
+fn tier1(leaktrace: &Path, dir: &Path, rounds: usize) -> Result<Vec<(String, f64, f64)>> {
+    let list = workloads(dir)?;
+    let mut plain = vec![Vec::new(); list.len()];
+    let mut agent = vec![Vec::new(); list.len()];
+    for round in 0..rounds {
+        eprintln!("bench agent: tier-1 round {}/{rounds}", round + 1);
+        for (i, w) in list.iter().enumerate() {
+            plain[i].push(time(w)?);
+        }
+        let a = Agent::start(leaktrace, &[], &dir.join("tier1.json"))?;
+        for (i, w) in list.iter().enumerate() {
+            agent[i].push(time(w)?);
+        }
+        a.stop();
+    }
+    Ok(list
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.name.to_owned(), median(&plain[i]), median(&agent[i])))
+        .collect())
+}
+
+/// Processes for the memory figure: idle sleepers and allocating churners, killed on drop.
+struct Crowd(Vec<Child>);
+
+impl Drop for Crowd {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn run(rounds: usize, json: Option<PathBuf>) -> Result<()> {
+    build_release()?;
+    let root = workspace_root();
+    let leaktrace = root.join("target/release/leaktrace");
+    let churner = c_fixture("agent_churner", &["-O2", "-g"])?;
+    let dir = root.join("target/bench-agent");
+    std::fs::create_dir_all(&dir)?;
+
+    let tier1 = tier1(&leaktrace, &dir, rounds)?;
+
+    eprintln!("bench agent: idle, 20 s");
+    let a = Agent::start(&leaktrace, &[], &dir.join("idle.json"))?;
+    let cpu0 = a.cpu_s();
+    std::thread::sleep(Duration::from_secs(20));
+    let idle_cpu = (a.cpu_s() - cpu0) / 20.0;
+    let (idle_rss, _) = a.rss();
+    let idle_stop = a.stop();
+
+    eprintln!("bench agent: 1,000 processes, 50 allocating, 30 s");
+    let mut crowd = Crowd(Vec::new());
+    for _ in 0..950 {
+        crowd.0.push(Command::new("sleep").arg("3600").spawn()?);
+    }
+    for _ in 0..50 {
+        crowd.0.push(
+            Command::new(&churner)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    let started = Instant::now();
+    let a = Agent::start(
+        &leaktrace,
+        &["--full", "comm=agent_churner"],
+        &dir.join("crowd.json"),
+    )?;
+    let adopt_s = started.elapsed().as_secs_f64();
+    let cpu0 = a.cpu_s();
+    std::thread::sleep(Duration::from_secs(30));
+    let crowd_cpu = (a.cpu_s() - cpu0) / 30.0;
+    let (crowd_rss, crowd_peak) = a.rss();
+    let crowd_stop = a.stop();
+    drop(crowd);
+
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!("| workload | untraced s | agent (tier 1) s | × untraced |");
+    println!("|---|---|---|---|");
+    for (name, u, t) in &tier1 {
+        println!("| {name} | {u:.3} | {t:.3} | {:.3} |", t / u);
+    }
+    println!();
+    println!("| agent | CPU (of one core) | RSS MiB | peak RSS MiB | stop s |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| idle node, 20 s | {:.2}% | {:.1} | | {:.2} |",
+        idle_cpu * 100.0,
+        mib(idle_rss),
+        idle_stop.as_secs_f64()
+    );
+    println!(
+        "| 1,000 processes, 50 allocating (tier 2), 30 s; started in {adopt_s:.1} s | {:.1}% | {:.1} | {:.1} | {:.2} |",
+        crowd_cpu * 100.0,
+        mib(crowd_rss),
+        mib(crowd_peak),
+        crowd_stop.as_secs_f64()
+    );
+    let line = serde_json::json!({
+        "bench": "agent",
+        "rounds": rounds,
+        "tier1": tier1.iter().map(|(n, u, t)| serde_json::json!({
+            "workload": n, "untraced_s": u, "agent_s": t, "ratio": t / u,
+        })).collect::<Vec<_>>(),
+        "idle": {"cpu_fraction": idle_cpu, "rss_bytes": idle_rss, "stop_s": idle_stop.as_secs_f64()},
+        "crowd": {"processes": 1000, "allocating": 50, "start_s": adopt_s, "cpu_fraction": crowd_cpu,
+                  "rss_bytes": crowd_rss, "peak_rss_bytes": crowd_peak, "stop_s": crowd_stop.as_secs_f64()},
+    });
+    println!("{line}");
+    if let Some(path) = json {
+        std::fs::write(path, format!("{line}\n"))?;
+    }
+    Ok(())
+}
