@@ -103,7 +103,9 @@ impl Default for Detacher {
             .name("detach".into())
             .spawn(move || {
                 for probes in rx {
+                    let (n, started) = (probes.len(), std::time::Instant::now());
                     drop(probes);
+                    tracing::debug!("released {n} links in {:?}", started.elapsed());
                 }
             });
         // Without the thread, probes are simply detached inline (slowly).
