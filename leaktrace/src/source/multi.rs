@@ -5,11 +5,13 @@
 //! that process's memory: another process mapping the same libc never traps. Closing the
 //! link's descriptor detaches every probe of it at once.
 //!
-//! What releasing costs, measured on this VM (Linux 6.18, 2 vCPUs) with `cargo xtask bench
-//! storm` and the `release_costs` integration test (`tests/multi.rs`): closing one
-//! uprobe_multi link of the allocator (11 entry offsets with cookies) takes ~1 ms, closing
-//! one perf-event uprobe ~90 ms (an RCU grace period each, under a kernel-wide mutex), so a
-//! process's allocator and loader cost ~3 ms to release instead of ~1.6 s.
+//! What releasing costs, measured on this VM (Linux 6.18, 2 vCPUs, `LEAKTRACE_LOG=debug`
+//! `leaktrace run --follow-forks` over `heap_fork` and `fork_storm`, the detach thread's
+//! "released N links" lines): closing a perf-event uprobe takes ~95–120 ms (16 of a
+//! process's in 1.5–1.9 s, one after the other: each waits for an RCU grace period under a
+//! kernel-wide mutex); closing a uprobe_multi link ~27–50 ms whatever its number of probes
+//! (a process's 3 links, closed in turn, in 80–150 ms: a grace period per link, not per
+//! probe). Closed side by side, as the `Detacher` does, a process's 3 links take 24–76 ms.
 use std::{
     ffi::CString,
     io,

@@ -24,7 +24,7 @@ pub enum AttachMode {
     /// 6.9+), perf-event uprobes elsewhere.
     #[default]
     Auto,
-    /// uprobe_multi links: ~3 per process, each released in about a millisecond.
+    /// uprobe_multi links: 3 per process with libc, each released in ~30–50 ms.
     Multi,
     /// A perf-event uprobe per program and function: ~18 per process, each ~90 ms to
     /// release.
@@ -88,13 +88,19 @@ impl ProcessProbes {
 ///
 /// Releasing a perf-event uprobe's BPF link waits for an RCU grace period under a
 /// kernel-wide mutex: ~90 ms per probe on this kind of VM, one after the other. A process
-/// with 18 probes would stall the loop for 1.6 s when it exits, so a thread does it. A
-/// uprobe_multi link is released in about a millisecond (see `multi.rs`), but closing it
-/// still waits on the kernel, so it goes the same way.
+/// with 18 probes would stall the loop for 1.6 s when it exits, so a thread does it.
+///
+/// Closing a uprobe_multi link waits for grace periods too, once per link rather than once
+/// per probe (~30–50 ms a link here, see `multi.rs`), but without a mutex: links closed side
+/// by side share their grace periods. So the thread takes every process queued so far and
+/// closes all their links at once, each on a thread of its own (up to [`BATCH`] at a time).
 #[derive(Debug)]
 pub struct Detacher {
     tx: Option<std::sync::mpsc::Sender<ProcessProbes>>,
 }
+
+/// Links closed side by side, at most.
+const BATCH: usize = 64;
 
 impl Default for Detacher {
     fn default() -> Self {
@@ -102,9 +108,15 @@ impl Default for Detacher {
         let spawned = std::thread::Builder::new()
             .name("detach".into())
             .spawn(move || {
-                for probes in rx {
-                    let (n, started) = (probes.len(), std::time::Instant::now());
-                    drop(probes);
+                while let Ok(first) = rx.recv() {
+                    let mut links = first.links;
+                    while links.len() < BATCH
+                        && let Ok(more) = rx.try_recv()
+                    {
+                        links.extend(more.links);
+                    }
+                    let (n, started) = (links.len(), std::time::Instant::now());
+                    release_side_by_side(links);
                     tracing::debug!("released {n} links in {:?}", started.elapsed());
                 }
             });
@@ -113,6 +125,21 @@ impl Default for Detacher {
             tx: spawned.ok().map(|_| tx),
         }
     }
+}
+
+/// Closes `links` each on a thread of its own, and returns when all are closed. Perf-event
+/// uprobes are closed in turn: their release is serialized in the kernel anyway.
+fn release_side_by_side(links: Vec<Link>) {
+    let (multi, perf): (Vec<Link>, Vec<Link>) =
+        links.into_iter().partition(|l| matches!(l, Link::Multi(_)));
+    std::thread::scope(|s| {
+        for link in multi {
+            // When the thread cannot start, the closure, link and all, is dropped right here:
+            // the link is closed inline.
+            let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(link));
+        }
+        drop(perf);
+    });
 }
 
 impl Detacher {
