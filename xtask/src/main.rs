@@ -44,7 +44,9 @@ enum Task {
         /// Which benchmark: `overhead` (heap tracing against untraced, the floor and
         /// bcc-style placement, on the churn fixture and real programs; the user-space
         /// pipeline alone), `alloc` (tracer memory with a million blocks outstanding),
-        /// `unwind` (stack walking cost, unwind table sizes) or `fd` (descriptor tracking).
+        /// `unwind` (stack walking cost, unwind table sizes), `fd` (descriptor tracking) or
+        /// `storm` (200 short-lived processes under --follow-forks, uprobe_multi links
+        /// against perf-event uprobes: attach latency, release, wall time; needs root).
         #[arg(long, default_value = "overhead")]
         only: String,
         /// Also write the overhead figures as JSON to FILE.
@@ -95,8 +97,11 @@ fn main() -> Result<()> {
                 "unwind" => bench::unwind(rounds),
                 "fd" => bench::fd(rounds),
                 "alloc" => bench::run(rounds),
+                "storm" => storm::run(rounds),
                 "overhead" => overhead::run(rounds, json, &workload, &config, baseline),
-                other => anyhow::bail!("no benchmark `{other}` (overhead, alloc, unwind, fd)"),
+                other => {
+                    anyhow::bail!("no benchmark `{other}` (overhead, alloc, unwind, fd, storm)")
+                }
             }
         }
     }
@@ -104,6 +109,7 @@ fn main() -> Result<()> {
 
 mod bench;
 mod overhead;
+mod storm;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
