@@ -203,15 +203,26 @@ pub fn run(rounds: usize) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     let (lo, hi) = min_max(&untraced);
-    println!(
-        "| untraced | {:.2} ({lo:.2}–{hi:.2}) | — | — | — | — | — | — |",
-        median(&untraced)
-    );
+    let wall = if untraced.len() == 1 {
+        format!("{:.2}", untraced[0])
+    } else {
+        format!("{:.2} ({lo:.2}–{hi:.2})", median(&untraced))
+    };
+    println!("| untraced | {wall} | — | — | — | — | — | — |");
     for (mode, figures) in modes.iter().zip(&results) {
         let col = |f: fn(&Figures) -> f64| {
             let v: Vec<f64> = figures.iter().map(f).collect();
             let (lo, hi) = min_max(&v);
-            format!("{:.2} ({lo:.2}–{hi:.2})", median(&v))
+            let p = if v.iter().all(|x| x.fract() == 0.0) {
+                0
+            } else {
+                2
+            };
+            if v.len() == 1 {
+                format!("{:.p$}", v[0])
+            } else {
+                format!("{:.p$} ({lo:.p$}–{hi:.p$})", median(&v))
+            }
         };
         println!(
             "| leaktrace --attach {mode} | {} | {} | {} | {} | {} | {} | {} |",
