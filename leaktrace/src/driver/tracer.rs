@@ -246,7 +246,7 @@ impl Tracer {
         ProbeSummary {
             attach: self.source.attach_mode().name().to_owned(),
             hits: self.source.counter(leaktrace_common::counter::PROBE_HITS),
-            hooked_at_start: sorted.len() as u64,
+            hook_events: sorted.len() as u64,
             hook_latency_us_p50: us(sorted.get(sorted.len() / 2)),
             hook_latency_us_max: us(sorted.last()),
             links_attached: self.links_attached,

@@ -91,8 +91,9 @@ pub struct ProbeSummary {
     /// Runs of an allocator entry program in the kernel, any process: with the probes scoped
     /// to the traced processes, their allocator calls and nothing else.
     pub hits: u64,
-    /// Processes whose probes were attached at a fork or exec record.
-    pub hooked_at_start: u64,
+    /// Fork and exec records after which a process's probes were brought up to date (the
+    /// latencies below are of these).
+    pub hook_events: u64,
     /// Microseconds from a fork or exec record's kernel timestamp to the process's probes in
     /// place (the child waits, stopped, meanwhile): median.
     pub hook_latency_us_p50: u64,

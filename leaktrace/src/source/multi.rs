@@ -118,8 +118,8 @@ fn create(
 /// Whether this kernel creates uprobe_multi links with a working process filter, probed as
 /// libbpf does (`probe_uprobe_multi_link`): a trivial program loaded for uprobe_multi, a link
 /// on `/` must fail with `EBADF` (not a regular file: the attach type is known), and with
-/// pid -1 with `EINVAL` (kernels before the filter was fixed, 6.6–6.8, looked the pid up
-/// first and answered `ESRCH`).
+/// pid -1 with `EINVAL` (the first kernels with uprobe_multi, whose pid filter was per
+/// thread rather than per process, looked the pid up first and answered `ESRCH`).
 pub fn supported() -> bool {
     probe().unwrap_or(false)
 }

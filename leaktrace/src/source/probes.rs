@@ -20,8 +20,9 @@ use crate::targets::modules::Module;
 /// How the uprobes are attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttachMode {
-    /// uprobe_multi links where the kernel has them (6.6+ with the process filter fixed,
-    /// 6.9+), perf-event uprobes elsewhere.
+    /// uprobe_multi links where the kernel has them with a process-wide pid filter (kernels
+    /// from 2024 on; the first ones, 6.6 on, filtered by thread), perf-event uprobes
+    /// elsewhere.
     #[default]
     Auto,
     /// uprobe_multi links: 3 per process with libc, each released in ~30–50 ms.
