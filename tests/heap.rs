@@ -15,8 +15,23 @@ fn every_allocator_entry_point_is_counted_exactly_and_churn_is_not_reported() {
     if !privileged() {
         return;
     }
-    let (run, r) = trace_json(&c_fixture("heap_every_fn"), &[], &[]);
+    every_entry_point_exactly(&[]);
+}
+
+/// The same with a perf-event uprobe per function, where the kernel has no uprobe_multi.
+#[test]
+fn every_allocator_entry_point_is_counted_exactly_with_perf_uprobes() {
+    if !privileged() {
+        return;
+    }
+    every_entry_point_exactly(&["--attach", "perf"]);
+}
+
+fn every_entry_point_exactly(extra: &[&str]) {
+    let (run, r) = trace_json(&c_fixture("heap_every_fn"), extra, &[]);
     assert!(run.status.success(), "{}", run.stderr);
+    let attach = if extra.is_empty() { "multi" } else { "perf" };
+    assert_eq!(r.0["summary"]["probes"]["attach"], attach, "{}", r.pretty());
     r.assert_site("leak_malloc", 10, 1000);
     r.assert_site("leak_calloc", 5, 600);
     r.assert_site("leak_realloc_grow", 3, 3 * 4096);

@@ -469,8 +469,11 @@ pub mod counter {
     pub const WALK_CACHE_HITS: u32 = 1;
     /// Stack captures that walked the stack.
     pub const WALKS: u32 = 2;
+    /// Runs of an allocator entry program (any function, `free` included, in any process):
+    /// with the probes scoped to the traced processes, only their calls count.
+    pub const PROBE_HITS: u32 = 3;
     /// Number of counters.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// One row of a module's unwind table: how to find the caller from any instruction in

@@ -44,6 +44,9 @@ pub mod map {
 /// Uprobe programs (the tracepoint programs are listed in [`crate::TRACEPOINTS`], the
 /// allocator entry programs in [`crate::alloc_shape`]).
 pub mod program {
+    /// Every allocator entry point of a module on one uprobe_multi link, the function's
+    /// [`crate::alloc_shape`] its attach cookie.
+    pub const ALLOC_ENTER_MULTI: &str = "alloc_enter_multi";
     /// The return of every allocating entry point: pairs it with its entry, sends the block.
     pub const ALLOC_RETURN: &str = "alloc_return";
     /// The dynamic loader's `_dl_debug_state`: its object list changed.
@@ -54,5 +57,11 @@ pub mod program {
     pub const EMPTY_RETURN: &str = "empty_return";
 
     /// The uprobes besides the allocator entry programs.
-    pub const UPROBES: &[&str] = &[ALLOC_RETURN, LOADER_STATE, EMPTY, EMPTY_RETURN];
+    pub const UPROBES: &[&str] = &[
+        ALLOC_ENTER_MULTI,
+        ALLOC_RETURN,
+        LOADER_STATE,
+        EMPTY,
+        EMPTY_RETURN,
+    ];
 }

@@ -1,6 +1,7 @@
 //! Allocator hooks: an entry uprobe per entry point remembers the arguments, the shared
 //! return probe `alloc_return` pairs them with the returned block, captures the stack and sends
-//! an [`AllocEvent`]; `free_enter` sends a [`FreeEvent`].
+//! an [`AllocEvent`]; `free_enter` sends a [`FreeEvent`]. Attached with uprobe_multi links,
+//! `alloc_enter_multi` is every entry program at once, the function's shape its attach cookie.
 //!
 //! Allocator functions call each other (glibc's `realloc(NULL, n)` calls `malloc`,
 //! `reallocarray` calls `realloc`, an interposed `malloc` may call libc's): only the outermost
@@ -12,7 +13,10 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::pt_regs,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user,
+        generated::bpf_get_attach_cookie,
+    },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -81,52 +85,80 @@ fn enter(ctx: &ProbeContext, shape: u32, arg: u64, size: u64) -> u32 {
 }
 
 // One entry program per argument shape (`leaktrace_common::alloc_shape`); the allocator
-// catalogue (`ALLOCATOR_FNS`) says which function has which shape.
+// catalogue (`ALLOCATOR_FNS`) says which function has which shape. Attached with uprobe_multi
+// links, one program serves them all and reads the shape from the attach cookie.
+
+/// The entry of an allocator function of `shape`: remembers an allocating call's arguments,
+/// or reports a free. Counted in [`counter::PROBE_HITS`].
+#[inline(always)]
+fn entry(ctx: &ProbeContext, shape: u32) -> u32 {
+    count(counter::PROBE_HITS);
+    match shape {
+        alloc_shape::SIZE => enter(ctx, shape, 0, arg(ctx, 0)),
+        alloc_shape::COUNT_SIZE => {
+            let size = arg(ctx, 0).wrapping_mul(arg(ctx, 1));
+            enter(ctx, shape, 0, size)
+        }
+        alloc_shape::RESIZE => enter(ctx, shape, arg(ctx, 0), arg(ctx, 1)),
+        alloc_shape::RESIZE_ARRAY => {
+            let size = arg(ctx, 1).wrapping_mul(arg(ctx, 2));
+            enter(ctx, shape, arg(ctx, 0), size)
+        }
+        alloc_shape::OUT_ALIGN_SIZE => enter(ctx, shape, arg(ctx, 0), arg(ctx, 2)),
+        alloc_shape::ALIGN_SIZE => enter(ctx, shape, 0, arg(ctx, 1)),
+        alloc_shape::FREE => free(ctx),
+        _ => 0,
+    }
+}
+
+/// Every allocator entry point of a module, on one uprobe_multi link: the attach cookie of
+/// each probed offset is the function's [`alloc_shape`].
+#[uprobe]
+pub fn alloc_enter_multi(ctx: ProbeContext) -> u32 {
+    // SAFETY: the context is the program's own; the kernel answers 0 where no cookie was set.
+    let shape = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    entry(&ctx, shape)
+}
 
 /// `p = f(size)`.
 #[uprobe]
 pub fn size_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, alloc_shape::SIZE, 0, arg(&ctx, 0))
+    entry(&ctx, alloc_shape::SIZE)
 }
 
 /// `p = f(nmemb, size)`.
 #[uprobe]
 pub fn count_size_enter(ctx: ProbeContext) -> u32 {
-    let size = arg(&ctx, 0).wrapping_mul(arg(&ctx, 1));
-    enter(&ctx, alloc_shape::COUNT_SIZE, 0, size)
+    entry(&ctx, alloc_shape::COUNT_SIZE)
 }
 
 /// `q = f(p, size)`.
 #[uprobe]
 pub fn resize_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, alloc_shape::RESIZE, arg(&ctx, 0), arg(&ctx, 1))
+    entry(&ctx, alloc_shape::RESIZE)
 }
 
 /// `q = f(p, nmemb, size)`.
 #[uprobe]
 pub fn resize_array_enter(ctx: ProbeContext) -> u32 {
-    let size = arg(&ctx, 1).wrapping_mul(arg(&ctx, 2));
-    enter(&ctx, alloc_shape::RESIZE_ARRAY, arg(&ctx, 0), size)
+    entry(&ctx, alloc_shape::RESIZE_ARRAY)
 }
 
 /// `err = f(&p, alignment, size)`.
 #[uprobe]
 pub fn out_align_size_enter(ctx: ProbeContext) -> u32 {
-    enter(
-        &ctx,
-        alloc_shape::OUT_ALIGN_SIZE,
-        arg(&ctx, 0),
-        arg(&ctx, 2),
-    )
+    entry(&ctx, alloc_shape::OUT_ALIGN_SIZE)
 }
 
 /// `p = f(alignment, size)`.
 #[uprobe]
 pub fn align_size_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, alloc_shape::ALIGN_SIZE, 0, arg(&ctx, 1))
+    entry(&ctx, alloc_shape::ALIGN_SIZE)
 }
 
-/// The return of every allocating entry point.
+/// The return of every allocating entry point. Loaded for perf-event uprobes or for a
+/// uprobe_multi return link (over all of a module's allocating functions at once), as the
+/// attach mode says: its body needs nothing from either.
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
@@ -207,7 +239,13 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 /// `free`, at its probe point (past glibc's `test %rdi,%rdi`, with `%rdi` intact).
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
-    let addr = arg(&ctx, 0);
+    entry(&ctx, alloc_shape::FREE)
+}
+
+/// A free: reported unless nested in a traced call or of an address never handed out.
+#[inline(always)]
+fn free(ctx: &ProbeContext) -> u32 {
+    let addr = arg(ctx, 0);
     if addr == 0 {
         return 0;
     }

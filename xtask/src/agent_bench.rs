@@ -28,7 +28,14 @@ struct Agent {
 impl Agent {
     fn start(leaktrace: &Path, extra: &[&str], out: &Path) -> Result<Self> {
         let mut child = as_root(leaktrace.to_str().context("path")?)
-            .args(["agent", "--no-listen", "--interval", "1h", "--format", "json"])
+            .args([
+                "agent",
+                "--no-listen",
+                "--interval",
+                "1h",
+                "--format",
+                "json",
+            ])
             .arg("-o")
             .arg(out)
             .args(extra)
@@ -57,8 +64,8 @@ impl Agent {
 
     /// Its resident memory now and at its peak, in bytes.
     fn rss(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -119,7 +126,10 @@ fn workloads(dir: &Path) -> Result<Vec<Workload>> {
         let script = dir.join("inserts.sql");
         let mut sql = String::from("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);\nBEGIN;\n");
         for i in 0..60_000 {
-            sql.push_str(&format!("INSERT INTO t(v) VALUES ('value-{i}-{}');\n", i * 7919 % 1000));
+            sql.push_str(&format!(
+                "INSERT INTO t(v) VALUES ('value-{i}-{}');\n",
+                i * 7919 % 1000
+            ));
         }
         sql.push_str("COMMIT;\nSELECT count(*), sum(length(v)) FROM t;\n");
         std::fs::write(&script, sql)?;
@@ -169,7 +179,14 @@ fn workloads(dir: &Path) -> Result<Vec<Workload>> {
             std::fs::create_dir_all(&sub)?;
             std::fs::write(sub.join(format!("f{i:05}.txt")), [b'a'; 512])?;
         }
-        crate::run(Command::new("tar").arg("-cf").arg(&tar).arg("-C").arg(dir).arg("tree"))?;
+        crate::run(
+            Command::new("tar")
+                .arg("-cf")
+                .arg(&tar)
+                .arg("-C")
+                .arg(dir)
+                .arg("tree"),
+        )?;
         std::fs::remove_dir_all(&tree)?;
     }
     let into = dir.join("untar");

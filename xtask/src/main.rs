@@ -45,7 +45,9 @@ enum Task {
         /// Which benchmark: `overhead` (heap tracing against untraced, the floor and
         /// bcc-style placement, on the churn fixture and real programs; the user-space
         /// pipeline alone), `alloc` (tracer memory with a million blocks outstanding),
-        /// `unwind` (stack walking cost, unwind table sizes), `fd` (descriptor tracking) or
+        /// `unwind` (stack walking cost, unwind table sizes), `fd` (descriptor tracking),
+        /// `storm` (200 short-lived processes under --follow-forks, uprobe_multi links
+        /// against perf-event uprobes: attach latency, release, wall time; needs root) or
         /// `agent` (the node agent: tier 1 on busy programs, idle CPU, RSS with 1,000
         /// processes).
         #[arg(long, default_value = "overhead")]
@@ -98,10 +100,13 @@ fn main() -> Result<()> {
                 "unwind" => bench::unwind(rounds),
                 "fd" => bench::fd(rounds),
                 "alloc" => bench::run(rounds),
+                "storm" => storm::run(rounds),
                 "overhead" => overhead::run(rounds, json, &workload, &config, baseline),
                 "agent" => agent_bench::run(rounds, json),
                 other => {
-                    anyhow::bail!("no benchmark `{other}` (overhead, alloc, unwind, fd, agent)")
+                    anyhow::bail!(
+                        "no benchmark `{other}` (overhead, alloc, unwind, fd, storm, agent)"
+                    )
                 }
             }
         }
@@ -111,6 +116,7 @@ fn main() -> Result<()> {
 mod agent_bench;
 mod bench;
 mod overhead;
+mod storm;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

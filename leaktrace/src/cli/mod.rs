@@ -6,7 +6,7 @@ use leaktrace::{
     driver::{SessionConfig, Target},
     export::{FoldedKind, FoldedWeight, Format},
     report::ReportOptions,
-    source::AllocatorProbes,
+    source::{AllocatorProbes, AttachMode},
     unwind::Unwind,
 };
 use leaktrace_common::features;
@@ -169,6 +169,12 @@ pub struct CommonArgs {
     #[arg(long, hide = true)]
     pub measure_walks: bool,
 
+    /// How uprobes are attached: uprobe_multi links where the kernel has them (auto), always
+    /// (multi), or a perf-event uprobe per function (perf; slow to release). For tests and
+    /// benchmarks.
+    #[arg(long, value_enum, default_value_t = Attach::Auto, hide = true)]
+    pub attach: Attach,
+
     /// More log output on stderr (-v info, -vv debug, -vvv trace); LEAKTRACE_LOG overrides.
     #[arg(long, short, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -187,6 +193,17 @@ pub enum Mode {
     /// Benchmarks: the floor plus an empty return probe on malloc.
     #[value(hide = true)]
     FloorReturn,
+}
+
+/// `--attach`: how uprobes are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attach {
+    /// uprobe_multi links where the kernel has them, perf-event uprobes elsewhere.
+    Auto,
+    /// uprobe_multi links (fails where the kernel has none).
+    Multi,
+    /// A perf-event uprobe per program and function.
+    Perf,
 }
 
 /// A kind of leak `--only` can select.
@@ -236,6 +253,11 @@ impl CommonArgs {
                 Mode::Floor => AllocatorProbes::Floor,
                 Mode::FloorReturn => AllocatorProbes::FloorReturn,
                 Mode::Full | Mode::Growth => AllocatorProbes::Full,
+            },
+            attach: match self.attach {
+                Attach::Auto => AttachMode::Auto,
+                Attach::Multi => AttachMode::Multi,
+                Attach::Perf => AttachMode::Perf,
             },
             sample_bytes: self.sample_bytes.unwrap_or(0),
             features: [(Kind::Fd, features::FD), (Kind::Tmp, features::TMP)]

@@ -20,7 +20,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     export::{self, FoldedKind, FoldedWeight, Format},
     report::ReportOptions,
-    source::{AllocatorProbes, SourceError},
+    source::{AllocatorProbes, AttachMode, SourceError},
     targets::{preflight::PreflightError, spawn::SpawnError},
     unwind::Unwind,
 };
@@ -95,6 +95,8 @@ pub struct SessionConfig {
     pub heap: bool,
     /// What the allocator probes do (benchmarks attach empty ones).
     pub allocator_probes: AllocatorProbes,
+    /// How uprobes are attached (uprobe_multi links or perf-event uprobes).
+    pub attach: AttachMode,
     /// Sample allocations, one byte in this many on average (0: every allocation).
     pub sample_bytes: u32,
     /// Bits of [`leaktrace_common::features`]: descriptors, temp files.

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use super::pipeline::{Alert, Exhaustion, Pipeline};
 use crate::{
     report::{
-        self, FdExhaustion, FdHolder, Frame, HeapHolder, OomKill, Owner, Report, ReportInput,
-        WalkSummary,
+        self, FdExhaustion, FdHolder, Frame, HeapHolder, OomKill, Owner, ProbeSummary, Report,
+        ReportInput, WalkSummary,
     },
     track::fd_events::Exhausted,
 };
@@ -25,6 +25,9 @@ pub struct KernelStats {
     pub stack_walks: u64,
     /// Stack walking cost (`--measure-walks` only).
     pub walks: Option<WalkSummary>,
+    /// The uprobes (absent in recordings made before they were reported).
+    #[serde(default)]
+    pub probes: Option<ProbeSummary>,
 }
 
 impl Pipeline {
@@ -74,6 +77,7 @@ impl Pipeline {
             tracer: host.usage(),
             stack_cache_hits: kernel.stack_cache_hits,
             stack_walks: kernel.stack_walks,
+            probes: kernel.probes.clone(),
             fd_exhaustion: &exhaustion,
             oom_kills: &self.oom.records,
         };

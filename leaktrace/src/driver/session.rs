@@ -82,6 +82,7 @@ pub(super) fn setup(
             features: config.features,
             sample_bytes: config.sample_bytes,
             bpf_log: config.bpf_log,
+            attach: config.attach,
         },
         Box::new(Dwarf),
     )?;

@@ -11,7 +11,7 @@ use super::{
     reports::KernelStats,
 };
 use crate::{
-    report::{Report, WalkSummary},
+    report::{ProbeSummary, Report, WalkSummary},
     source::{AllocatorProbes, Detacher, ProcessProbes, Source},
     targets::{modules::Module, procfs},
 };
@@ -35,6 +35,10 @@ pub(super) struct Tracer {
     pub(super) full: Option<HashSet<u32>>,
     /// The header of the record handled last.
     pub(super) last: Option<leaktrace_common::Header>,
+    /// Nanoseconds from each fork or exec record to the process's probes in place.
+    hook_latencies: Vec<u64>,
+    /// Links attached over the session.
+    links_attached: u64,
 }
 
 impl Tracer {
@@ -51,6 +55,8 @@ impl Tracer {
             measure_walks: false,
             full: None,
             last: None,
+            hook_latencies: Vec::new(),
+            links_attached: 0,
         }
     }
 
@@ -105,6 +111,7 @@ impl Tracer {
             return Ok((modules.len(), false));
         }
         let probes = self.probes.entry(pid).or_default();
+        let before = probes.len();
         for module in &modules {
             if self.heap && module.elf.is_allocator() {
                 self.source
@@ -115,6 +122,7 @@ impl Tracer {
                 self.source.attach_loader(probes, pid, module)?;
             }
         }
+        self.links_attached += (probes.len() - before) as u64;
         // Probes kept from an image the process exec'd away from count only where this image
         // maps the same module.
         let mapped = |hooked: &[Arc<Module>]| {
@@ -156,12 +164,17 @@ impl Tracer {
             return Ok(None);
         };
         let result = match applied.lifecycle {
-            Some(Lifecycle::Exec(pid)) => self.on_exec(pid, hdr.ts_ns),
+            Some(Lifecycle::Exec(pid)) => {
+                let result = self.on_exec(pid, hdr.ts_ns);
+                self.hooked_after(pid, hdr.ts_ns);
+                result
+            }
             Some(Lifecycle::Loader(pid)) => self.hook(pid).map(drop),
             Some(Lifecycle::Fork(child)) => {
                 if let Err(e) = self.hook(child) {
                     tracing::warn!("pid {child} (forked) cannot be traced: {e}");
                 }
+                self.hooked_after(child, hdr.ts_ns);
                 Ok(())
             }
             Some(Lifecycle::Exit(pid)) => {
@@ -186,6 +199,17 @@ impl Tracer {
             unsafe { libc::kill(hdr.pid as i32, signal) };
         }
         result.map(|()| applied.alert)
+    }
+
+    /// Notes how long after its fork or exec record (at `ts_ns`) the probes of `pid` are in
+    /// place.
+    fn hooked_after(&mut self, pid: u32, ts_ns: u64) {
+        let ns = crate::source::ktime_ns().saturating_sub(ts_ns);
+        self.hook_latencies.push(ns);
+        tracing::debug!(
+            "pid {pid}: probes in place {} µs after its record",
+            ns / 1000
+        );
     }
 
     fn on_exec(&mut self, pid: u32, ts_ns: u64) -> Result<(), SessionError> {
@@ -232,6 +256,7 @@ impl Tracer {
             filtered_frees: self.source.counter(counter::FILTERED_FREES),
             stack_cache_hits: self.source.counter(counter::WALK_CACHE_HITS),
             stack_walks: self.source.counter(counter::WALKS),
+            probes: Some(self.probe_summary()),
             walks: self.measure_walks.then(|| {
                 let w = self.source.walk_stats();
                 let per = |x: u64| {
@@ -249,6 +274,20 @@ impl Tracer {
                     bpf_map_bytes: crate::source::map_memory_bytes(),
                 }
             }),
+        }
+    }
+
+    fn probe_summary(&self) -> ProbeSummary {
+        let mut sorted = self.hook_latencies.clone();
+        sorted.sort_unstable();
+        let us = |ns: Option<&u64>| ns.map_or(0, |ns| ns / 1000);
+        ProbeSummary {
+            attach: self.source.attach_mode().name().to_owned(),
+            hits: self.source.counter(leaktrace_common::counter::PROBE_HITS),
+            hook_events: sorted.len() as u64,
+            hook_latency_us_p50: us(sorted.get(sorted.len() / 2)),
+            hook_latency_us_max: us(sorted.last()),
+            links_attached: self.links_attached,
         }
     }
 

@@ -3,8 +3,8 @@
 use crate::{
     report::merge::{Row, Trend, merge, merge_paths, rank},
     report::model::{
-        FdExhaustion, FdLeak, Frame, Leak, OomKill, Owner, Report, Summary, TmpLeak, TracerUsage,
-        WalkSummary,
+        FdExhaustion, FdLeak, Frame, Leak, OomKill, Owner, ProbeSummary, Report, Summary, TmpLeak,
+        TracerUsage, WalkSummary,
     },
     symbolize::stacks::StackStore,
     symbolize::{SymbolizedFrame, Symbols, runtime_owned, trim},
@@ -83,6 +83,8 @@ pub struct ReportInput<'a> {
     pub stack_cache_hits: u64,
     /// Stack captures that walked.
     pub stack_walks: u64,
+    /// The uprobes, when known (live sessions).
+    pub probes: Option<ProbeSummary>,
 }
 
 /// A temp file as a report sees it.
@@ -201,6 +203,7 @@ fn summary(input: &ReportInput<'_>, opts: &ReportOptions) -> Summary {
         stacks_truncated: input.stacks.count(|s| s.truncated()),
         stacks_broken: input.stacks.count(|s| s.broken() && !s.truncated()),
         walks: input.walks,
+        probes: input.probes.clone(),
         ..Default::default()
     }
 }

@@ -131,6 +131,7 @@ fn report(
             tracer: Default::default(),
             stack_cache_hits: 6,
             stack_walks: 7,
+            probes: None,
         },
         &ReportOptions {
             min_age_ns: 0,

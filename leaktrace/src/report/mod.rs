@@ -10,6 +10,6 @@ pub mod model;
 pub use build::{ReportInput, ReportOptions, TmpRow, build, growth_leaks, stack_frames};
 pub use merge::Trend;
 pub use model::{
-    FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Owner, Report,
-    Summary, Tier2, TmpLeak, TracerUsage, WalkSummary,
+    FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Owner,
+    ProbeSummary, Report, Summary, Tier2, TmpLeak, TracerUsage, WalkSummary,
 };

@@ -52,6 +52,9 @@ pub struct Summary {
     /// Stack walking cost, measured in the kernel (`--measure-walks` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub walks: Option<WalkSummary>,
+    /// How the uprobes were attached and what they cost to attach (live sessions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes: Option<ProbeSummary>,
     /// Descriptors created, closed, and still open (or open at exit), among those we saw
     /// created; closes of others (inherited, opened before tracing).
     pub fds_opened: u64,
@@ -81,6 +84,26 @@ pub struct Summary {
     /// unbiased estimates, counts are of sampled blocks, and `unmatched_frees` also counts
     /// some frees of blocks that were not sampled.
     pub sample_bytes: u64,
+}
+
+/// The uprobes of a session.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct ProbeSummary {
+    /// `multi` (uprobe_multi links) or `perf` (a perf-event uprobe per function).
+    pub attach: String,
+    /// Runs of an allocator entry program in the kernel, any process: with the probes scoped
+    /// to the traced processes, their allocator calls and nothing else.
+    pub hits: u64,
+    /// Fork and exec records after which a process's probes were brought up to date (the
+    /// latencies below are of these).
+    pub hook_events: u64,
+    /// Microseconds from a fork or exec record's kernel timestamp to the process's probes in
+    /// place (the child waits, stopped, meanwhile): median.
+    pub hook_latency_us_p50: u64,
+    /// The same, the slowest.
+    pub hook_latency_us_max: u64,
+    /// Links attached over the session (a perf-event uprobe or a uprobe_multi link each).
+    pub links_attached: u64,
 }
 
 /// Stack walks timed in the kernel.

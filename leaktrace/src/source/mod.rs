@@ -4,6 +4,7 @@
 //! catalogues, and every name it looks up is a constant from there.
 //!
 //! - `probes`: the allocator and loader uprobes of each process, and their release;
+//! - `multi`: uprobe_multi links, made with our own `bpf()` call (aya 0.14 has none);
 //! - `code`: the stack walker's view of each process (mappings, unwind tables);
 //! - here: loading, the tracepoints, the traced-process map and the kernel's counters.
 use aya::{
@@ -19,10 +20,12 @@ use leaktrace_common::{
 use crate::unwind::{Unwind, Unwinder};
 
 mod code;
+mod multi;
 mod probes;
 
 pub use code::map_memory_bytes;
-pub use probes::{AllocatorProbes, Detacher, ProcessProbes, release_probes_after_exit};
+pub use multi::{LinkSummary, census as link_census};
+pub use probes::{AllocatorProbes, AttachMode, Detacher, ProcessProbes, release_probes_after_exit};
 
 /// The eBPF object built from `leaktrace-ebpf` (empty when built without the toolchain).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
@@ -55,6 +58,14 @@ pub enum SourceError {
         /// What aya reported.
         source: aya::maps::MapError,
     },
+    #[error("eBPF program {name}: cannot create its uprobe_multi link: {source}")]
+    /// `BPF_LINK_CREATE` of a uprobe_multi link failed.
+    Link {
+        /// The program's name in the eBPF object.
+        name: &'static str,
+        /// What the kernel answered.
+        source: std::io::Error,
+    },
     #[error("eBPF object lacks {0}")]
     /// The object has no program or map of this name (`"pid"`: probes were asked for pid 0).
     Missing(&'static str),
@@ -83,6 +94,9 @@ pub struct LoadOptions {
     /// Forward the eBPF side's diagnostics (aya-log, debug level) to the log; off, they
     /// cost one load and branch each.
     pub bpf_log: bool,
+    /// How uprobes are attached ([`AttachMode::Auto`]: uprobe_multi links where the kernel
+    /// has them).
+    pub attach: AttachMode,
 }
 
 /// The loaded kernel side.
@@ -98,6 +112,8 @@ pub struct Source {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Stamped on every PROC_CODE value written.
     generation: u32,
+    /// Uprobes are attached with uprobe_multi links (else perf-event uprobes).
+    multi: bool,
 }
 
 impl std::fmt::Debug for Source {
@@ -146,7 +162,21 @@ impl Source {
             .override_global(map::CONFIG, &config, true)
             .override_global(aya_log::LEVEL, &log_level, false)
             .load(OBJECT)?;
-        load_programs(&mut ebpf, opts)?;
+        let multi = match opts.attach {
+            AttachMode::Multi => true,
+            AttachMode::Perf => false,
+            AttachMode::Auto => {
+                let supported = multi::supported();
+                if !supported {
+                    tracing::warn!(
+                        "this kernel has no usable uprobe_multi links: attaching a perf-event \
+                         uprobe per allocator function (slower to release)"
+                    );
+                }
+                supported
+            }
+        };
+        load_programs(&mut ebpf, opts, multi)?;
         let logger = opts.bpf_log.then(|| start_logger(&mut ebpf)).flatten();
         let map_error = |name: &'static str| move |source| SourceError::Map { name, source };
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(SourceError::Missing(name));
@@ -170,6 +200,7 @@ impl Source {
             tables,
             logger,
             generation: 0,
+            multi,
         };
         Ok((source, events))
     }
@@ -179,6 +210,15 @@ impl Source {
     pub fn flush_log(&mut self) {
         if let Some(logger) = &mut self.logger {
             logger.flush();
+        }
+    }
+
+    /// How uprobes are attached: [`AttachMode::Multi`] or [`AttachMode::Perf`].
+    pub fn attach_mode(&self) -> AttachMode {
+        if self.multi {
+            AttachMode::Multi
+        } else {
+            AttachMode::Perf
         }
     }
 
@@ -224,17 +264,50 @@ impl Source {
     }
 }
 
-/// Loads every uprobe program (attached per process later) and loads and attaches the
-/// tracepoints `opts` asks for.
-fn load_programs(ebpf: &mut Ebpf, opts: &LoadOptions) -> Result<(), SourceError> {
-    let entries = alloc_shape::ALL.map(alloc_shape::entry_program);
-    for &name in entries.iter().chain(program::UPROBES) {
+/// The kernel's clock of record timestamps (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC`), now.
+pub fn ktime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Loads the uprobe programs of the attach mode (attached per process later: a program is
+/// loaded either for uprobe_multi links or for perf-event uprobes) and loads and attaches
+/// the tracepoints `opts` asks for.
+fn load_programs(ebpf: &mut Ebpf, opts: &LoadOptions, multi: bool) -> Result<(), SourceError> {
+    let shared = [
+        program::ALLOC_RETURN,
+        program::LOADER_STATE,
+        program::EMPTY,
+        program::EMPTY_RETURN,
+    ];
+    let entries: &[&'static str] = if multi {
+        &[program::ALLOC_ENTER_MULTI]
+    } else {
+        &alloc_shape::ALL.map(alloc_shape::entry_program)
+    };
+    for &name in entries.iter().chain(&shared) {
         let prog: &mut UProbe = ebpf
             .program_mut(name)
             .ok_or(SourceError::Missing(name))?
             .try_into()
             .map_err(program_error(name))?;
-        prog.load().map_err(program_error(name))?;
+        if multi {
+            prog.load_multi().map_err(program_error(name))?;
+        } else {
+            prog.load().map_err(program_error(name))?;
+        }
+        if let Ok(info) = prog.info() {
+            tracing::debug!(
+                "{name}: {} instructions verified, {} translated",
+                info.verified_instruction_count().unwrap_or(0),
+                info.size_translated().unwrap_or(0) / 8
+            );
+        }
     }
     for tp in TRACEPOINTS.iter().filter(|tp| wanted(tp.family, opts)) {
         let name = tp.program;
