@@ -6,6 +6,7 @@ use crate::report::Report;
 
 pub mod folded;
 pub mod json;
+pub mod metrics;
 pub mod pprof;
 pub mod table;
 
