@@ -307,13 +307,15 @@ impl Metrics {
         let events = Family::<Reason, Counter>::default();
         let stacks = Family::<Reason, Counter>::default();
         for (&cause, &n) in &report.summary.lost_by_cause {
-            let (family, reason) = match cause.strip_prefix("stack_") {
-                Some(reason) => (&stacks, reason),
-                None => (&events, cause),
+            // The causes keep their names in the JSON report's `lost_by_cause`.
+            let family = if cause.starts_with("stack_") {
+                &stacks
+            } else {
+                &events
             };
             family
                 .get_or_create(&Reason {
-                    reason: reason.to_owned(),
+                    reason: cause.to_owned(),
                 })
                 .inc_by(n);
         }
@@ -456,7 +458,7 @@ mod tests {
                 "7",
             ),
             (
-                r#"leaktrace_dropped_stacks_total{reason="map_full"}"#.into(),
+                r#"leaktrace_dropped_stacks_total{reason="stack_map_full"}"#.into(),
                 "2",
             ),
             ("leaktrace_tracked_processes".into(), "12"),
