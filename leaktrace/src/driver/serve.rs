@@ -498,9 +498,16 @@ mod tests {
         out
     }
 
+    /// The sample report, its first row in a container, and a growth row as the agent lists
+    /// them.
     fn report() -> Report {
         let mut r = sample();
         r.leaks[0].owner.container_id = Some("0123456789abcdef0123".into());
+        let mut growth = r.leaks[0].clone();
+        growth.kind = "growth";
+        growth.outstanding_bytes = 4096;
+        growth.frames.remove(0);
+        r.growth.push(growth);
         r
     }
 
@@ -557,15 +564,15 @@ mod tests {
             profile.string_table[profile.default_sample_type as usize],
             "inuse_objects"
         );
-        let (status, _, body) = fetch(addr, "GET", "/debug/pprof/heap?kind=growth").await;
-        assert_eq!(status, 200);
-        let profile =
-            <crate::export::pprof::Profile as prost::Message>::decode(gunzip(&body).as_slice())
-                .unwrap();
-        assert!(
-            profile.sample.is_empty(),
-            "the sample report has no growth rows"
-        );
+        for target in ["/debug/pprof/heap?kind=growth", "/debug/pprof/growth"] {
+            let (status, _, body) = fetch(addr, "GET", target).await;
+            assert_eq!(status, 200);
+            let profile =
+                <crate::export::pprof::Profile as prost::Message>::decode(gunzip(&body).as_slice())
+                    .unwrap();
+            let values: Vec<&[i64]> = profile.sample.iter().map(|x| x.value.as_slice()).collect();
+            assert_eq!(values, [&[4096][..]], "{target}");
+        }
         assert_eq!(
             fetch(addr, "GET", "/debug/pprof/heap?sample_index=nope")
                 .await
@@ -584,6 +591,11 @@ mod tests {
         assert_eq!(
             String::from_utf8(body).unwrap(),
             "main;handle_request;cache_insert 4000\n"
+        );
+        let (_, _, body) = fetch(addr, "GET", "/folded?kind=growth&container=0123").await;
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            "main;handle_request 4096\n"
         );
         let (_, _, body) = fetch(addr, "GET", "/folded?kind=fd").await;
         assert_eq!(

@@ -26,7 +26,8 @@ use crate::{
 pub struct AgentStats {
     /// Processes traced now.
     pub tracked_processes: Option<u64>,
-    /// Of those, the ones traced in depth (tier 2: allocator probes, stacks).
+    /// Of those, the ones traced in depth (tier 2: allocator probes, stacks); `None`: those
+    /// still traced in the report's `tier2` list, when it has one.
     pub tier2_processes: Option<u64>,
     /// Processes promoted to tier 2 since the agent started.
     pub promotions: Option<u64>,
@@ -189,7 +190,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("leaktrace");
         let other = Series::other();
         let heap = aggregate(
-            report.leaks.iter().map(|l| {
+            report.leaks.iter().chain(&report.growth).map(|l| {
                 let sums = Sums {
                     a: l.outstanding_bytes,
                     b: l.outstanding_count,
@@ -334,12 +335,16 @@ impl Metrics {
     /// The agent's and the tracer's own figures.
     fn agent(&self, r: &mut Registry, report: &Report) {
         let s = &self.stats;
+        let tier2 = s.tier2_processes.or_else(|| {
+            (!report.tier2.is_empty())
+                .then(|| report.tier2.iter().filter(|t| t.until_s.is_none()).count() as u64)
+        });
         for (name, help, value) in [
             ("tracked_processes", "Processes traced", s.tracked_processes),
             (
                 "tier2_processes",
                 "Processes traced in depth (allocator probes, stacks)",
-                s.tier2_processes,
+                tier2,
             ),
         ] {
             if let Some(v) = value {
@@ -477,6 +482,32 @@ mod tests {
         assert!(text.contains("# TYPE leaktrace_oom_kills_total counter\n"));
         assert!(text.contains("# TYPE leaktrace_open_fds gauge\n"));
         assert!(!text.contains("cache_insert"), "no stack in a label");
+    }
+
+    #[test]
+    fn the_agents_growth_rows_and_tier2_list_count() {
+        let mut r = sample();
+        let mut row = r.leaks[0].clone();
+        row.kind = "growth";
+        row.outstanding_bytes = 4096;
+        r.growth.push(row);
+        r.tier2 = ["exited", ""]
+            .into_iter()
+            .map(|end| crate::report::Tier2 {
+                pid: 7,
+                owner: Owner::named("svc"),
+                reason: "comm=svc".into(),
+                since_s: 1.0,
+                until_s: (!end.is_empty()).then_some(2.0),
+                end: (!end.is_empty()).then(|| end.to_owned()),
+            })
+            .collect();
+        let text = String::from_utf8(Metrics::default().export(&r)).unwrap();
+        let got = samples(&text);
+        let key =
+            r#"leaktrace_heap_outstanding_bytes{container="",comm="cache-server",kind="growth"}"#;
+        assert_eq!(got[key], "4096");
+        assert_eq!(got["leaktrace_tier2_processes"], "1", "one still traced");
     }
 
     #[test]

@@ -116,7 +116,14 @@ impl Pprof {
             let s = b.string(&c);
             b.profile.comment.push(s);
         }
-        for row in report.leaks.iter().filter(|l| l.kind == kind.row_kind()) {
+        // A `--mode growth` session reports its growth rows in `leaks`, the node agent in
+        // `growth`, apart from the exact heap of the processes it traces in full.
+        for row in report
+            .leaks
+            .iter()
+            .chain(&report.growth)
+            .filter(|l| l.kind == kind.row_kind())
+        {
             b.sample(row, kind);
         }
         b.finish()
@@ -621,6 +628,14 @@ mod tests {
         assert_eq!(values, [&[1 << 20][..]]);
         let heap = decode(&Pprof::default().export(&r));
         assert_eq!(heap.sample.len(), 1);
+        // The node agent's growth rows come in a list of their own.
+        let mut agent = report();
+        let mut row = agent.leaks.pop().unwrap();
+        row.kind = "growth";
+        agent.growth.push(row);
+        let p = decode(&growth.export(&agent));
+        let values: Vec<&[i64]> = p.sample.iter().map(|x| x.value.as_slice()).collect();
+        assert_eq!(values, [&[1 << 20][..]]);
         // Without a kind, growth mode's reports give growth profiles.
         r.summary.mode = "growth";
         let auto = decode(&Pprof::default().export(&r));
