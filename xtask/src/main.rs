@@ -24,8 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (idempotent): nightly's rust-src, bpf-linker
-    /// built against the nightly's LLVM, a C compiler, podman and runc for the container
-    /// tests, tracefs.
+    /// built against the nightly's LLVM, a C compiler, valgrind, promtool and Go for the
+    /// serving tests, podman and runc for the container tests, tracefs.
     Setup,
     /// Set up, then build leaktrace in release mode with its eBPF programs.
     Build,
@@ -173,12 +173,20 @@ fn setup() -> Result<()> {
         ]))?;
     }
     install_bpf_linker(&sysroot)?;
-    // The fixtures are C and C++ programs; valgrind is the oracle for "in use at exit".
-    let missing: Vec<&str> = [("cc", "gcc"), ("c++", "g++"), ("valgrind", "valgrind")]
-        .into_iter()
-        .filter(|(tool, _)| output(Command::new(tool).arg("--version")).is_none())
-        .map(|(_, package)| package)
-        .collect();
+    // The fixtures are C and C++ programs; valgrind is the oracle for "in use at exit";
+    // promtool (in Debian's prometheus package) and `go tool pprof` check what the agent
+    // serves.
+    let missing: Vec<&str> = [
+        ("cc", "--version", "gcc"),
+        ("c++", "--version", "g++"),
+        ("valgrind", "--version", "valgrind"),
+        ("promtool", "--version", "prometheus"),
+        ("go", "version", "golang-go"),
+    ]
+    .into_iter()
+    .filter(|(tool, arg, _)| output(Command::new(tool).arg(arg)).is_none())
+    .map(|(_, _, package)| package)
+    .collect();
     // The container tests run fixtures under podman with runc (see tests/containers.md).
     // Recommends are left out: as root, with no network and no registry, podman needs
     // neither buildah, slirp4netns, fuse-overlayfs nor the user-session pieces.
@@ -194,7 +202,8 @@ fn setup() -> Result<()> {
         eprintln!("xtask: installing {}", missing.join(", "));
         run(as_root("apt-get")
             .args(["install", "-yq", "libc6-dev"])
-            .args(&missing))?;
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     if !containers.is_empty() {
         eprintln!("xtask: installing {}", containers.join(", "));

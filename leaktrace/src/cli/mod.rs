@@ -31,6 +31,7 @@ Examples:
   sudo leaktrace run --format json -- ./service --port 8080
   sudo leaktrace --pid 4242 --format folded --duration 60s | inferno-flamegraph > leaks.svg
   sudo leaktrace --pid 4242 --only fd --format folded --folded-kind fd > fds.folded
+  sudo leaktrace --pid 4242 --duration 60s --format pprof -o heap.pb.gz
   sudo leaktrace --pid 4242 --oom-log /var/log/leaktrace-oom.jsonl";
 
 /// Find the call stacks that leak memory, descriptors and temp files, in a live process, with
@@ -299,6 +300,15 @@ impl Cli {
             Some(Command::UnwindInfo { .. }) => return Ok(()),
             None => &self.common,
         };
+        if common.format.is_binary()
+            && common.output.is_none()
+            && std::io::IsTerminal::is_terminal(&std::io::stdout())
+        {
+            return Err(<Self as clap::CommandFactory>::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--format pprof is a binary profile: write it to a file with -o FILE (or pipe it)",
+            ));
+        }
         if common.sample_bytes.is_some() && common.mode != Mode::Full {
             return Err(<Self as clap::CommandFactory>::command().error(
                 clap::error::ErrorKind::ArgumentConflict,

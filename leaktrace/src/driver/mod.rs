@@ -29,6 +29,7 @@ pub mod agent;
 mod pipeline;
 pub mod record;
 mod reports;
+pub mod serve;
 mod session;
 mod sink;
 mod tracer;

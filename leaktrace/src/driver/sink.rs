@@ -20,14 +20,14 @@ pub(super) struct Sink {
 
 impl Sink {
     pub(super) fn emit(&self, report: &Report) -> Result<(), SessionError> {
-        let text = export::render(report, self.format, self.weight, self.folded_kind);
+        let text = export::render_bytes(report, self.format, self.weight, self.folded_kind);
         match &self.output {
             Some(path) => {
                 export::to_path(path, &text).map_err(|e| SessionError::Io("cannot write report", e))
             }
             None => {
                 let mut out = io::stdout().lock();
-                let r = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+                let r = out.write_all(&text).and_then(|()| out.flush());
                 // A closed pipe (`| head`) is not an error worth failing for.
                 match r {
                     Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {

@@ -37,8 +37,8 @@ pub struct Folded {
 }
 
 impl Exporter for Folded {
-    fn export(&self, report: &Report) -> String {
-        render(report, self.weight, self.kind)
+    fn export(&self, report: &Report) -> Vec<u8> {
+        render(report, self.weight, self.kind).into_bytes()
     }
 }
 

@@ -10,11 +10,15 @@ use crate::{export::Exporter, report::Report};
 pub struct Json;
 
 impl Exporter for Json {
-    fn export(&self, report: &Report) -> String {
+    fn export(&self, report: &Report) -> Vec<u8> {
         // Serializing plain data with string keys cannot fail.
         let mut out =
             serde_json::to_string(report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
         out.push('\n');
-        out
+        out.into_bytes()
+    }
+
+    fn content_type(&self) -> &'static str {
+        "application/json"
     }
 }

@@ -1,11 +1,13 @@
 //! Writers: one module per output format, each an [`Exporter`] that takes a finished
-//! [`Report`] and returns text. [`Format::exporter`] picks one.
+//! [`Report`] and returns its bytes (text for all but pprof). [`Format::exporter`] picks one.
 use std::{fs, io, io::Write as _, path::Path};
 
 use crate::report::Report;
 
 pub mod folded;
 pub mod json;
+pub mod metrics;
+pub mod pprof;
 pub mod table;
 
 /// Output formats.
@@ -17,6 +19,16 @@ pub enum Format {
     Json,
     /// Folded stacks for flamegraph.pl or inferno: `root;…;leaf weight`.
     Folded,
+    /// A gzipped pprof heap profile (binary: needs --output) for `go tool pprof`, Parca or
+    /// Pyroscope.
+    Pprof,
+}
+
+impl Format {
+    /// True for formats that are not text (refused on a terminal).
+    pub fn is_binary(self) -> bool {
+        self == Format::Pprof
+    }
 }
 
 /// What folded lines are weighted by.
@@ -33,14 +45,15 @@ pub enum FoldedWeight {
 /// regular file (or a new one) is replaced atomically through a temporary file beside it.
 /// Anything else is written in place and never replaced: a device such as `/dev/null`, a
 /// FIFO, or a symbolic link (written through).
-pub fn to_path(path: &Path, text: &str) -> io::Result<()> {
+pub fn to_path(path: &Path, text: impl AsRef<[u8]>) -> io::Result<()> {
+    let text = text.as_ref();
     let in_place = fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_file());
     if in_place {
         let mut f = fs::OpenOptions::new()
             .write(true)
             .truncate(true)
             .open(path)?;
-        return f.write_all(text.as_bytes());
+        return f.write_all(text);
     }
     let name = path
         .file_name()
@@ -68,10 +81,15 @@ pub enum FoldedKind {
     Tmp,
 }
 
-/// Turns a finished report into text; one implementation per output format.
+/// Turns a finished report into bytes; one implementation per output format.
 pub trait Exporter {
-    /// The report as this format writes it.
-    fn export(&self, report: &Report) -> String;
+    /// The report as this format writes it: UTF-8 text, except for binary formats (pprof).
+    fn export(&self, report: &Report) -> Vec<u8>;
+
+    /// The HTTP `Content-Type` of what [`export`](Self::export) returns.
+    fn content_type(&self) -> &'static str {
+        "text/plain; charset=utf-8"
+    }
 }
 
 impl Format {
@@ -82,13 +100,26 @@ impl Format {
             Format::Table => Box::new(table::Table),
             Format::Json => Box::new(json::Json),
             Format::Folded => Box::new(folded::Folded { weight, kind }),
+            Format::Pprof => Box::new(pprof::Pprof::default()),
         }
     }
 }
 
 /// Renders a report in `format` (see [`Format::exporter`]).
-pub fn render(report: &Report, format: Format, weight: FoldedWeight, kind: FoldedKind) -> String {
+pub fn render_bytes(
+    report: &Report,
+    format: Format,
+    weight: FoldedWeight,
+    kind: FoldedKind,
+) -> Vec<u8> {
     format.exporter(weight, kind).export(report)
+}
+
+/// Renders a report in a text `format` (see [`Format::exporter`]); a binary format's bytes
+/// come out mangled, use [`render_bytes`] for those.
+pub fn render(report: &Report, format: Format, weight: FoldedWeight, kind: FoldedKind) -> String {
+    String::from_utf8(render_bytes(report, format, weight, kind))
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 #[cfg(test)]
@@ -161,7 +192,7 @@ mod output_file {
 }
 
 #[cfg(test)]
-mod golden {
+pub(crate) mod golden {
     //! Each writer against a file of expected output. `UPDATE_GOLDEN=1 cargo test` rewrites
     //! them; review the diff.
     use super::*;
@@ -190,7 +221,8 @@ mod golden {
         frame(addr, Some(symbol), APP, Some((file, line)))
     }
 
-    fn sample() -> Report {
+    /// A report with a row of every kind, for the exporters' and the server's tests.
+    pub(crate) fn sample() -> Report {
         let main = app_frame(0x5555_0000_1300, "main", "/src/main.c", 88);
         let loader = app_frame(0x5555_0000_1400, "load_geofence", "/src/geo.c", 40);
         let insert = app_frame(0x5555_0000_1234, "cache_insert", "/src/cache.c", 17);

@@ -288,7 +288,7 @@ pub fn oom_notice(k: &OomKill) -> String {
 pub struct Table;
 
 impl Exporter for Table {
-    fn export(&self, report: &Report) -> String {
+    fn export(&self, report: &Report) -> Vec<u8> {
         let mut out = String::new();
         header(&mut out, report);
         let s = &report.summary;
@@ -321,7 +321,7 @@ impl Exporter for Table {
                 count(s.runtime_outstanding_count),
             );
         }
-        out
+        out.into_bytes()
     }
 }
 

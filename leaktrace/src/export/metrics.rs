@@ -1,0 +1,565 @@
+//! Prometheus metrics (text exposition format 0.0.4), what the node agent serves on
+//! `/metrics`.
+//!
+//! Every metric is named `leaktrace_…`. Labels tell who holds a row and nothing else:
+//! `container` (the id's first 12 characters, "" outside containers), `comm`, and `kind`
+//! (`heap`/`growth` for heap rows, the descriptor kind for descriptors, `tmp`). Never a stack:
+//! stacks live in the pprof and folded endpoints, and a label per stack would make one series
+//! per call path. Rows with the same labels are summed; past [`Metrics::max_series`] label
+//! sets in one family, the smallest are summed into one series whose labels are all `other`.
+use std::{collections::HashMap, fmt::Write as _};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, prometheus_text},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{
+    export::Exporter,
+    report::{Owner, Report},
+};
+
+/// What the agent knows beyond one report, for the metrics of its own work. `None`: not
+/// known (the metric is left out).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Processes traced now.
+    pub tracked_processes: Option<u64>,
+    /// Of those, the ones traced in depth (tier 2: allocator probes, stacks); `None`: those
+    /// still traced in the report's `tier2` list, when it has one.
+    pub tier2_processes: Option<u64>,
+    /// Processes promoted to tier 2 since the agent started.
+    pub promotions: Option<u64>,
+}
+
+/// Series per metric family by default.
+pub const MAX_SERIES: usize = 500;
+
+/// The metrics of one report and the agent's figures.
+#[derive(Clone, Copy, Debug)]
+pub struct Metrics {
+    /// The agent's own figures.
+    pub stats: AgentStats,
+    /// Series per metric family, the `other` series included (at least 1).
+    pub max_series: usize,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            stats: AgentStats::default(),
+            max_series: MAX_SERIES,
+        }
+    }
+}
+
+/// Who a series belongs to. `namespace` and `pod` are one field each here, filled in
+/// [`Identity::of`], when the owner knows them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct Identity {
+    /// The container id, short form (12 characters), or "".
+    pub container: String,
+    /// The command name.
+    pub comm: String,
+}
+
+impl Identity {
+    /// The labels of a row held by `owner`.
+    pub fn of(owner: &Owner) -> Self {
+        Self::new(owner.container_id.as_deref(), &owner.comm)
+    }
+
+    fn new(container_id: Option<&str>, comm: &str) -> Self {
+        Self {
+            container: container_id
+                .map(|id| id.chars().take(12).collect())
+                .unwrap_or_default(),
+            comm: comm.to_owned(),
+        }
+    }
+
+    fn other() -> Self {
+        Self {
+            container: OTHER.into(),
+            comm: OTHER.into(),
+        }
+    }
+}
+
+/// The label value of the series that sums those past the cap.
+const OTHER: &str = "other";
+
+/// The labels of a row's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct Series {
+    #[prometheus(flatten)]
+    identity: Identity,
+    kind: String,
+}
+
+impl Series {
+    fn new(owner: &Owner, kind: &str) -> Self {
+        Self {
+            identity: Identity::of(owner),
+            kind: kind.to_owned(),
+        }
+    }
+
+    fn other() -> Self {
+        Self {
+            identity: Identity::other(),
+            kind: OTHER.into(),
+        }
+    }
+}
+
+/// `reason` of dropped events.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+/// Sums of the rows of one label set: `a` ranks them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Sums {
+    a: u64,
+    b: u64,
+    rate: Option<f64>,
+}
+
+impl Sums {
+    fn add(&mut self, o: Sums) {
+        self.a += o.a;
+        self.b += o.b;
+        self.rate = match (self.rate, o.rate) {
+            (Some(x), Some(y)) => Some(x + y),
+            (x, y) => x.or(y),
+        };
+    }
+}
+
+/// Sums rows by label set; past `max` sets, keeps the `max - 1` largest by `a` and sums the
+/// rest into the `other` series.
+fn aggregate(
+    rows: impl Iterator<Item = (Series, Sums)>,
+    max: usize,
+    other: &Series,
+) -> Vec<(Series, Sums)> {
+    let mut by: HashMap<Series, Sums> = HashMap::new();
+    for (series, sums) in rows {
+        by.entry(series).or_default().add(sums);
+    }
+    let mut out: Vec<(Series, Sums)> = by.into_iter().collect();
+    out.sort_by(|x, y| y.1.a.cmp(&x.1.a).then_with(|| x.0.cmp(&y.0)));
+    let max = max.max(1);
+    if out.len() > max {
+        let mut rest = Sums::default();
+        for (_, s) in out.drain(max - 1..) {
+            rest.add(s);
+        }
+        out.push((other.clone(), rest));
+    }
+    out
+}
+
+fn gauge_i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Registers a family of integer gauges, one per series.
+fn gauges(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    series: &[(Series, Sums)],
+    value: impl Fn(&Sums) -> Option<u64>,
+) {
+    let family = Family::<Series, Gauge>::default();
+    for (labels, sums) in series {
+        if let Some(v) = value(sums) {
+            family.get_or_create(labels).set(gauge_i(v));
+        }
+    }
+    registry.register(name, help, family);
+}
+
+impl Metrics {
+    /// The registry of a report's metrics.
+    fn registry(&self, report: &Report) -> Registry {
+        let mut r = Registry::with_prefix("leaktrace");
+        let other = Series::other();
+        let heap = aggregate(
+            report.leaks.iter().chain(&report.growth).map(|l| {
+                let sums = Sums {
+                    a: l.outstanding_bytes,
+                    b: l.outstanding_count,
+                    rate: l.growth_bytes_per_s,
+                };
+                (Series::new(&l.owner, l.kind), sums)
+            }),
+            self.max_series,
+            &other,
+        );
+        gauges(
+            &mut r,
+            "heap_outstanding_bytes",
+            "Heap bytes outstanding (kind heap) or resident memory added (kind growth), at least --min-age old",
+            &heap,
+            |s| Some(s.a),
+        );
+        gauges(
+            &mut r,
+            "heap_outstanding_objects",
+            "Heap blocks outstanding (kind growth: faults that added memory)",
+            &heap,
+            |s| Some(s.b),
+        );
+        let growth = Family::<Series, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for (labels, sums) in &heap {
+            if let Some(rate) = sums.rate {
+                growth.get_or_create(labels).set(rate);
+            }
+        }
+        r.register(
+            "heap_growth_bytes_per_second",
+            "How fast outstanding heap bytes grow, over the recent reports",
+            growth,
+        );
+
+        let fds = aggregate(
+            report.fd_leaks.iter().map(|l| {
+                let sums = Sums {
+                    a: l.outstanding,
+                    ..Sums::default()
+                };
+                (Series::new(&l.owner, l.fd_kind), sums)
+            }),
+            self.max_series,
+            &other,
+        );
+        gauges(
+            &mut r,
+            "open_fds",
+            "Descriptors still open, of those seen created (kind: file, socket, pipe, other)",
+            &fds,
+            |s| Some(s.a),
+        );
+
+        let tmp = aggregate(
+            report.tmp_leaks.iter().map(|l| {
+                let sums = Sums {
+                    a: l.bytes,
+                    b: l.files,
+                    rate: None,
+                };
+                (Series::new(&l.owner, "tmp"), sums)
+            }),
+            self.max_series,
+            &other,
+        );
+        gauges(
+            &mut r,
+            "tmp_file_bytes",
+            "Bytes on disk of temp files created and never unlinked",
+            &tmp,
+            |s| Some(s.a),
+        );
+        gauges(
+            &mut r,
+            "tmp_files",
+            "Temp files created and never unlinked",
+            &tmp,
+            |s| Some(s.b),
+        );
+
+        let ooms = aggregate(
+            report.oom_kills.iter().map(|k| {
+                let series = Series {
+                    identity: Identity::new(k.container_id.as_deref(), &k.comm),
+                    kind: "oom".into(),
+                };
+                let sums = Sums {
+                    a: 1,
+                    ..Sums::default()
+                };
+                (series, sums)
+            }),
+            self.max_series,
+            &other,
+        );
+        let family = Family::<Series, Counter>::default();
+        for (labels, sums) in &ooms {
+            family.get_or_create(labels).inc_by(sums.a);
+        }
+        r.register(
+            "oom_kills",
+            "Processes the kernel killed for want of memory",
+            family,
+        );
+
+        self.losses(&mut r, report);
+        self.agent(&mut r, report);
+        r
+    }
+
+    /// Events and stacks the kernel side could not deliver, by cause.
+    fn losses(&self, r: &mut Registry, report: &Report) {
+        let events = Family::<Reason, Counter>::default();
+        let stacks = Family::<Reason, Counter>::default();
+        for (&cause, &n) in &report.summary.lost_by_cause {
+            // The causes keep their names in the JSON report's `lost_by_cause`.
+            let family = if cause.starts_with("stack_") {
+                &stacks
+            } else {
+                &events
+            };
+            family
+                .get_or_create(&Reason {
+                    reason: cause.to_owned(),
+                })
+                .inc_by(n);
+        }
+        r.register(
+            "dropped_events",
+            "Events the kernel side could not deliver (counts are lower bounds then)",
+            events,
+        );
+        r.register(
+            "dropped_stacks",
+            "Stacks whose frames could not be delivered (counts stay exact)",
+            stacks,
+        );
+    }
+
+    /// The agent's and the tracer's own figures.
+    fn agent(&self, r: &mut Registry, report: &Report) {
+        let s = &self.stats;
+        let tier2 = s.tier2_processes.or_else(|| {
+            (!report.tier2.is_empty())
+                .then(|| report.tier2.iter().filter(|t| t.until_s.is_none()).count() as u64)
+        });
+        for (name, help, value) in [
+            ("tracked_processes", "Processes traced", s.tracked_processes),
+            (
+                "tier2_processes",
+                "Processes traced in depth (allocator probes, stacks)",
+                tier2,
+            ),
+        ] {
+            if let Some(v) = value {
+                let g = Gauge::<i64>::default();
+                g.set(gauge_i(v));
+                r.register(name, help, g);
+            }
+        }
+        if let Some(v) = s.promotions {
+            let c = Counter::<u64>::default();
+            c.inc_by(v);
+            r.register("promotions", "Processes promoted to tier 2", c);
+        }
+        let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        cpu.inc_by(report.summary.tracer.cpu_s);
+        r.register("tracer_cpu_seconds", "leaktrace's own CPU time", cpu);
+        let rss = Gauge::<i64>::default();
+        rss.set(gauge_i(report.summary.tracer.peak_rss_bytes));
+        r.register(
+            "tracer_peak_rss_bytes",
+            "leaktrace's own peak resident memory",
+            rss,
+        );
+    }
+}
+
+impl Exporter for Metrics {
+    fn export(&self, report: &Report) -> Vec<u8> {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        if let Err(e) = prometheus_text::encode(&mut out, &self.registry(report)) {
+            let _ = writeln!(out, "# error: {e}");
+        }
+        out.into_bytes()
+    }
+
+    fn content_type(&self) -> &'static str {
+        prometheus_text::CONTENT_TYPE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::export::golden::sample;
+
+    /// The samples of an exposition, `name{labels}` to value.
+    fn samples(text: &str) -> BTreeMap<&str, &str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.rsplit_once(' ').unwrap())
+            .collect()
+    }
+
+    fn report() -> Report {
+        let mut r = sample();
+        // The sample's fd rows and its first heap row run in a container.
+        r.leaks[0].owner.container_id = Some("0123456789abcdef0123".into());
+        for row in &mut r.fd_leaks {
+            row.owner.container_id = Some("0123456789abcdef0123".into());
+        }
+        r.summary.lost_by_cause = [("ringbuf_full", 7), ("stack_map_full", 2)].into();
+        r
+    }
+
+    #[test]
+    fn exact_values_of_a_report() {
+        let metrics = Metrics {
+            stats: AgentStats {
+                tracked_processes: Some(12),
+                tier2_processes: Some(3),
+                promotions: Some(5),
+            },
+            max_series: MAX_SERIES,
+        };
+        let text = String::from_utf8(metrics.export(&report())).unwrap();
+        let c = r#"container="0123456789ab",comm="cache-server""#;
+        let h = r#"container="",comm="cache-server""#;
+        let want: BTreeMap<String, &str> = [
+            (
+                format!("leaktrace_heap_outstanding_bytes{{{c},kind=\"heap\"}}"),
+                "8388608",
+            ),
+            (
+                format!("leaktrace_heap_outstanding_bytes{{{h},kind=\"heap\"}}"),
+                "1048576",
+            ),
+            (
+                format!("leaktrace_heap_outstanding_objects{{{c},kind=\"heap\"}}"),
+                "4000",
+            ),
+            (
+                format!("leaktrace_heap_outstanding_objects{{{h},kind=\"heap\"}}"),
+                "567",
+            ),
+            (
+                format!("leaktrace_heap_growth_bytes_per_second{{{c},kind=\"heap\"}}"),
+                "2048.0",
+            ),
+            (format!("leaktrace_open_fds{{{c},kind=\"file\"}}"), "847"),
+            (format!("leaktrace_open_fds{{{c},kind=\"socket\"}}"), "12"),
+            (
+                format!("leaktrace_tmp_file_bytes{{{h},kind=\"tmp\"}}"),
+                "5242880",
+            ),
+            (format!("leaktrace_tmp_files{{{h},kind=\"tmp\"}}"), "1247"),
+            (
+                r#"leaktrace_oom_kills_total{container="abcdef",comm="cache-server",kind="oom"}"#
+                    .into(),
+                "1",
+            ),
+            (
+                r#"leaktrace_dropped_events_total{reason="ringbuf_full"}"#.into(),
+                "7",
+            ),
+            (
+                r#"leaktrace_dropped_stacks_total{reason="stack_map_full"}"#.into(),
+                "2",
+            ),
+            ("leaktrace_tracked_processes".into(), "12"),
+            ("leaktrace_tier2_processes".into(), "3"),
+            ("leaktrace_promotions_total".into(), "5"),
+            ("leaktrace_tracer_cpu_seconds_total".into(), "1.25"),
+            ("leaktrace_tracer_peak_rss_bytes".into(), "62914560"),
+        ]
+        .into_iter()
+        .collect();
+        let got: BTreeMap<String, &str> = samples(&text)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        assert_eq!(got, want, "{text}");
+        assert!(text.contains("# TYPE leaktrace_oom_kills_total counter\n"));
+        assert!(text.contains("# TYPE leaktrace_open_fds gauge\n"));
+        assert!(!text.contains("cache_insert"), "no stack in a label");
+    }
+
+    #[test]
+    fn the_agents_growth_rows_and_tier2_list_count() {
+        let mut r = sample();
+        let mut row = r.leaks[0].clone();
+        row.kind = "growth";
+        row.outstanding_bytes = 4096;
+        r.growth.push(row);
+        r.tier2 = ["exited", ""]
+            .into_iter()
+            .map(|end| crate::report::Tier2 {
+                pid: 7,
+                owner: Owner::named("svc"),
+                reason: "comm=svc".into(),
+                since_s: 1.0,
+                until_s: (!end.is_empty()).then_some(2.0),
+                end: (!end.is_empty()).then(|| end.to_owned()),
+            })
+            .collect();
+        let text = String::from_utf8(Metrics::default().export(&r)).unwrap();
+        let got = samples(&text);
+        let key =
+            r#"leaktrace_heap_outstanding_bytes{container="",comm="cache-server",kind="growth"}"#;
+        assert_eq!(got[key], "4096");
+        assert_eq!(got["leaktrace_tier2_processes"], "1", "one still traced");
+    }
+
+    #[test]
+    fn rows_of_one_label_set_are_summed() {
+        let text = String::from_utf8(Metrics::default().export(&sample())).unwrap();
+        let got = samples(&text);
+        let key =
+            r#"leaktrace_heap_outstanding_bytes{container="",comm="cache-server",kind="heap"}"#;
+        assert_eq!(got[key], "9437184");
+        // Unknown agent figures are left out.
+        assert!(!text.contains("tracked_processes"));
+    }
+
+    #[test]
+    fn past_the_cap_the_smallest_series_sum_into_other() {
+        let mut r = sample();
+        let template = r.leaks[0].clone();
+        r.leaks = (1..=5u64)
+            .map(|i| {
+                let mut row = template.clone();
+                row.owner.comm = format!("worker-{i}");
+                row.outstanding_bytes = i * 100;
+                row.outstanding_count = i;
+                row.growth_bytes_per_s = Some(i as f64);
+                row
+            })
+            .collect();
+        let metrics = Metrics {
+            max_series: 3,
+            ..Metrics::default()
+        };
+        let text = String::from_utf8(metrics.export(&r)).unwrap();
+        let got = samples(&text);
+        let bytes: BTreeMap<&str, &str> = got
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("leaktrace_heap_outstanding_bytes")?, *v)))
+            .collect();
+        let want: BTreeMap<&str, &str> = [
+            (r#"{container="",comm="worker-5",kind="heap"}"#, "500"),
+            (r#"{container="",comm="worker-4",kind="heap"}"#, "400"),
+            (r#"{container="other",comm="other",kind="other"}"#, "600"),
+        ]
+        .into();
+        assert_eq!(bytes, want);
+        let other = r#"{container="other",comm="other",kind="other"}"#;
+        assert_eq!(
+            got[format!("leaktrace_heap_outstanding_objects{other}").as_str()],
+            "6"
+        );
+        assert_eq!(
+            got[format!("leaktrace_heap_growth_bytes_per_second{other}").as_str()],
+            "6.0"
+        );
+    }
+}
