@@ -316,3 +316,21 @@ fn a_selected_process_that_runs_without_its_probes_firing_is_reported_once() {
     assert_eq!(notices.len(), 1, "{}", r.pretty());
     assert!(notices[0].as_str().unwrap().starts_with(&notice));
 }
+
+#[test]
+fn a_port_that_is_taken_is_a_one_line_error() {
+    if !privileged() {
+        return;
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let run = common::run(&["agent", "--listen", &addr]);
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    let errors: Vec<&str> = run.stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(
+        errors,
+        [format!("leaktrace: error: address {addr} is in use: pass --listen ADDR").as_str()],
+        "{}",
+        run.stderr
+    );
+}

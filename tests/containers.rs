@@ -3,7 +3,7 @@
 //! container they run in. tests/containers.md says how the containers are run.
 mod common;
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use common::{
     Background, Report,
@@ -198,4 +198,190 @@ fn the_agent_names_each_containers_leak_with_its_container_id() {
         r.pretty()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A free local port (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over HTTP/1.0: (status, body); `None` when nothing answers.
+fn try_get(port: u16, path: &str) -> Option<(u16, Vec<u8>)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).ok()?;
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&all[..split]).into_owned();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, all[split + 4..].to_vec()))
+}
+
+fn get(port: u16, path: &str) -> (u16, Vec<u8>) {
+    try_get(port, path).unwrap_or_else(|| panic!("nothing answers on port {port}"))
+}
+
+/// Polls `f` every 200 ms for up to `limit` until it returns `Some`.
+fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A tool with HOME and caches under target/ (root in CI has no usable HOME).
+fn tool(name: &str, dir: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(name);
+    c.env("HOME", dir)
+        .env("GOCACHE", dir.join("go-cache"))
+        .env("GOPATH", dir.join("go"))
+        .env("PPROF_TMPDIR", dir.join("pprof"));
+    c
+}
+
+/// The running agent, read by the tools that will read it in production: a real
+/// Prometheus scraping `/metrics` sees the container's outstanding heap grow, promtool
+/// accepts the exposition, and `go tool pprof` names the leaking function in
+/// `/debug/pprof/heap`.
+#[test]
+fn prometheus_promtool_and_pprof_read_the_running_agent() {
+    if !ready() {
+        return;
+    }
+    let ctr = Container::run("serve-heap", &["ctr_service", "heap"]);
+    ctr.wait_for_log("ready");
+    let short = &ctr.id()[..12];
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut agent = Background::start(&[
+        "agent",
+        "--full",
+        &format!("container={short}"),
+        "--listen",
+        &listen,
+        "--interval",
+        "500ms",
+        "-v",
+    ]);
+    agent.wait_for("agent: serving on");
+    agent.wait_for("agent: watching");
+    assert_eq!(get(port, "/healthz"), (200, b"ok".to_vec()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agent-serving");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // A real Prometheus, scraping the agent every second.
+    let prom_port = free_port();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n  - job_name: leaktrace\n    static_configs:\n      - targets: ['{listen}']\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus = tool("prometheus", &dir)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let query = format!("leaktrace_heap_outstanding_bytes{{container=\"{short}\"}}");
+    let value = |min: f64| -> Option<f64> {
+        let (status, body) = try_get(
+            prom_port,
+            &format!(
+                "/api/v1/query?query={}",
+                query
+                    .replace('{', "%7B")
+                    .replace('}', "%7D")
+                    .replace('"', "%22")
+                    .replace('=', "%3D")
+            ),
+        )?;
+        if status != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&body).ok()?;
+        let sum: f64 = v["data"]["result"]
+            .as_array()?
+            .iter()
+            .filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+            .sum();
+        (sum >= min).then_some(sum)
+    };
+    ctr.signal(libc::SIGUSR1);
+    ctr.wait_for_log("leaked 1");
+    let first = eventually(Duration::from_secs(30), || value(4096.0));
+    ctr.signal(libc::SIGUSR1);
+    ctr.wait_for_log("leaked 2");
+    let second = eventually(Duration::from_secs(30), || value(8192.0));
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert_eq!(first, Some(4096.0), "Prometheus never saw the first 4 KiB");
+    assert_eq!(second, Some(8192.0), "Prometheus never saw the heap grow");
+    // promtool accepts what the agent exposes.
+    let (status, metrics) = get(port, "/metrics");
+    assert_eq!(status, 200);
+    let mut check = tool("promtool", &dir)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        check.stdin.take().unwrap().write_all(&metrics).unwrap();
+    }
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // go tool pprof names the leaking function, in the container's own binary.
+    let (status, profile) = get(port, &format!("/debug/pprof/heap?container={short}"));
+    assert_eq!(status, 200);
+    let path = dir.join("heap.pb.gz");
+    std::fs::write(&path, profile).unwrap();
+    let out = tool("go", &dir)
+        .args(["tool", "pprof", "-top", "-sample_index=inuse_space"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = top
+        .lines()
+        .find(|l| l.contains("ctr_heap_leak"))
+        .unwrap_or_else(|| panic!("no ctr_heap_leak in:\n{top}"));
+    assert!(line.contains("8kB"), "{line}\n{top}");
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
+    let run = agent.finish(Duration::from_secs(30));
+    assert!(run.status.success(), "{}", run.stderr);
 }

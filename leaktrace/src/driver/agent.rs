@@ -12,14 +12,7 @@
 //!
 //! The agent adds policy and changes no stage: it is the session's `Tracer` and `Pipeline`
 //! with the growth tables kept apart from the heap's.
-use std::{
-    collections::VecDeque,
-    fmt,
-    net::SocketAddr,
-    str::FromStr,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{collections::VecDeque, fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use hashbrown::{HashMap, HashSet};
@@ -31,10 +24,14 @@ use tokio::{
 };
 
 use super::{
-    FastExit, Outcome, SessionConfig, SessionError, Target, on_alert, session, sink::Sink,
+    FastExit, Outcome, SessionConfig, SessionError, Target, on_alert,
+    serve::{self, Publisher},
+    session,
+    sink::Sink,
     tracer::Tracer,
 };
 use crate::{
+    export::metrics::AgentStats,
     report::{Owner, Report, Tier2},
     symbolize::stacks::StackStore,
     targets::{preflight, procfs},
@@ -271,6 +268,8 @@ struct Policy {
     matched: Vec<bool>,
     notices: Vec<String>,
     self_pid: u32,
+    /// Ended tier-2 entries dropped from the history (bounded).
+    evicted_history: u64,
 }
 
 impl Policy {
@@ -287,6 +286,7 @@ impl Policy {
             matched,
             notices: Vec::new(),
             self_pid: std::process::id(),
+            evicted_history: 0,
         }
     }
 
@@ -381,6 +381,7 @@ impl Policy {
             && let Some(i) = self.history.iter().position(|t| t.until_s.is_some())
         {
             self.history.remove(i);
+            self.evicted_history += 1;
             for a in self.active.values_mut() {
                 if a.entry > i {
                     a.entry -= 1;
@@ -524,15 +525,14 @@ impl Policy {
 /// (`stack_table_full`) until processes exit.
 const AGENT_STACKS: usize = 1 << 18;
 
-/// The latest report, for whoever asks (the HTTP server).
-pub type Latest = Arc<RwLock<Option<Arc<Report>>>>;
-
 /// Runs the agent until SIGTERM or SIGINT (or `--duration`).
 pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     let Target::Node(agent) = &config.target else {
         unreachable!("agent::run runs the node target");
     };
     preflight::check()?;
+    // Bound first: a port that is taken fails before anything is loaded.
+    let server = agent.listen.map(serve::bind).transpose()?;
     let (mut tracer, ring, _recorder) = session::setup(&config)?;
     tracer.full = Some(HashSet::new());
     tracer.pipeline.keep_growth_apart();
@@ -549,7 +549,15 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| SessionError::Io("ring buffer", e.into()))?;
     let mut policy = Policy::new(agent.clone());
-    let latest: Latest = Arc::default();
+    let (publisher, snapshots) = serve::channel();
+    if let Some(server) = server {
+        tracing::info!("agent: serving on http://{}", server.local_addr());
+        tokio::spawn(async move {
+            if let Err(e) = server.run(snapshots, serve::ServeOptions::default()).await {
+                tracing::error!("agent: the HTTP server stopped: {e}");
+            }
+        });
+    }
     let pids = procfs::all_pids().map_err(|e| SessionError::Io("/proc", e))?;
     for &pid in &pids {
         policy.adopt(&mut tracer, pid);
@@ -564,7 +572,16 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
             tracing::warn!("--full {s} matches no process yet; watching for one");
         }
     }
-    agent_loop(&config, &mut tracer, &mut policy, &sink, &mut ring, &latest).await?;
+    publish(&mut tracer, &policy, &publisher);
+    agent_loop(
+        &config,
+        &mut tracer,
+        &mut policy,
+        &sink,
+        &mut ring,
+        &publisher,
+    )
+    .await?;
     drain(ring.get_mut(), &mut tracer, &mut policy, &sink)?;
     let mut report = tracer.report(true);
     policy.annotate(&mut report);
@@ -578,7 +595,7 @@ async fn agent_loop(
     policy: &mut Policy,
     sink: &Sink,
     ring: &mut AsyncFd<RingBuf<MapData>>,
-    latest: &Latest,
+    publisher: &Publisher,
 ) -> Result<(), SessionError> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| SessionError::Io("signal", e))?;
@@ -613,13 +630,9 @@ async fn agent_loop(
             _ = sample_tick.tick() => policy.sample_and_promote(tracer),
             _ = report_tick.tick() => {
                 drain(ring.get_mut(), tracer, policy, sink)?;
-                let mut report = tracer.report(false);
-                policy.annotate(&mut report);
+                let report = publish(tracer, policy, publisher);
                 if sink.output.is_some() {
                     sink.emit(&report)?;
-                }
-                if let Ok(mut l) = latest.write() {
-                    *l = Some(Arc::new(report));
                 }
             }
             _ = interrupt.recv() => break,
@@ -630,6 +643,20 @@ async fn agent_loop(
         }
     }
     Ok(())
+}
+
+/// Builds a report and hands it to the HTTP server.
+fn publish(tracer: &mut Tracer, policy: &Policy, publisher: &Publisher) -> Arc<Report> {
+    let mut report = tracer.report(false);
+    policy.annotate(&mut report);
+    let report = Arc::new(report);
+    let stats = AgentStats {
+        tracked_processes: Some(tracer.pipeline.tracked().count() as u64),
+        tier2_processes: Some(policy.active.len() as u64),
+        promotions: Some(policy.history.len() as u64 + policy.evicted_history),
+    };
+    publisher.publish(report.clone(), stats);
+    report
 }
 
 /// Records drained in one go.

@@ -144,6 +144,9 @@ pub enum SessionError {
     #[error("{0}: {1}")]
     /// An I/O error; the string says what was being done.
     Io(&'static str, io::Error),
+    #[error(transparent)]
+    /// The agent cannot serve where `--listen` says.
+    Serve(#[from] serve::ServeError),
 }
 
 impl SessionError {
@@ -156,7 +159,7 @@ impl SessionError {
             SessionError::Preflight(_) => 5,
             SessionError::NoSuchProcess(_) | SessionError::NoAllocator { .. } => 4,
             SessionError::Spawn(e) => e.exit_code(),
-            SessionError::Source(_) | SessionError::Io(..) => 1,
+            SessionError::Source(_) | SessionError::Io(..) | SessionError::Serve(_) => 1,
         }
     }
 }
