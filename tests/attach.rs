@@ -145,3 +145,65 @@ fn short_lived_children_are_counted_exactly_and_their_links_released() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Waits up to `limit` for the system's uprobe_multi links to be back to `before`; returns
+/// how long it took.
+fn links_back_to(before: usize, limit: Duration) -> Duration {
+    let began = Instant::now();
+    loop {
+        let now = multi_links();
+        if now <= before {
+            return began.elapsed();
+        }
+        assert!(
+            began.elapsed() < limit,
+            "{now} uprobe_multi links left {limit:?} later, {before} before"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The agent's links go with it: within 2 s of SIGTERM, and when it is SIGKILLed too (a
+/// link is a descriptor; nothing is pinned).
+#[test]
+fn the_agents_links_are_gone_after_sigterm_and_after_sigkill() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let target = Command::new(c_fixture("heap_attach"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let selector = format!("pid={}", target.id());
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        let before = multi_links();
+        let mut agent = common::Background::start(&[
+            "agent",
+            "--full",
+            &selector,
+            "--no-listen",
+            "-o",
+            "/dev/null",
+            "-v",
+        ]);
+        agent.wait_for("exact heap tracing on");
+        assert!(
+            multi_links() > before,
+            "the agent attached no uprobe_multi link"
+        );
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(agent.pid() as i32, signal) };
+        let took = links_back_to(before, Duration::from_secs(10));
+        let _ = agent.finish(Duration::from_secs(30));
+        eprintln!("signal {signal}: links gone {took:?} after it");
+        if signal == libc::SIGTERM {
+            assert!(
+                took < Duration::from_secs(2),
+                "SIGTERM: links gone only after {took:?}"
+            );
+        }
+    }
+    drop(target);
+}
