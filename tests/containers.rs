@@ -380,6 +380,25 @@ fn prometheus_promtool_and_pprof_read_the_running_agent() {
         .find(|l| l.contains("ctr_heap_leak"))
         .unwrap_or_else(|| panic!("no ctr_heap_leak in:\n{top}"));
     assert!(line.contains("8kB"), "{line}\n{top}");
+    // Its mapping names the binary by build id, as the report does.
+    let (status, json) = get(port, &format!("/report.json?container={short}"));
+    assert_eq!(status, 200);
+    let report: Value = serde_json::from_slice(&json).unwrap();
+    let id = report["build_ids"]["/fixtures/ctr_service"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no build id for the fixture: {}", report["build_ids"]));
+    assert_eq!(id.len(), 40, "{id}");
+    let raw = tool("go", &dir)
+        .args(["tool", "pprof", "-raw"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw.stdout);
+    assert!(
+        raw.lines()
+            .any(|l| l.contains("/fixtures/ctr_service") && l.contains(id)),
+        "no mapping of /fixtures/ctr_service with build id {id}:\n{raw}"
+    );
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
     let run = agent.finish(Duration::from_secs(30));

@@ -93,6 +93,7 @@ fn report() -> Report {
         growth: vec![],
         tier2: vec![],
         notices: vec![],
+        build_ids: Default::default(),
         is_final: false,
     }
 }

@@ -604,7 +604,9 @@ async fn agent_loop(
     let deadline = config.duration.map(|d| Instant::now() + d);
     let every = config.interval.unwrap_or(Duration::from_secs(10));
     let mut report_tick = tokio::time::interval_at(Instant::now() + every, every);
-    let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
+    // Records come with a wakeup every few hundred (and lifecycle ones at once); the rest
+    // wait for this tick. An agent can wait longer than a session: fewer wakeups when idle.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut second = tokio::time::interval(Duration::from_secs(1));
     let mut sample_tick = tokio::time::interval(policy.promoter.every());

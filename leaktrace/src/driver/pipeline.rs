@@ -82,7 +82,7 @@ pub(super) fn owner_of(host: &dyn Host, pid: u32) -> Owner {
 /// The tracking state of a session.
 pub struct Pipeline {
     pub(super) host: Box<dyn Host>,
-    modules: Modules,
+    pub(super) modules: Modules,
     spaces: HashMap<u32, AddressSpace>,
     spaces_read: HashMap<u32, u64>,
     /// Processes whose maps were read since the driver last asked ([`Self::take_respaced`]).

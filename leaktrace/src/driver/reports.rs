@@ -96,6 +96,23 @@ impl Pipeline {
             }
             report.growth = growth;
         }
+        let named: hashbrown::HashSet<String> = report
+            .leaks
+            .iter()
+            .chain(&report.runtime)
+            .chain(&report.growth)
+            .flat_map(|l| &l.frames)
+            .chain(report.fd_leaks.iter().flat_map(|l| &l.frames))
+            .chain(report.tmp_leaks.iter().flat_map(|l| &l.frames))
+            .filter_map(|f| f.module.clone())
+            .collect();
+        let build_ids = self
+            .modules
+            .build_ids()
+            .filter(|(path, _)| named.contains(*path))
+            .map(|(path, id)| (path.to_owned(), id.to_owned()))
+            .collect();
+        report.build_ids = build_ids;
         report
     }
 

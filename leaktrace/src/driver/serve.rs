@@ -350,6 +350,7 @@ fn select(report: &Report, prefix: Option<&str>, heap_kind: Option<&str>) -> Rep
             .cloned()
             .collect(),
         notices: report.notices.clone(),
+        build_ids: report.build_ids.clone(),
         is_final: report.is_final,
     }
 }

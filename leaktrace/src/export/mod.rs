@@ -237,6 +237,7 @@ pub(crate) mod golden {
             growth: vec![],
             tier2: vec![],
             notices: vec![],
+            build_ids: Default::default(),
             is_final: true,
         }
     }

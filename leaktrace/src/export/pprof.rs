@@ -76,7 +76,10 @@ impl Pprof {
         } else {
             PprofKind::Heap
         });
-        let mut b = Builder::default();
+        let mut b = Builder {
+            build_ids: report.build_ids.clone(),
+            ..Builder::default()
+        };
         b.string(""); // The string table starts with "".
         let types = kind.sample_types();
         for (ty, unit) in types {
@@ -156,6 +159,8 @@ struct Builder {
     functions: HashMap<(i64, i64), u64>,
     mappings: HashMap<MappingKey, u64>,
     locations: HashMap<LocationKey, u64>,
+    /// Build ids by module path, from the report.
+    build_ids: std::collections::BTreeMap<String, String>,
 }
 
 /// What makes two locations the same: the address, the module, and the functions and lines
@@ -217,17 +222,18 @@ impl Builder {
             None => {
                 let id = self.profile.mapping.len() as u64 + 1;
                 let filename = self.string(module);
-                // The build id is not in the report yet: it would come from the module's
-                // `.note.gnu.build-id` (`object::Object::build_id`, as `unwind::dwarf` reads
-                // it), kept per module by `symbolize` and carried on `Frame`. With it Parca
-                // and Pyroscope can symbolize frames we could not.
+                // With the build id, Parca and Pyroscope can symbolize frames we could not.
+                let build_id = match self.build_ids.get(module).cloned() {
+                    Some(id) => self.string(&id),
+                    None => 0,
+                };
                 self.profile.mapping.push(Mapping {
                     id,
                     memory_start: start.unwrap_or(frame.addr),
                     memory_limit: frame.addr + 1,
                     file_offset: 0,
                     filename,
-                    build_id: 0,
+                    build_id,
                     ..Mapping::default()
                 });
                 self.mappings.insert(key, id);

@@ -155,6 +155,7 @@ pub fn build(
         growth: Vec::new(),
         tier2: Vec::new(),
         notices: Vec::new(),
+        build_ids: Default::default(),
         is_final: input.is_final,
     }
 }

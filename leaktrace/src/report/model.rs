@@ -458,6 +458,9 @@ pub struct Report {
     /// selectors that matched nothing.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notices: Vec<String>,
+    /// The GNU build id of each module the rows' frames name, by its path.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub build_ids: std::collections::BTreeMap<String, String>,
     /// Set on the last report of a session.
     #[serde(rename = "final")]
     pub is_final: bool,

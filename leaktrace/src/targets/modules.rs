@@ -47,6 +47,8 @@ pub struct ElfInfo {
     pub allocator: Vec<AllocatorEntry>,
     /// File offset of `_dl_debug_state`, when this is a dynamic loader.
     pub loader_state: Option<u64>,
+    /// Its GNU build id, as hex, when it has one (profiles name the exact binary by it).
+    pub build_id: Option<String>,
 }
 
 impl ElfInfo {
@@ -165,7 +167,14 @@ pub fn inspect_elf(data: &[u8]) -> Result<ElfInfo, object::Error> {
     let offsets = FileOffsets::of(&elf);
     let file_offset = |addr| offsets.get(addr);
 
-    let mut info = ElfInfo::default();
+    let mut info = ElfInfo {
+        build_id: elf
+            .build_id()
+            .ok()
+            .flatten()
+            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect()),
+        ..ElfInfo::default()
+    };
     let mut found: Vec<AllocatorEntry> = Vec::new();
     let mut single_stepped = Vec::new();
     // Dynamic symbols first (what other objects bind to), then the full table for static
@@ -270,6 +279,13 @@ pub struct Modules {
 }
 
 impl Modules {
+    /// Every module's build id, by the path processes map it at.
+    pub fn build_ids(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_key
+            .values()
+            .filter_map(|m| Some((m.path.as_str(), m.elf.build_id.as_deref()?)))
+    }
+
     /// The module behind a file mapping of `pid`, opened and inspected on first sight.
     pub fn get_or_open(
         &mut self,
