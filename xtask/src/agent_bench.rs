@@ -6,7 +6,8 @@
 //!   selected), interleaved round by round; `× untraced` is the ratio of medians.
 //! - **Idle**: the agent's CPU over 20 s on this node with nothing to do.
 //! - **Memory**: the agent's RSS with 1,000 processes on the node, 50 of them allocating
-//!   and selected for exact heap tracing (`--full comm=agent_churner`).
+//!   and selected for exact heap tracing (`--full comm=agent_churner`); and its RSS every
+//!   10 s over `--churn-minutes` of process churn (50 short-lived processes a second).
 //!
 //! Prints a markdown table and one JSON line (`--json FILE` writes it there too).
 use std::{
@@ -256,7 +257,51 @@ impl Drop for Crowd {
     }
 }
 
-pub fn run(rounds: usize, json: Option<PathBuf>) -> Result<()> {
+/// What process churn did to the agent: RSS samples (seconds, bytes), processes started,
+/// the agent's CPU fraction.
+type Churned = (Vec<(f64, u64)>, u64, f64);
+
+/// The agent's memory under process churn: 50 short-lived processes a second (each maps
+/// libc, opens a file and exits) for `minutes`; RSS sampled every 10 s.
+fn churn(leaktrace: &Path, dir: &Path, minutes: u64) -> Result<Churned> {
+    let a = Agent::start(leaktrace, &[], &dir.join("churn.json"))?;
+    let cpu0 = a.cpu_s();
+    let began = Instant::now();
+    let total = Duration::from_secs(minutes * 60);
+    let mut samples = vec![(0.0, a.rss().0)];
+    let mut started = 0u64;
+    let mut next_sample = began + Duration::from_secs(10);
+    while began.elapsed() < total {
+        let tick = Instant::now();
+        let mut batch = Vec::new();
+        for _ in 0..5 {
+            batch.push(
+                Command::new("sh")
+                    .args(["-c", "cat /etc/hostname > /dev/null"])
+                    .stdout(Stdio::null())
+                    .spawn()?,
+            );
+        }
+        for mut c in batch {
+            let _ = c.wait();
+        }
+        started += 5;
+        if Instant::now() >= next_sample {
+            samples.push((began.elapsed().as_secs_f64(), a.rss().0));
+            next_sample += Duration::from_secs(10);
+        }
+        // 5 every 100 ms: 50 a second.
+        if let Some(rest) = Duration::from_millis(100).checked_sub(tick.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    samples.push((began.elapsed().as_secs_f64(), a.rss().0));
+    let cpu = (a.cpu_s() - cpu0) / began.elapsed().as_secs_f64();
+    a.stop();
+    Ok((samples, started, cpu))
+}
+
+pub fn run(rounds: usize, json: Option<PathBuf>, churn_minutes: u64) -> Result<()> {
     build_release()?;
     let root = workspace_root();
     let leaktrace = root.join("target/release/leaktrace");
@@ -301,6 +346,13 @@ pub fn run(rounds: usize, json: Option<PathBuf>) -> Result<()> {
     let crowd_stop = a.stop();
     drop(crowd);
 
+    let churned = if churn_minutes > 0 {
+        eprintln!("bench agent: {churn_minutes} min of process churn");
+        Some(churn(&leaktrace, &dir, churn_minutes)?)
+    } else {
+        None
+    };
+
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!("| workload | untraced s | agent (tier 1) s | × untraced |");
     println!("|---|---|---|---|");
@@ -323,6 +375,18 @@ pub fn run(rounds: usize, json: Option<PathBuf>) -> Result<()> {
         mib(crowd_peak),
         crowd_stop.as_secs_f64()
     );
+    if let Some((samples, started, cpu)) = &churned {
+        let rss: Vec<String> = samples
+            .iter()
+            .map(|(t, b)| format!("{t:.0}s {:.1}", mib(*b)))
+            .collect();
+        println!();
+        println!(
+            "process churn, {started} processes over {churn_minutes} min: agent CPU {:.1}%, RSS MiB: {}",
+            cpu * 100.0,
+            rss.join(", ")
+        );
+    }
     let line = serde_json::json!({
         "bench": "agent",
         "rounds": rounds,
@@ -332,6 +396,10 @@ pub fn run(rounds: usize, json: Option<PathBuf>) -> Result<()> {
         "idle": {"cpu_fraction": idle_cpu, "rss_bytes": idle_rss, "stop_s": idle_stop.as_secs_f64()},
         "crowd": {"processes": 1000, "allocating": 50, "start_s": adopt_s, "cpu_fraction": crowd_cpu,
                   "rss_bytes": crowd_rss, "peak_rss_bytes": crowd_peak, "stop_s": crowd_stop.as_secs_f64()},
+        "churn": churned.as_ref().map(|(samples, started, cpu)| serde_json::json!({
+            "minutes": churn_minutes, "processes": started, "cpu_fraction": cpu,
+            "rss_samples": samples.iter().map(|(t, b)| serde_json::json!([t, b])).collect::<Vec<_>>(),
+        })),
     });
     println!("{line}");
     if let Some(path) = json {

@@ -55,6 +55,10 @@ enum Task {
         /// Also write the overhead figures as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Agent: minutes of process churn (50 short-lived processes a second) to watch the
+        /// agent's memory over; 0 skips it.
+        #[arg(long, value_name = "MINUTES", default_value_t = 1)]
+        churn_minutes: u64,
         /// Overhead: only the workloads whose name contains NAME (repeatable), e.g. `sqlite3`.
         #[arg(long, value_name = "NAME")]
         workload: Vec<String>,
@@ -94,6 +98,7 @@ fn main() -> Result<()> {
             workload,
             config,
             baseline,
+            churn_minutes,
         } => {
             setup()?;
             match only.as_str() {
@@ -102,7 +107,7 @@ fn main() -> Result<()> {
                 "alloc" => bench::run(rounds),
                 "storm" => storm::run(rounds),
                 "overhead" => overhead::run(rounds, json, &workload, &config, baseline),
-                "agent" => agent_bench::run(rounds, json),
+                "agent" => agent_bench::run(rounds, json, churn_minutes),
                 other => {
                     anyhow::bail!(
                         "no benchmark `{other}` (overhead, alloc, unwind, fd, storm, agent)"
