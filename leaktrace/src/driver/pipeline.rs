@@ -308,8 +308,10 @@ impl Pipeline {
                 let _ = self.read_space(child);
                 lifecycle = Some(Lifecycle::Fork(child));
             }
-            // Node-wide, every process's exit comes: only a tracked one has anything to end.
-            Event::Exit(e) if self.tracked.contains(&e.hdr.pid) => {
+            // Node-wide (the agent, which keeps nothing of exited processes), every process's
+            // exit comes, and records of one that lived too briefly to be adopted may have
+            // left state behind: forget it all. Otherwise only a tracked one has any.
+            Event::Exit(e) if self.tracked.contains(&e.hdr.pid) || !self.keep_exited => {
                 self.forget(e.hdr.pid, e.hdr.ts_ns);
                 lifecycle = Some(Lifecycle::Exit(e.hdr.pid));
             }

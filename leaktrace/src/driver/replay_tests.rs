@@ -215,3 +215,79 @@ fn a_damaged_recording_is_an_error_not_a_panic() {
     .unwrap();
     assert_eq!(r[0].summary.lost_by_cause.get("undecodable"), Some(&1));
 }
+
+/// Node-wide, a process can exec, open, and exit before the agent adopts it: its exit must
+/// take everything its records left in the pipeline (the agent's RSS grew ~8 KiB a process
+/// under process churn before it did).
+#[test]
+fn node_wide_a_process_gone_before_adoption_leaves_nothing_behind() {
+    use leaktrace_common::{FdEvent, Header, ProcEvent, fd_call, fd_op, features, kind};
+
+    use super::Pipeline;
+    use crate::{
+        decode::encode,
+        driver::record::Replayed,
+        report::ReportOptions,
+        symbolize::Symbols,
+        track::{fd_events::FdTracker, oom::OomWatch},
+    };
+
+    let options = ReportOptions {
+        min_age_ns: 0,
+        growth_mode: false,
+        sample_bytes: 0,
+        top: None,
+        by_pid: false,
+        row_limit: None,
+    };
+    let mut p = Pipeline::new(
+        Box::new(Replayed::default()),
+        options,
+        FdTracker::new(features::FD | features::TMP),
+        OomWatch::new(None),
+        Symbols::recorded([]),
+    );
+    p.keep_growth_apart();
+    p.forget_exited();
+    let hdr = |kind| Header {
+        kind,
+        flags: 0,
+        pid: 77,
+        tid: 77,
+        _pad: 0,
+        ts_ns: 1_000_000,
+    };
+    let proc = |kind| {
+        encode::proc(&ProcEvent {
+            hdr: hdr(kind),
+            other_pid: 0,
+            _pad: 0,
+        })
+    };
+    p.apply(&proc(kind::EXEC));
+    p.apply(&encode::stack(&hdr(kind::STACK), 5, 0, &[0x1000, 0x2000]));
+    let open = FdEvent {
+        hdr: hdr(kind::FD),
+        op: fd_op::OPEN,
+        syscall: fd_call::OPENAT,
+        fd: 3,
+        fd2: 0,
+        flags: 0,
+        errno: 0,
+        dirfd: 0,
+        stack_id: 5,
+        value: 0,
+    };
+    p.apply(&encode::fd(&open, None));
+    assert!(!p.owners.is_empty(), "the exec was noted");
+    let applied = p.apply(&proc(kind::EXIT));
+    assert_eq!(applied.lifecycle, Some(super::Lifecycle::Exit(77)));
+    assert!(p.owners.is_empty(), "{:?}", p.owners);
+    assert!(p.space(77).is_none());
+    assert!(p.stacks.is_empty());
+    assert_eq!(p.fd.fds.open_count(77), 0);
+    assert_eq!(
+        p.heap.pids().count() + p.pages.as_ref().unwrap().pids().count(),
+        0
+    );
+}

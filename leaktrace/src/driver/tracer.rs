@@ -16,6 +16,9 @@ use crate::{
     targets::{modules::Module, procfs},
 };
 
+/// Hook latencies kept for the p50 (the latest).
+const HOOK_LATENCIES: usize = 4096;
+
 /// The source, the probes, and the pipeline they feed.
 pub(super) struct Tracer {
     pub(super) source: Source,
@@ -36,7 +39,11 @@ pub(super) struct Tracer {
     /// The header of the record handled last.
     pub(super) last: Option<leaktrace_common::Header>,
     /// Nanoseconds from each fork or exec record to the process's probes in place.
-    hook_latencies: Vec<u64>,
+    hook_latencies: std::collections::VecDeque<u64>,
+    /// Fork and exec records hooked, and the longest latency: over the whole session, where
+    /// `hook_latencies` keeps the latest [`HOOK_LATENCIES`] (bounded, for the p50).
+    hook_events: u64,
+    hook_max_ns: u64,
     /// Links attached over the session.
     links_attached: u64,
 }
@@ -55,7 +62,9 @@ impl Tracer {
             measure_walks: false,
             full: None,
             last: None,
-            hook_latencies: Vec::new(),
+            hook_latencies: std::collections::VecDeque::new(),
+            hook_events: 0,
+            hook_max_ns: 0,
             links_attached: 0,
         }
     }
@@ -205,7 +214,12 @@ impl Tracer {
     /// place.
     fn hooked_after(&mut self, pid: u32, ts_ns: u64) {
         let ns = crate::source::ktime_ns().saturating_sub(ts_ns);
-        self.hook_latencies.push(ns);
+        if self.hook_latencies.len() == HOOK_LATENCIES {
+            self.hook_latencies.pop_front();
+        }
+        self.hook_latencies.push_back(ns);
+        self.hook_events += 1;
+        self.hook_max_ns = self.hook_max_ns.max(ns);
         tracing::debug!(
             "pid {pid}: probes in place {} µs after its record",
             ns / 1000
@@ -278,15 +292,15 @@ impl Tracer {
     }
 
     fn probe_summary(&self) -> ProbeSummary {
-        let mut sorted = self.hook_latencies.clone();
+        let mut sorted: Vec<u64> = self.hook_latencies.iter().copied().collect();
         sorted.sort_unstable();
         let us = |ns: Option<&u64>| ns.map_or(0, |ns| ns / 1000);
         ProbeSummary {
             attach: self.source.attach_mode().name().to_owned(),
             hits: self.source.counter(leaktrace_common::counter::PROBE_HITS),
-            hook_events: sorted.len() as u64,
+            hook_events: self.hook_events,
             hook_latency_us_p50: us(sorted.get(sorted.len() / 2)),
-            hook_latency_us_max: us(sorted.last()),
+            hook_latency_us_max: self.hook_max_ns / 1000,
             links_attached: self.links_attached,
         }
     }
