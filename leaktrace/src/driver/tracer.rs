@@ -167,6 +167,10 @@ impl Tracer {
     /// Applies one ring-buffer record. Gated processes are released afterwards whatever
     /// happened. Returns an alert to act on at once.
     pub(super) fn handle(&mut self, bytes: &[u8]) -> Result<Option<Alert>, SessionError> {
+        if self.from_demoted(bytes) {
+            self.last = None;
+            return Ok(None);
+        }
         let applied = self.pipeline.apply(bytes);
         self.last = applied.hdr;
         let Some(hdr) = applied.hdr else {
@@ -208,6 +212,25 @@ impl Tracer {
             unsafe { libc::kill(hdr.pid as i32, signal) };
         }
         result.map(|()| applied.alert)
+    }
+
+    /// True for an allocator record of a process not (or no longer) traced exactly: a
+    /// demoted process's links are closed off the event loop, and records already in the
+    /// ring buffer arrive after it; they would rebuild the heap rows its demotion dropped.
+    fn from_demoted(&self, bytes: &[u8]) -> bool {
+        let Some(full) = &self.full else {
+            return false;
+        };
+        // The header's first fields: kind (u16), flags (u16), pid (u32).
+        let (Some(kind), Some(pid)) = (bytes.get(0..2), bytes.get(4..8)) else {
+            return false;
+        };
+        let kind = u16::from_le_bytes([kind[0], kind[1]]);
+        let pid = u32::from_le_bytes([pid[0], pid[1], pid[2], pid[3]]);
+        matches!(
+            kind,
+            leaktrace_common::kind::ALLOC | leaktrace_common::kind::FREE
+        ) && !full.contains(&pid)
     }
 
     /// Notes how long after its fork or exec record (at `ts_ns`) the probes of `pid` are in
