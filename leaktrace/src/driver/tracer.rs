@@ -167,7 +167,7 @@ impl Tracer {
     /// Applies one ring-buffer record. Gated processes are released afterwards whatever
     /// happened. Returns an alert to act on at once.
     pub(super) fn handle(&mut self, bytes: &[u8]) -> Result<Option<Alert>, SessionError> {
-        if self.from_demoted(bytes) {
+        if self.is_from_demoted(bytes) {
             self.last = None;
             return Ok(None);
         }
@@ -217,7 +217,7 @@ impl Tracer {
     /// True for an allocator record of a process not (or no longer) traced exactly: a
     /// demoted process's links are closed off the event loop, and records already in the
     /// ring buffer arrive after it; they would rebuild the heap rows its demotion dropped.
-    fn from_demoted(&self, bytes: &[u8]) -> bool {
+    fn is_from_demoted(&self, bytes: &[u8]) -> bool {
         let Some(full) = &self.full else {
             return false;
         };
