@@ -153,6 +153,11 @@ fn need<'a>(bytes: &'a [u8], what: &'static str, size: usize) -> Result<Fields<'
     })
 }
 
+/// The header of a record, without decoding the rest (to decide whether to).
+pub fn peek_header(bytes: &[u8]) -> Result<Header, DecodeError> {
+    Ok(need(bytes, "header", size_of::<Header>())?.header())
+}
+
 /// Decodes one record.
 pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     let kind = need(bytes, "header", size_of::<Header>())?.u16();

@@ -538,12 +538,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     tracer.pipeline.keep_growth_apart();
     tracer.pipeline.forget_exited();
     tracer.pipeline.stacks = StackStore::with_cap(AGENT_STACKS);
-    let sink = Sink {
-        format: config.format,
-        weight: config.weight,
-        folded_kind: config.folded_kind,
-        output: config.output.clone(),
-    };
+    let sink = Sink::of(&config);
     let _fast_exit = FastExit;
     // SAFETY: the ring buffer owns its descriptor and is never closed while registered.
     let mut ring = unsafe { AsyncFd::register(ring) }

@@ -37,12 +37,7 @@ const BUDGET: usize = 1 << 16;
 pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     preflight::check()?;
     let (mut tracer, ring, recorder) = setup(&config)?;
-    let sink = Sink {
-        format: config.format,
-        weight: config.weight,
-        folded_kind: config.folded_kind,
-        output: config.output.clone(),
-    };
+    let sink = Sink::of(&config);
     // Declared after the tracer so it runs first when `run` returns, on every path.
     let _fast_exit = FastExit;
     // SAFETY: the ring buffer owns its descriptor and is never closed while registered.

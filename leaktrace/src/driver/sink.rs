@@ -19,6 +19,16 @@ pub(super) struct Sink {
 }
 
 impl Sink {
+    /// Where and how a session's reports go.
+    pub(super) fn of(config: &super::SessionConfig) -> Self {
+        Self {
+            format: config.format,
+            weight: config.weight,
+            folded_kind: config.folded_kind,
+            output: config.output.clone(),
+        }
+    }
+
     pub(super) fn emit(&self, report: &Report) -> Result<(), SessionError> {
         let text = export::render_bytes(report, self.format, self.weight, self.folded_kind);
         match &self.output {

@@ -221,16 +221,13 @@ impl Tracer {
         let Some(full) = &self.full else {
             return false;
         };
-        // The header's first fields: kind (u16), flags (u16), pid (u32).
-        let (Some(kind), Some(pid)) = (bytes.get(0..2), bytes.get(4..8)) else {
+        let Ok(hdr) = crate::decode::peek_header(bytes) else {
             return false;
         };
-        let kind = u16::from_le_bytes([kind[0], kind[1]]);
-        let pid = u32::from_le_bytes([pid[0], pid[1], pid[2], pid[3]]);
         matches!(
-            kind,
+            hdr.kind,
             leaktrace_common::kind::ALLOC | leaktrace_common::kind::FREE
-        ) && !full.contains(&pid)
+        ) && !full.contains(&hdr.pid)
     }
 
     /// Notes how long after its fork or exec record (at `ts_ns`) the probes of `pid` are in
