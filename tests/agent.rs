@@ -199,6 +199,66 @@ fn the_agent_traces_every_process_and_the_selected_heap_exactly() {
 }
 
 #[test]
+fn full_tables_keep_their_caps_and_count_what_they_turned_away() {
+    if !privileged() {
+        return;
+    }
+    let mut selected = Fixture::start("heap_attach");
+    let mut other = Fixture::start("agent_tier1");
+    let dir = tempfile_dir("agent-caps");
+    let out = dir.join("report.json");
+    let mut agent = Background::start(&[
+        "agent",
+        "--full",
+        &format!("pid={}", selected.pid()),
+        "--max-heap-blocks",
+        "5",
+        "--max-growth-pages",
+        "64",
+        "--no-listen",
+        "--top",
+        "100000",
+        "--format",
+        "json",
+        "-o",
+        out.to_str().unwrap(),
+        "-v",
+    ]);
+    agent.wait_for("agent: watching");
+    selected.go();
+    other.go();
+    std::thread::sleep(Duration::from_millis(500));
+    let (r, _, _) = stop(agent, &out);
+    let lost = &r.0["summary"]["lost_by_cause"];
+    let n = |cause: &str| lost[cause].as_u64().unwrap_or(0);
+    eprintln!("lost: {lost}");
+    // Five blocks kept: the first five of attach_leak's twelve. The other seven and all 300
+    // of attach_churn's found the table full, counted, and their frees are unmatched.
+    if n("heap_ringbuf") == 0 {
+        r.assert_site("attach_leak", 5, 5 * 128);
+        assert_eq!(n("heap_table_full"), 7 + 300, "{}", r.pretty());
+    } else {
+        assert!(r.at("attach_leak").0 <= 5, "{}", r.pretty());
+    }
+    r.assert_absent("attach_churn");
+    // Node-wide pages: never more than the cap, and agent_tier1's 1,041 cannot all fit.
+    let kept: u64 = r.0["growth"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["outstanding_bytes"].as_u64().unwrap())
+        .sum();
+    assert!(kept <= 64 * 4096, "{kept} bytes kept\n{}", r.pretty());
+    if n("growth_ringbuf") + n("stack_ringbuf") == 0 {
+        assert!(
+            n("growth_table_full") >= 16 * 65 + 1 - 64,
+            "lost: {lost}\n{}",
+            r.pretty()
+        );
+    }
+}
+
+#[test]
 fn a_bad_selector_is_a_one_line_error() {
     let run = common::run(&["agent", "--full", "user=root"]);
     assert_eq!(run.status.code(), Some(2), "{}", run.stderr);

@@ -123,6 +123,9 @@ fn promtool_accepts_the_metrics() {
             tracked_processes: Some(2),
             tier2_processes: Some(1),
             promotions: Some(1),
+            heap_blocks: Some(3),
+            growth_pages: Some(4),
+            stacks: Some(5),
         },
         ..Metrics::default()
     };

@@ -40,6 +40,16 @@ pub struct AgentArgs {
     #[arg(long, conflicts_with = "listen")]
     pub no_listen: bool,
 
+    /// Keep at most this many outstanding blocks of the processes traced exactly (~30 B
+    /// each); allocations past it are counted as lost (`heap_table_full`).
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    pub max_heap_blocks: usize,
+
+    /// Keep at most this many grown pages node-wide (~30 B each; the default follows 4 GiB
+    /// of growth); pages past it are counted as lost (`growth_table_full`).
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    pub max_growth_pages: usize,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -53,6 +63,8 @@ impl AgentArgs {
             window: self.promote_window,
             budget: self.promote_budget,
             listen: (!self.no_listen).then_some(self.listen),
+            max_heap_blocks: self.max_heap_blocks,
+            max_growth_pages: self.max_growth_pages,
         });
         let mut config = self.common.session(target);
         // Growth everywhere (tier 1), the heap where selected (tier 2).

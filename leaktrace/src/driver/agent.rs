@@ -133,6 +133,10 @@ pub struct AgentConfig {
     pub budget: Duration,
     /// Serve reports over HTTP here (`None`: not at all).
     pub listen: Option<SocketAddr>,
+    /// Outstanding heap blocks kept at most (tier 2, all processes together).
+    pub max_heap_blocks: usize,
+    /// Grown pages kept at most (tier 1, node-wide).
+    pub max_growth_pages: usize,
 }
 
 /// Growth under this rate never promotes (bytes a second): a few pages a second is noise.
@@ -250,8 +254,28 @@ struct Active {
     silence_told: bool,
 }
 
+/// Why a process leaves the second tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// It is gone.
+    Exited,
+    /// Its promotion's time budget ran out: demoted, never promoted again.
+    BudgetSpent,
+}
+
+impl End {
+    fn why(self) -> &'static str {
+        match self {
+            End::Exited => "exited",
+            End::BudgetSpent => "its promotion's time budget ran out",
+        }
+    }
+}
+
 /// Entries of tier-2 history kept (the oldest ended ones go first).
 const TIER2_HISTORY: usize = 256;
+/// Notices kept for reports; later ones are logged and counted only.
+const MAX_NOTICES: usize = 64;
 /// A selected process that uses CPU with no allocator probe firing this long is reported.
 const SILENCE: Duration = Duration::from_secs(10);
 
@@ -267,6 +291,8 @@ struct Policy {
     /// Selectors that matched some process.
     matched: Vec<bool>,
     notices: Vec<String>,
+    /// Notices past [`MAX_NOTICES`], logged only.
+    notices_dropped: u64,
     self_pid: u32,
     /// Ended tier-2 entries dropped from the history (bounded).
     evicted_history: u64,
@@ -285,6 +311,7 @@ impl Policy {
             spent: HashSet::new(),
             matched,
             notices: Vec::new(),
+            notices_dropped: 0,
             self_pid: std::process::id(),
             evicted_history: 0,
         }
@@ -296,7 +323,11 @@ impl Policy {
 
     fn notice(&mut self, text: String) {
         tracing::warn!("{text}");
-        self.notices.push(text);
+        if self.notices.len() < MAX_NOTICES {
+            self.notices.push(text);
+        } else {
+            self.notices_dropped += 1;
+        }
     }
 
     /// Starts tracking a process found on the node (at start, or at its first record), and
@@ -409,10 +440,11 @@ impl Policy {
     }
 
     /// Ends a process's second tier, saying why.
-    fn end(&mut self, tracer: &mut Tracer, pid: u32, why: &str) {
+    fn end(&mut self, tracer: &mut Tracer, pid: u32, end: End) {
         let Some(a) = self.active.remove(&pid) else {
             return;
         };
+        let why = end.why();
         let now = self.since_start(Instant::now());
         if let Some(t) = self.history.get_mut(a.entry) {
             t.until_s = Some(now);
@@ -422,13 +454,16 @@ impl Policy {
                 t.owner.comm
             );
         }
-        if why == "exited" {
-            if let Some(full) = &mut tracer.full {
-                full.remove(&pid);
+        match end {
+            End::Exited => {
+                if let Some(full) = &mut tracer.full {
+                    full.remove(&pid);
+                }
             }
-        } else {
-            tracer.demote(pid);
-            self.spent.insert(pid);
+            End::BudgetSpent => {
+                tracer.demote(pid);
+                self.spent.insert(pid);
+            }
         }
     }
 
@@ -450,7 +485,7 @@ impl Policy {
             .map(|(&p, _)| p)
             .collect();
         for pid in expired {
-            self.end(tracer, pid, "its promotion's time budget ran out");
+            self.end(tracer, pid, End::BudgetSpent);
         }
         let mut silent = Vec::new();
         for (&pid, a) in &mut self.active {
@@ -509,7 +544,7 @@ impl Policy {
 
     /// The process is gone.
     fn gone(&mut self, tracer: &mut Tracer, pid: u32) {
-        self.end(tracer, pid, "exited");
+        self.end(tracer, pid, End::Exited);
         self.promoter.forget(pid);
         self.spent.remove(&pid);
     }
@@ -518,6 +553,12 @@ impl Policy {
     fn annotate(&self, report: &mut Report) {
         report.tier2 = self.history.clone();
         report.notices = self.notices.clone();
+        if self.notices_dropped > 0 {
+            report.notices.push(format!(
+                "{} more notices were logged only (the report keeps {MAX_NOTICES})",
+                self.notices_dropped
+            ));
+        }
     }
 }
 
@@ -538,6 +579,9 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     tracer.pipeline.keep_growth_apart();
     tracer.pipeline.forget_exited();
     tracer.pipeline.stacks = StackStore::with_cap(AGENT_STACKS);
+    tracer
+        .pipeline
+        .cap_tables(agent.max_heap_blocks, agent.max_growth_pages);
     let sink = Sink::of(&config);
     let _fast_exit = FastExit;
     // SAFETY: the ring buffer owns its descriptor and is never closed while registered.
@@ -647,10 +691,14 @@ fn publish(tracer: &mut Tracer, policy: &Policy, publisher: &Publisher) -> Arc<R
     let mut report = tracer.report(false);
     policy.annotate(&mut report);
     let report = Arc::new(report);
+    let tables = tracer.pipeline.table_sizes();
     let stats = AgentStats {
-        tracked_processes: Some(tracer.pipeline.tracked().count() as u64),
+        tracked_processes: Some(tables.processes as u64),
         tier2_processes: Some(policy.active.len() as u64),
         promotions: Some(policy.history.len() as u64 + policy.evicted_history),
+        heap_blocks: Some(tables.heap_blocks as u64),
+        growth_pages: Some(tables.growth_pages as u64),
+        stacks: Some(tables.stacks as u64),
     };
     publisher.publish(report.clone(), stats);
     report

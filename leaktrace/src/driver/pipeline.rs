@@ -79,6 +79,19 @@ pub(super) fn owner_of(host: &dyn Host, pid: u32) -> Owner {
     }
 }
 
+/// How full the pipeline's growing tables are ([`Pipeline::table_sizes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Outstanding heap blocks kept.
+    pub heap_blocks: usize,
+    /// Pages kept in the growth tables (when kept apart from the heap's).
+    pub growth_pages: usize,
+    /// Stacks kept.
+    pub stacks: usize,
+    /// Processes tracked.
+    pub processes: usize,
+}
+
 /// The tracking state of a session.
 pub struct Pipeline {
     pub(super) host: Box<dyn Host>,
@@ -156,6 +169,27 @@ impl Pipeline {
     /// (reported as `growth`), so exact heap tracing and growth can run side by side.
     pub fn keep_growth_apart(&mut self) {
         self.pages = Some(HeapTables::new(self.heap.epoch_ns()));
+    }
+
+    /// Caps the outstanding blocks the heap tables keep, and the pages the growth tables
+    /// keep (when kept apart); what comes past a cap is counted as lost
+    /// (`heap_table_full`, `growth_table_full`).
+    pub fn cap_tables(&mut self, heap_blocks: usize, growth_pages: usize) {
+        self.heap.set_max_blocks(heap_blocks);
+        if let Some(pages) = &mut self.pages {
+            pages.set_max_blocks(growth_pages);
+        }
+    }
+
+    /// Entries in the tables that grow with what traced processes do: outstanding heap
+    /// blocks, growth pages, stacks.
+    pub fn table_sizes(&self) -> TableSizes {
+        TableSizes {
+            heap_blocks: self.heap.blocks(),
+            growth_pages: self.pages.as_ref().map_or(0, HeapTables::blocks),
+            stacks: self.stacks.len(),
+            processes: self.tracked.len(),
+        }
     }
 
     /// Forgets what a process held when it exits, instead of keeping it as *in use at exit*

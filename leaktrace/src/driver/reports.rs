@@ -46,6 +46,12 @@ impl Pipeline {
         if self.stacks.dropped() > 0 {
             lost.push(("stack_table_full", self.stacks.dropped()));
         }
+        if self.heap.totals().table_full > 0 {
+            lost.push(("heap_table_full", self.heap.totals().table_full));
+        }
+        if let Some(pages) = self.pages.as_ref().filter(|p| p.totals().table_full > 0) {
+            lost.push(("growth_table_full", pages.totals().table_full));
+        }
         let fds = self.fd.fds.snapshot(snapshot.now_ms);
         let tmp = self.fd.tmp_rows(self.host.as_ref());
         let exhaustion: Vec<FdExhaustion> =

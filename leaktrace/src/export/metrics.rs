@@ -31,6 +31,12 @@ pub struct AgentStats {
     pub tier2_processes: Option<u64>,
     /// Processes promoted to tier 2 since the agent started.
     pub promotions: Option<u64>,
+    /// Outstanding heap blocks the agent keeps now (its cap: `--max-heap-blocks`).
+    pub heap_blocks: Option<u64>,
+    /// Grown pages it keeps now (its cap: `--max-growth-pages`).
+    pub growth_pages: Option<u64>,
+    /// Stacks it keeps now.
+    pub stacks: Option<u64>,
 }
 
 /// Series per metric family by default.
@@ -346,6 +352,17 @@ impl Metrics {
                 "Processes traced in depth (allocator probes, stacks)",
                 tier2,
             ),
+            (
+                "heap_blocks_kept",
+                "Outstanding heap blocks in the agent's tables (capped by --max-heap-blocks)",
+                s.heap_blocks,
+            ),
+            (
+                "growth_pages_kept",
+                "Grown pages in the agent's tables (capped by --max-growth-pages)",
+                s.growth_pages,
+            ),
+            ("stacks_kept", "Stacks in the agent's tables", s.stacks),
         ] {
             if let Some(v) = value {
                 let g = Gauge::<i64>::default();
@@ -419,6 +436,9 @@ mod tests {
                 tracked_processes: Some(12),
                 tier2_processes: Some(3),
                 promotions: Some(5),
+                heap_blocks: Some(40),
+                growth_pages: Some(7),
+                stacks: Some(9),
             },
             max_series: MAX_SERIES,
         };
@@ -469,6 +489,9 @@ mod tests {
             ("leaktrace_tracked_processes".into(), "12"),
             ("leaktrace_tier2_processes".into(), "3"),
             ("leaktrace_promotions_total".into(), "5"),
+            ("leaktrace_heap_blocks_kept".into(), "40"),
+            ("leaktrace_growth_pages_kept".into(), "7"),
+            ("leaktrace_stacks_kept".into(), "9"),
             ("leaktrace_tracer_cpu_seconds_total".into(), "1.25"),
             ("leaktrace_tracer_peak_rss_bytes".into(), "62914560"),
         ]

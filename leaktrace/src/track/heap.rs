@@ -58,6 +58,9 @@ pub struct Totals {
     /// Frees, in a forked child, of blocks its parent held at the fork: matched, neither
     /// unmatched nor the child's.
     pub inherited_frees: u64,
+    /// Allocations not kept because the tables held their cap of blocks already (a free of
+    /// one later counts as unmatched).
+    pub table_full: u64,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +157,10 @@ pub struct HeapTables {
     procs: HashMap<u32, ProcessHeap>,
     exited: Vec<Exited<StackRow>>,
     totals: Totals,
+    /// Outstanding blocks of live processes, all together.
+    blocks: usize,
+    /// At most this many are kept.
+    max_blocks: usize,
 }
 
 impl HeapTables {
@@ -164,7 +171,21 @@ impl HeapTables {
             procs: HashMap::new(),
             exited: Vec::new(),
             totals: Totals::default(),
+            blocks: 0,
+            max_blocks: usize::MAX,
         }
+    }
+
+    /// Keeps at most `max` outstanding blocks of live processes; allocations past it are
+    /// counted ([`Totals::table_full`]) and not kept, so memory stays bounded whatever the
+    /// traced processes hold.
+    pub fn set_max_blocks(&mut self, max: usize) {
+        self.max_blocks = max;
+    }
+
+    /// Outstanding blocks kept now, of live processes.
+    pub fn blocks(&self) -> usize {
+        self.blocks
     }
 
     /// Milliseconds since the epoch of a CLOCK_MONOTONIC time.
@@ -189,7 +210,10 @@ impl HeapTables {
         if e.old_addr != 0 && (e.addr != 0 || e.size == 0) {
             // realloc moved or freed the old block (realloc(p, 0) returns NULL).
             match heap.release_any(e.old_addr) {
-                Some(true) => self.totals.frees += 1,
+                Some(true) => {
+                    self.totals.frees += 1;
+                    self.blocks -= 1;
+                }
                 Some(false) => self.totals.inherited_frees += 1,
                 None => self.totals.unmatched_frees += 1,
             }
@@ -200,7 +224,13 @@ impl HeapTables {
         if heap.release(e.addr) {
             self.totals.replaced += 1;
             self.totals.frees += 1;
+            self.blocks -= 1;
         }
+        if self.blocks >= self.max_blocks {
+            self.totals.table_full += 1;
+            return;
+        }
+        self.blocks += 1;
         let stack = heap.stack_slot(e.stack_id);
         let s = &mut heap.stacks[stack as usize];
         s.allocs += 1;
@@ -224,7 +254,10 @@ impl HeapTables {
             .get_mut(&e.hdr.pid)
             .and_then(|heap| heap.release_any(e.addr));
         match known {
-            Some(true) => self.totals.frees += 1,
+            Some(true) => {
+                self.totals.frees += 1;
+                self.blocks -= 1;
+            }
             Some(false) => self.totals.inherited_frees += 1,
             None => self.totals.unmatched_frees += 1,
         }
@@ -256,6 +289,7 @@ impl HeapTables {
         for &addr in &inside {
             heap.release(addr);
         }
+        self.blocks -= inside.len();
         self.totals.frees += inside.len() as u64;
         inside.len() as u64
     }
@@ -282,7 +316,9 @@ impl HeapTables {
 
     /// Forgets a live process's tables without keeping anything (tracing of it stopped).
     pub fn discard(&mut self, pid: u32) {
-        self.procs.remove(&pid);
+        if let Some(heap) = self.procs.remove(&pid) {
+            self.blocks -= heap.blocks.len();
+        }
     }
 
     /// The process exited: what it still held becomes *in use at exit*.
@@ -300,6 +336,7 @@ impl HeapTables {
         let Some(heap) = self.procs.remove(&pid) else {
             return;
         };
+        self.blocks -= heap.blocks.len();
         let at_ms = self.ms_since_epoch(ts_ns);
         let stacks: Vec<StackRow> = heap
             .rows(u32::MAX, 0)

@@ -98,6 +98,7 @@ fn malloc_then_free_leaves_nothing_outstanding() {
             unmatched_frees: 0,
             replaced: 0,
             inherited_frees: 0,
+            table_full: 0,
         }
     );
     invariant(&t);
@@ -359,4 +360,34 @@ fn a_forked_child_frees_what_it_inherited_without_unmatched_frees() {
     // Freed once in the child, the inherited block is no longer known there.
     t.free(&free(2, 0x1000));
     assert_eq!(t.totals().unmatched_frees, 1);
+}
+
+#[test]
+fn a_full_table_keeps_its_cap_and_counts_what_it_turned_away() {
+    let mut t = HeapTables::new(0);
+    t.set_max_blocks(3);
+    for (pid, addr) in [(1, 0x10), (1, 0x20), (2, 0x10), (2, 0x20), (2, 0x30)] {
+        t.alloc(&alloc(pid, addr, 8, 0xa));
+    }
+    assert_eq!(t.blocks(), 3);
+    assert_eq!(t.totals().table_full, 2);
+    assert_eq!(rows(&t, 2)[0].outstanding_count, 1);
+    // A free of a block turned away is unmatched; a freed slot takes the next one.
+    t.free(&free(2, 0x20));
+    assert_eq!(t.totals().unmatched_frees, 1);
+    t.free(&free(1, 0x10));
+    t.alloc(&alloc(2, 0x40, 8, 0xa));
+    assert_eq!((t.blocks(), t.totals().table_full), (3, 2));
+    // realloc in place of a kept block moves it without needing room.
+    t.alloc(&realloc(2, 0x40, 0x50, 16, 0xa));
+    assert_eq!((t.blocks(), t.totals().table_full), (3, 2));
+    invariant(&t);
+    // A process gone gives its blocks back.
+    t.discard(2);
+    assert_eq!(t.blocks(), 1);
+    t.exit(1, 0);
+    assert_eq!(t.blocks(), 0);
+    t.alloc(&alloc(3, 0x1000, 4096, 0xa));
+    assert_eq!(t.release_range(3, 0x1000, 0x1001), 1);
+    assert_eq!(t.blocks(), 0);
 }
