@@ -20,7 +20,12 @@ struct Fixture {
 
 impl Fixture {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, args: &[&str]) -> Self {
         let mut child = Command::new(c_fixture(name))
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -40,8 +45,20 @@ impl Fixture {
     }
 
     fn go(&mut self) {
+        assert_eq!(self.go_lines(), Vec::<String>::new());
+    }
+
+    /// Says "go"; returns what the fixture printed before "done".
+    fn go_lines(&mut self) -> Vec<String> {
         self.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-        assert_eq!(self.lines.next().unwrap().unwrap(), "done");
+        let mut said = Vec::new();
+        loop {
+            let line = self.lines.next().unwrap().unwrap();
+            if line == "done" {
+                return said;
+            }
+            said.push(line);
+        }
     }
 }
 
@@ -98,7 +115,12 @@ fn the_agent_traces_every_process_and_the_selected_heap_exactly() {
         return;
     }
     let mut selected = Fixture::start("heap_attach");
-    let mut other = Fixture::start("agent_tier1");
+    // Files it makes outside a temp directory go under target/, not /tmp.
+    let data = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("agent-tiers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let mut other = Fixture::start_with("agent_tier1", &[data.to_str().unwrap()]);
     let dir = tempfile_dir("agent-tiers");
     let out = dir.join("report.json");
     let mut agent = Background::start(&[
@@ -119,10 +141,13 @@ fn the_agent_traces_every_process_and_the_selected_heap_exactly() {
     ]);
     agent.wait_for("no-such-command matches no process yet");
     selected.go();
-    other.go();
+    let said = other.go_lines();
+    let tmp_path = said[0].clone();
     // Let the drain tick take the last records.
     std::thread::sleep(Duration::from_millis(500));
     let (r, took, stderr) = stop(agent, &out);
+    let _ = std::fs::remove_file(&tmp_path);
+    let _ = std::fs::remove_dir_all(&data);
     assert!(r.0["final"].as_bool().unwrap());
     assert!(
         stderr.contains(&format!(
@@ -190,6 +215,18 @@ fn the_agent_traces_every_process_and_the_selected_heap_exactly() {
         "{}",
         r.pretty()
     );
+    // Node-wide, a temp file is one in a temp directory: mkstemp's in /tmp is, the
+    // O_CREAT|O_EXCL file under target/ is not (on a node, that is every file made).
+    let tmp = rows_of(&r, "tmp_leaks", other.pid());
+    if lost["fd_ringbuf"].as_u64().unwrap_or(0) == 0 {
+        assert_eq!(tmp.len(), 1, "{}", r.pretty());
+        assert!(through(tmp[0], "keep_tmp"), "{}", r.pretty());
+        assert_eq!(tmp[0]["paths"], serde_json::json!([tmp_path]));
+        assert_eq!(
+            (tmp[0]["files"].as_u64(), tmp[0]["bytes"].as_u64()),
+            (Some(1), Some(3000))
+        );
+    }
     // Rows carry who holds them.
     let row = fds.iter().find(|l| through(l, "keep_fds")).unwrap();
     assert_eq!(row["comm"], "agent_tier1");

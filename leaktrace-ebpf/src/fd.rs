@@ -173,7 +173,9 @@ fn created_at(
     let flags = flags_of(&regs);
     let (dirfd, path) = path_of(&regs);
     let feats = config_features();
-    let creates_file = flags & (O_CREAT | O_TMPFILE) != 0;
+    // (O_TMPFILE carries O_DIRECTORY's bit: a plain opendir is no creation.)
+    let unnamed = flags & O_TMPFILE == O_TMPFILE;
+    let creates_file = flags & O_CREAT != 0 || unnamed;
     if feats & features::FD == 0 && !(feats & features::TMP != 0 && path != 0 && creates_file) {
         return 0;
     }
@@ -181,8 +183,12 @@ fn created_at(
     e.fd = r as i32;
     e.flags = flags;
     // A file that may be a temp file always carries its path (an unlink must match it);
-    // otherwise a stack's first few opens do, as examples.
-    let temp_candidate = feats & features::TMP != 0 && creates_file;
+    // otherwise a stack's first few opens do, as examples. Node-wide, only an unnamed file
+    // or one named by an absolute path in a temp directory may be one: every file a node
+    // creates (`tar -x`, logs, databases) is not worth a path and a stat each.
+    let temp_candidate = feats & features::TMP != 0
+        && creates_file
+        && (feats & features::NODE == 0 || unnamed || path != 0 && in_temp_dir(path));
     if path != 0 && (temp_candidate || sample_path(e.stack_id)) {
         e.dirfd = dirfd;
         send_fd_path(&e, path);
@@ -190,6 +196,28 @@ fn created_at(
         send_fd(&e);
     }
     0
+}
+
+/// Whether the user-space path at `path` names a file in a temp directory (`/tmp/`,
+/// `/var/tmp/`, `/dev/shm/`; the list of `leaktrace::track::tmp::TEMP_DIRS`).
+#[inline(always)]
+fn in_temp_dir(path: u64) -> bool {
+    let mut head = [0u8; 10];
+    // SAFETY: bounded by the buffer; never faults the target.
+    if unsafe { bpf_probe_read_user_str_bytes(path as *const u8, &mut head) }.is_err() {
+        return false;
+    }
+    let starts = |prefix: &[u8]| {
+        let mut i = 0;
+        while i < prefix.len() {
+            if head[i] != prefix[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    };
+    starts(b"/tmp/") || starts(b"/var/tmp/") || starts(b"/dev/shm/")
 }
 
 /// Paths sent per creating stack as examples (user space keeps up to 5 distinct ones).

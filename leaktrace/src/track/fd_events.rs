@@ -190,6 +190,14 @@ impl FdTracker {
     #[inline]
     fn maybe_temp_file(&mut self, host: &dyn Host, e: &FdEvent, path: String, at_ms: u32) {
         let pid = e.hdr.pid;
+        // Node-wide, a named file is a temp file only in a temp directory (the kernel side
+        // sends no other as a candidate; a stack's sampled paths may still be one).
+        if self.tracks(features::NODE)
+            && e.flags & O_TMPFILE != O_TMPFILE
+            && !tmp::in_temp_dir(&path)
+        {
+            return;
+        }
         if let Some(unnamed) =
             temp_creation(e.flags, &path, || host.born_at(pid, &path, e.hdr.ts_ns))
         {
@@ -305,6 +313,54 @@ impl FdTracker {
 mod tests {
     use super::*;
     use crate::targets::host::Live;
+
+    #[test]
+    fn node_wide_only_temp_directories_and_unnamed_files_are_temp_files() {
+        let host = Live::new();
+        let open = |tracker: &mut FdTracker, fd: i32, flags: u32, path: &str| {
+            let event = FdEvent {
+                hdr: leaktrace_common::Header {
+                    kind: leaktrace_common::kind::FD_PATH,
+                    flags: 0,
+                    pid: u32::MAX - 1,
+                    tid: u32::MAX - 1,
+                    _pad: 0,
+                    ts_ns: 0,
+                },
+                op: fd_op::OPEN,
+                syscall: fd_call::OPENAT,
+                fd,
+                fd2: -1,
+                flags,
+                errno: 0,
+                dirfd: AT_FDCWD,
+                stack_id: 7,
+                value: 0,
+            };
+            let r = FdRecord {
+                event,
+                path: Some(path.as_bytes()),
+            };
+            tracker.on_record(&host, &r, 0);
+        };
+        let made = |features: u32| {
+            let mut t = FdTracker::new(features);
+            open(&mut t, 3, O_CREAT | O_EXCL, "/srv/data/x.db");
+            open(&mut t, 4, O_CREAT | O_EXCL, "/tmp/x.tmp");
+            open(&mut t, 5, O_TMPFILE | 0o2, "/srv/data");
+            let mut paths: Vec<String> = t.tmp.files().map(|f| f.path.clone()).collect();
+            paths.sort();
+            paths
+        };
+        assert_eq!(
+            made(features::FD | features::TMP),
+            ["/srv/data", "/srv/data/x.db", "/tmp/x.tmp"]
+        );
+        assert_eq!(
+            made(features::FD | features::TMP | features::NODE),
+            ["/srv/data", "/tmp/x.tmp"]
+        );
+    }
 
     #[test]
     fn birth_times_tell_created_from_reopened() {
