@@ -182,6 +182,16 @@ impl Background {
         self.child.id()
     }
 
+    /// Starts `leaktrace agent <args>` writing every row (on a busy node the top ones can
+    /// all be a compiler's) as JSON to `out`, its decisions logged (`-v`).
+    pub fn agent(args: &[&str], out: &Path) -> Self {
+        let mut all = vec!["agent"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--top", "100000", "--format", "json", "-v", "-o"]);
+        all.push(out.to_str().unwrap());
+        Self::start(&all)
+    }
+
     /// Starts `leaktrace <args>`.
     pub fn start(args: &[&str]) -> Self {
         let mut child = leaktrace()

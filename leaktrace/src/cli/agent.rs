@@ -45,8 +45,9 @@ pub struct AgentArgs {
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     pub max_heap_blocks: usize,
 
-    /// Keep at most this many grown pages node-wide (~30 B each; the default follows 4 GiB
-    /// of growth); pages past it are counted as lost (`growth_table_full`).
+    /// Keep at most this many grown pages node-wide (~30 B each; a huge page, or a fault
+    /// that made several resident, counts once: the default follows 4 GiB of growth or
+    /// more); pages past it are counted as lost (`growth_table_full`).
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     pub max_growth_pages: usize,
 

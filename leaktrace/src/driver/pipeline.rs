@@ -388,9 +388,15 @@ impl Pipeline {
 
     /// The old image is gone; what it held is kept as in use at exit of that image.
     fn exec(&mut self, pid: u32, ts_ns: u64) {
-        self.heap.exec(pid, ts_ns);
-        if let Some(pages) = &mut self.pages {
-            pages.exec(pid, ts_ns);
+        let keep = self.keep_exited;
+        for t in std::iter::once(&mut self.heap).chain(self.pages.as_mut()) {
+            if keep {
+                t.exec(pid, ts_ns);
+            } else {
+                // The node agent keeps nothing of an image that is gone (every `sh -c`
+                // forks and execs: kept, they would pile up for as long as it runs).
+                t.discard(pid);
+            }
         }
         self.brk.remove(&pid);
         self.fd.exec(pid);

@@ -221,7 +221,9 @@ fn a_damaged_recording_is_an_error_not_a_panic() {
 /// under process churn before it did).
 #[test]
 fn node_wide_a_process_gone_before_adoption_leaves_nothing_behind() {
-    use leaktrace_common::{FdEvent, Header, ProcEvent, fd_call, fd_op, features, kind};
+    use leaktrace_common::{
+        AllocEvent, FdEvent, Header, ProcEvent, alloc_shape, fd_call, fd_op, features, kind,
+    };
 
     use super::Pipeline;
     use crate::{
@@ -280,6 +282,21 @@ fn node_wide_a_process_gone_before_adoption_leaves_nothing_behind() {
     };
     p.apply(&encode::fd(&open, None));
     assert!(!p.owners.is_empty(), "the exec was noted");
+    // What an image held is forgotten when it execs another: kept as "in use at exit",
+    // every `sh -c` on the node would pile up.
+    p.apply(&encode::alloc(&AllocEvent {
+        hdr: hdr(kind::ALLOC),
+        addr: 0x5000,
+        size: 64,
+        old_addr: 0,
+        stack_id: 5,
+        shape: alloc_shape::SIZE,
+        _pad: 0,
+    }));
+    assert_eq!(p.heap.outstanding_of(77), (1, 64));
+    p.apply(&proc(kind::EXEC));
+    let snap = p.heap.snapshot(2_000_000, 0);
+    assert!(snap.exited.is_empty() && snap.live.is_empty(), "{snap:?}");
     let applied = p.apply(&proc(kind::EXIT));
     assert_eq!(applied.lifecycle, Some(super::Lifecycle::Exit(77)));
     assert!(p.owners.is_empty(), "{:?}", p.owners);
