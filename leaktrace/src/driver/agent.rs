@@ -648,6 +648,7 @@ async fn agent_loop(
     let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut trim_tick = tokio::time::interval(TRIM_EVERY);
     let mut sample_tick = tokio::time::interval(policy.promoter.every());
     sample_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -668,6 +669,7 @@ async fn agent_loop(
                 retire_dead(tracer, policy, ring.get_mut(), sink)?;
                 policy.tick(tracer);
             }
+            _ = trim_tick.tick() => give_back_freed_memory(),
             _ = sample_tick.tick() => policy.sample_and_promote(tracer),
             _ = report_tick.tick() => {
                 drain(ring.get_mut(), tracer, policy, sink)?;
@@ -684,6 +686,21 @@ async fn agent_loop(
         }
     }
     Ok(())
+}
+
+/// How often the agent hands freed heap memory back to the kernel.
+const TRIM_EVERY: Duration = Duration::from_secs(30);
+
+/// Hands the heap's free pages back to the kernel. The agent's heap has transient peaks
+/// (compiling a new module's unwind table: tens of MiB for a large one; a report) that
+/// glibc keeps mapped; without this the resident size ratchets up to the highest peak
+/// and stays, which is what a DaemonSet's memory limit sees.
+fn give_back_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only returns free pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Builds a report and hands it to the HTTP server.
