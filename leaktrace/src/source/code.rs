@@ -107,6 +107,8 @@ pub(super) struct UnwindTables {
     index: SharedArray<u64>,
     /// Where each module's table is (`None`: it has no usable table).
     placed: HashMap<ModuleKey, Option<TableSlot>>,
+    /// Said already that the table is full.
+    told_full: bool,
 }
 
 impl UnwindTables {
@@ -125,6 +127,7 @@ impl UnwindTables {
             rows: SharedArray::new(array(map::UNWIND_ROWS)?, rows)?,
             index: SharedArray::new(array(map::UNWIND_INDEX)?, index_capacity(rows))?,
             placed: HashMap::new(),
+            told_full: false,
         })
     }
 
@@ -151,11 +154,17 @@ impl UnwindTables {
             index.clear();
         }
         if self.rows.used + table.rows.len() > self.rows.capacity {
-            tracing::warn!(
-                "{}: the unwind table is full ({} rows); its frames use frame pointers (raise --unwind-rows)",
-                module.path,
-                self.rows.capacity
-            );
+            // Once: on a node that keeps starting new binaries, every later one lands here.
+            if !self.told_full {
+                self.told_full = true;
+                tracing::warn!(
+                    "{}: the unwind table is full ({} rows); this and later modules' frames use frame pointers (raise --unwind-rows)",
+                    module.path,
+                    self.rows.capacity
+                );
+            } else {
+                tracing::debug!("{}: the unwind table is full", module.path);
+            }
             return None;
         }
         let slot = TableSlot {
