@@ -2,7 +2,7 @@
 //! input, never a panic.
 mod common;
 
-use common::{c_fixture_with, leaktrace, privileged, run};
+use common::{c_fixture, c_fixture_with, leaktrace, privileged, run};
 
 fn one_line_error(stderr: &str) -> &str {
     let errors: Vec<&str> = stderr
@@ -107,4 +107,67 @@ fn a_command_that_cannot_start_gets_the_shells_codes() {
     );
     let r = run(&["run", "--", "/etc/hostname"]);
     assert_eq!(r.status.code(), Some(126), "{}", r.stderr);
+}
+
+#[test]
+fn tracing_says_what_it_traces_when_it_starts_and_nothing_with_quiet() {
+    if !privileged() {
+        return;
+    }
+    let demo = c_fixture("heap_attach");
+    let demo = demo.to_str().unwrap();
+    // heap_attach waits for stdin, which is /dev/null here: it exits at once.
+    let said = run(&["run", "--format", "json", "--interval", "5s", "--", demo]);
+    assert!(said.status.success(), "{}", said.stderr);
+    let line = said
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("leaktrace: running "))
+        .unwrap_or_else(|| panic!("no start line:\n{}", said.stderr));
+    for part in [
+        "heap_attach (pid ",
+        "heap (allocator probes once it maps an allocator)",
+        "descriptors, temp files, OOM kills (tracepoints)",
+        "a report every 5s",
+        "Ctrl-C stops both with a final report",
+    ] {
+        assert!(line.contains(part), "{part:?} not in {line:?}");
+    }
+    // Not a terminal: no status line, and the report on stdout is JSON alone.
+    assert!(!said.stderr.contains('\r'), "{:?}", said.stderr);
+    serde_json::from_str::<serde_json::Value>(&said.stdout).unwrap();
+    let quiet = run(&["run", "--quiet", "--format", "json", "--", demo]);
+    assert!(quiet.status.success(), "{}", quiet.stderr);
+    assert!(!quiet.stderr.contains("leaktrace: "), "{}", quiet.stderr);
+}
+
+#[test]
+fn on_a_terminal_a_status_line_is_kept_and_wiped_before_the_report() {
+    if !privileged()
+        || std::process::Command::new("script")
+            .arg("-V")
+            .output()
+            .is_err()
+    {
+        return;
+    }
+    let cmd = format!(
+        "{} run --interval 10s -- sleep 2.5",
+        env!("CARGO_BIN_EXE_leaktrace")
+    );
+    // util-linux's script(1) gives the command a pseudo-terminal.
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let status = "\r\x1b[2Kleaktrace: ";
+    assert!(text.contains(status), "{text:?}");
+    assert!(text.contains(" events/s, "), "{text:?}");
+    // Wiped before the report: the report's first line starts a line of its own.
+    assert!(
+        text.contains("\r\x1b[2Kleaktrace final report after "),
+        "{text:?}"
+    );
 }

@@ -179,6 +179,11 @@ pub struct CommonArgs {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); LEAKTRACE_LOG overrides.
     #[arg(long, short, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// No start line and no live status line on stderr (warnings, notices and errors
+    /// still go there).
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 /// How the heap is traced.
@@ -274,6 +279,7 @@ impl CommonArgs {
             folded_kind: self.folded_kind,
             bpf_log: self.verbose >= 2,
             record: self.record.clone(),
+            quiet: self.quiet,
         }
     }
 

@@ -32,6 +32,7 @@ mod reports;
 pub mod serve;
 mod session;
 mod sink;
+mod status;
 mod tracer;
 
 #[cfg(test)]
@@ -110,6 +111,9 @@ pub struct SessionConfig {
     pub bpf_log: bool,
     /// Record the session here, for replay (see [`record`]).
     pub record: Option<PathBuf>,
+    /// Say nothing on stderr but errors, warnings and notices (no start line, no status
+    /// line).
+    pub quiet: bool,
 }
 
 /// Why a session failed. Each variant maps to a documented exit code.
@@ -206,6 +210,7 @@ fn drain(
 /// written now, so a report file shows it even if leaktrace dies next and a JSON stream gets
 /// it now (a table on the terminal has the notice).
 fn on_alert(tracer: &mut Tracer, sink: &Sink, alert: &Alert) {
+    sink.status.clear();
     match alert {
         Alert::Oom(kill) => eprint!("{}", export::table::oom_notice(kill)),
         Alert::Exhausted(x) => eprint!("{}", export::table::exhaustion_notice(x)),

@@ -533,6 +533,11 @@ impl Pipeline {
         self.tracked.iter().copied()
     }
 
+    /// Outstanding (count, bytes) of the live processes' heaps (their pages in growth mode).
+    pub fn outstanding(&self) -> (u64, u64) {
+        self.heap.live_outstanding()
+    }
+
     /// Allocations seen so far.
     pub fn allocs(&self) -> u64 {
         self.heap.totals().allocs

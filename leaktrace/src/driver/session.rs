@@ -44,6 +44,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| SessionError::Io("ring buffer", e.into()))?;
     let child = attach(&config, &mut tracer)?;
+    sink.status.started(&config, &tracer);
     let exit_code = event_loop(&config, &mut tracer, &sink, &mut ring, child.as_ref()).await?;
     let result = finish(&config, &mut tracer, &sink, ring.get_mut(), child.is_some());
     if let Some(recorder) = recorder {
@@ -237,7 +238,10 @@ async fn event_loop(
                 drain(ring.get_mut(), tracer, sink, BUDGET)?;
                 tracer.source.flush_log();
             }
-            _ = liveness.tick() => on_liveness_tick(tracer, sink, ring.get_mut(), child.is_some())?,
+            _ = liveness.tick() => {
+                on_liveness_tick(tracer, sink, ring.get_mut(), child.is_some())?;
+                sink.status.tick(tracer);
+            }
             _ = interrupt.recv() => {
                 if child.is_some() && timers.grace.is_none() && tracer.pipeline.tracked().next().is_some() {
                     timers.grace = Some(Instant::now() + Duration::from_secs(2));

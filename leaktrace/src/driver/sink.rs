@@ -4,7 +4,7 @@ use std::{
     path::PathBuf,
 };
 
-use super::SessionError;
+use super::{SessionError, status::Status};
 use crate::{
     export::{self, FoldedKind, FoldedWeight, Format},
     report::Report,
@@ -16,6 +16,8 @@ pub(super) struct Sink {
     pub(super) weight: FoldedWeight,
     pub(super) folded_kind: FoldedKind,
     pub(super) output: Option<PathBuf>,
+    /// What the session says on stderr, wiped before a report is written.
+    pub(super) status: Status,
 }
 
 impl Sink {
@@ -26,10 +28,12 @@ impl Sink {
             weight: config.weight,
             folded_kind: config.folded_kind,
             output: config.output.clone(),
+            status: Status::new(config.quiet),
         }
     }
 
     pub(super) fn emit(&self, report: &Report) -> Result<(), SessionError> {
+        self.status.clear();
         let text = export::render_bytes(report, self.format, self.weight, self.folded_kind);
         match &self.output {
             Some(path) => {

@@ -46,6 +46,8 @@ pub(super) struct Tracer {
     hook_max_ns: u64,
     /// Links attached over the session.
     links_attached: u64,
+    /// Records handled.
+    pub(super) records: u64,
 }
 
 impl Tracer {
@@ -66,6 +68,7 @@ impl Tracer {
             hook_events: 0,
             hook_max_ns: 0,
             links_attached: 0,
+            records: 0,
         }
     }
 
@@ -167,6 +170,7 @@ impl Tracer {
     /// Applies one ring-buffer record. Gated processes are released afterwards whatever
     /// happened. Returns an alert to act on at once.
     pub(super) fn handle(&mut self, bytes: &[u8]) -> Result<Option<Alert>, SessionError> {
+        self.records += 1;
         if self.is_from_demoted(bytes) {
             self.last = None;
             return Ok(None);
@@ -323,6 +327,20 @@ impl Tracer {
             hook_latency_us_max: self.hook_max_ns / 1000,
             links_attached: self.links_attached,
         }
+    }
+
+    /// Links attached now, and the file names of the modules whose allocator they hook.
+    pub(super) fn attached(&self) -> (usize, Vec<String>) {
+        let links = self.probes.values().map(ProcessProbes::len).sum();
+        let mut modules: Vec<String> = self
+            .probes
+            .values()
+            .flat_map(|p| &p.allocator_modules)
+            .map(|m| m.path.rsplit('/').next().unwrap_or(&m.path).to_owned())
+            .collect();
+        modules.sort();
+        modules.dedup();
+        (links, modules)
     }
 
     /// A report of everything so far.
