@@ -143,6 +143,8 @@ fn main() -> Result<()> {
 mod agent_bench;
 mod bench;
 mod image;
+#[cfg(test)]
+mod manifests;
 mod overhead;
 mod storm;
 
