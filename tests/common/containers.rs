@@ -248,15 +248,22 @@ impl Container {
         } else {
             format!("/fixtures/{prog}")
         };
+        let mut flags: Vec<String> = RUN_FLAGS.iter().map(|s| (*s).to_owned()).collect();
+        flags.push(image);
+        flags.push(prog);
+        flags.extend(args.iter().map(|s| (*s).to_owned()));
+        Self::start(name, &flags)
+    }
+
+    /// Starts a container named `leaktrace-test-<name>-<our pid>` with `podman run --detach
+    /// <run_args>` (flags, image, command): the caller gives every flag.
+    pub fn start(name: &str, run_args: &[String]) -> Self {
         let name = format!("leaktrace-test-{name}-{}", std::process::id());
         let id = stdout_of(
             podman()
                 .args(["run", "--detach", "--replace", "--name", &name])
                 .args(["--label", "leaktrace-test=1"])
-                .args(RUN_FLAGS)
-                .arg(&image)
-                .arg(&prog)
-                .args(args),
+                .args(run_args),
         );
         // From here on, Drop removes it whatever goes wrong.
         let mut container = Self { id, host_pid: 0 };
@@ -264,7 +271,11 @@ impl Container {
         let (id, pid) = state.split_once(' ').expect("id and pid");
         assert_eq!(id, container.id, "podman run and inspect disagree");
         container.host_pid = pid.parse().expect("a pid");
-        assert!(container.host_pid > 0, "container {name} is not running");
+        assert!(
+            container.host_pid > 0,
+            "container {name} is not running; it printed:\n{}",
+            container.logs()
+        );
         container
     }
 
@@ -307,6 +318,18 @@ impl Container {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits (up to 60 s) for the container to stop; its first process's exit status.
+    pub fn wait_exit(&self) -> i32 {
+        let out = checked(
+            podman()
+                .args(["wait", "--interval", "100ms", &self.id])
+                .stdout(Stdio::piped()),
+        );
+        let code = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        code.parse()
+            .unwrap_or_else(|_| panic!("podman wait printed {code:?}"))
     }
 
     /// Sends `signal` to the container's first process, from the host.

@@ -29,12 +29,18 @@ enum Task {
     Setup,
     /// Set up, then build leaktrace in release mode with its eBPF programs.
     Build,
-    /// Set up, then run the whole suite, eBPF integration tests included (needs root).
+    /// Set up, build the agent image (as `image`), then run the whole suite, eBPF integration
+    /// tests and the deploy test of that image included (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build leaktrace in release mode, and make the agent's container image,
+    /// `localhost/leaktrace:<version>-<hash>` (also tagged `:<version>`, the name the
+    /// manifests in deploy/kubernetes use), from it offline; nothing is imported when podman
+    /// has that tag already. Prints the image's name on stdout.
+    Image,
     /// Set up, build, and trace the bundled leaking demo program.
     Demo,
     /// Measure tracing overhead and tracer memory (markdown tables on stdout).
@@ -87,6 +93,22 @@ fn main() -> Result<()> {
             setup()?;
             test(&args)
         }
+        Task::Image => {
+            setup()?;
+            let image = image::build()?;
+            eprintln!(
+                "xtask: {} {} ({:.1} MiB, one layer)",
+                if image.imported {
+                    "imported"
+                } else {
+                    "podman already has"
+                },
+                image.name,
+                image.bytes as f64 / (1024.0 * 1024.0)
+            );
+            println!("{}", image.name);
+            Ok(())
+        }
         Task::Demo => {
             setup()?;
             demo()
@@ -120,6 +142,9 @@ fn main() -> Result<()> {
 
 mod agent_bench;
 mod bench;
+mod image;
+#[cfg(test)]
+mod manifests;
 mod overhead;
 mod storm;
 
@@ -305,8 +330,19 @@ fn build_release() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    // The deploy test runs the agent's image the way deploy/kubernetes/daemonset.yaml says:
+    // build it first (a release build; cached in target/ like the rest), so the test only
+    // reads its name.
+    let started = std::time::Instant::now();
+    let image = image::build()?;
+    eprintln!(
+        "xtask: agent image {} ready in {:.1?}",
+        image.name,
+        started.elapsed()
+    );
     let mut cmd = cargo();
     cmd.arg("test");
+    cmd.env("LEAKTRACE_TEST_AGENT_IMAGE", &image.name);
     // The integration tests load eBPF programs: they must run, not skip.
     cmd.env("LEAKTRACE_TEST_REQUIRE_ROOT", "1");
     // Setup installed podman: the container tests must run too.

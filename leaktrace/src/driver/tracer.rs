@@ -13,7 +13,11 @@ use super::{
 use crate::{
     report::{ProbeSummary, Report, WalkSummary},
     source::{AllocatorProbes, Detacher, ProcessProbes, Source},
-    targets::{modules::Module, procfs},
+    targets::{
+        modules::Module,
+        procfs,
+        seccomp::{KernelRelease, SeccompState, uretprobe_risk},
+    },
 };
 
 /// Hook latencies kept for the p50 (the latest).
@@ -48,6 +52,11 @@ pub(super) struct Tracer {
     links_attached: u64,
     /// Records handled.
     pub(super) records: u64,
+    /// The running kernel, when its uretprobes return through a system call seccomp filters
+    /// still see (see `targets::seccomp`).
+    uretprobe_syscall_filtered: Option<KernelRelease>,
+    /// Processes already checked for that risk (warned at most once each).
+    seccomp_checked: HashSet<u32>,
 }
 
 impl Tracer {
@@ -69,6 +78,27 @@ impl Tracer {
             hook_max_ns: 0,
             links_attached: 0,
             records: 0,
+            uretprobe_syscall_filtered: KernelRelease::running()
+                .filter(|k| k.uretprobe_syscall_filtered()),
+            seccomp_checked: HashSet::new(),
+        }
+    }
+
+    /// Warns, once per process, when its allocator's return probes may kill it: a kernel
+    /// whose uretprobes return through a system call its seccomp filter may not allow.
+    fn warn_uretprobe_seccomp(&mut self, pid: u32) {
+        let Some(kernel) = self.uretprobe_syscall_filtered else {
+            return;
+        };
+        if !self.seccomp_checked.insert(pid) {
+            return;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if let Some(why) = uretprobe_risk(kernel, SeccompState::from_status(&status)) {
+            tracing::warn!(
+                "pid {pid}: exact heap tracing may kill this process: {why}; if it dies of \
+                 SIGILL or SIGSYS, allow syscall 335 in its seccomp profile or use --mode growth"
+            );
         }
     }
 
@@ -122,6 +152,14 @@ impl Tracer {
             // The agent's first tier: tracepoints only, nothing to hook, nothing missing.
             return Ok((modules.len(), false));
         }
+        // Before the return probes go in: the warning must come out before the process
+        // could die of them.
+        if self.heap
+            && self.allocator_probes != AllocatorProbes::Floor
+            && modules.iter().any(|m| m.elf.is_allocator())
+        {
+            self.warn_uretprobe_seccomp(pid);
+        }
         let probes = self.probes.entry(pid).or_default();
         let before = probes.len();
         for module in &modules {
@@ -154,6 +192,7 @@ impl Tracer {
 
     /// Releases what the kernel side holds for a process that is gone.
     fn release(&mut self, pid: u32) {
+        self.seccomp_checked.remove(&pid);
         if let Some(probes) = self.probes.remove(&pid) {
             self.detacher.detach(probes);
         }

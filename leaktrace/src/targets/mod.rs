@@ -7,4 +7,5 @@ pub mod modules;
 pub mod preflight;
 pub mod probe_point;
 pub mod procfs;
+pub mod seccomp;
 pub mod spawn;
