@@ -227,9 +227,20 @@ fn the_agent_names_each_containers_leak_with_its_container_id() {
     let run = agent.finish(Duration::from_secs(30));
     assert!(run.status.success(), "{}", run.stderr);
     let r = Report(serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap());
-    r.assert_site("ctr_heap_leak", 16, 16 * 256);
-    r.assert_absent("ctr_heap_churn");
-    assert_owner(r.site("ctr_heap_leak")[0], &heap, &r);
+    // Exact, unless a flood of the first tier's records on a busy node filled the ring
+    // buffer the second tier shares with it: then the report says so, and what it kept
+    // cannot exceed the truth.
+    let lost_heap = r.0["summary"]["lost_by_cause"]["heap_ringbuf"]
+        .as_u64()
+        .unwrap_or(0);
+    if lost_heap == 0 {
+        r.assert_site("ctr_heap_leak", 16, 16 * 256);
+        r.assert_absent("ctr_heap_churn");
+        assert_owner(r.site("ctr_heap_leak")[0], &heap, &r);
+    } else {
+        assert!(r.at("ctr_heap_leak").0 <= 16, "{}", r.pretty());
+        eprintln!("{lost_heap} heap records lost to a busy node");
+    }
     let lost = r.0["summary"]["lost_by_cause"]["fd_ringbuf"]
         .as_u64()
         .unwrap_or(0);
@@ -249,8 +260,10 @@ fn the_agent_names_each_containers_leak_with_its_container_id() {
     if lost == 0 {
         r.assert_fds("ctr_fd_leak", 5, "file");
         r.assert_no_fds("ctr_fd_churn");
+        assert_owner(rows[0], &fd, &r);
+    } else if let Some(row) = rows.first() {
+        assert_owner(row, &fd, &r);
     }
-    assert_owner(rows[0], &fd, &r);
     // Only the selected container's heap was traced.
     assert!(
         r.leaks()
