@@ -114,6 +114,9 @@ pub struct SessionConfig {
     /// Say nothing on stderr but errors, warnings and notices (no start line, no status
     /// line).
     pub quiet: bool,
+    /// The kubelet's pod log directory, to name pods and containers (`None`:
+    /// [`crate::targets::pods::DEFAULT_POD_LOGS`], and no warning when it is missing).
+    pub pod_logs: Option<PathBuf>,
 }
 
 /// Why a session failed. Each variant maps to a documented exit code.
