@@ -20,7 +20,7 @@ use super::c_fixture;
 pub const IMAGE_REPO: &str = "localhost/leaktrace-fixtures";
 
 /// The fixtures in the image, at `/fixtures/<name>`.
-const FIXTURES: &[&str] = &["ctr_service"];
+const FIXTURES: &[&str] = &["ctr_service", "pod_service"];
 
 /// Directories the image holds empty: mount points the runtime fills in.
 const MOUNT_POINTS: &[&str] = &["dev", "proc", "sys", "tmp", "etc", "run"];
@@ -337,6 +337,30 @@ impl Container {
         // SAFETY: kill has no memory preconditions; the pid is the container's live process.
         let rc = unsafe { libc::kill(self.host_pid as libc::pid_t, signal) };
         assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Like [`run`](Self::run), with `flags` added to `podman run`'s own (a
+    /// `--cgroup-parent`, say).
+    pub fn run_with(name: &str, flags: &[&str], argv: &[&str]) -> Self {
+        let image = image();
+        let (prog, args) = argv.split_first().expect("a command to run");
+        let prog = format!("/fixtures/{prog}");
+        let name = format!("leaktrace-test-{name}-{}", std::process::id());
+        let id = stdout_of(
+            podman()
+                .args(["run", "--detach", "--replace", "--name", &name])
+                .args(["--label", "leaktrace-test=1"])
+                .args(RUN_FLAGS)
+                .args(flags)
+                .arg(&image)
+                .arg(&prog)
+                .args(args),
+        );
+        // From here on, Drop removes it whatever goes wrong.
+        let mut container = Self { id, host_pid: 0 };
+        container.host_pid = container.inspect("{{.State.Pid}}").parse().expect("a pid");
+        assert!(container.host_pid > 0, "container {name} is not running");
+        container
     }
 }
 
