@@ -215,7 +215,7 @@ fn drain(
 fn on_alert(tracer: &mut Tracer, sink: &Sink, alert: &Alert) {
     sink.status.clear();
     match alert {
-        Alert::Oom(kill) => eprint!("{}", export::table::oom_notice(kill)),
+        Alert::Oom(kill) => eprint!("{}", export::table::oom_notice(&tracer.named(kill))),
         Alert::Exhausted(x) => eprint!("{}", export::table::exhaustion_notice(x)),
     }
     if sink.output.is_some() || sink.format == Format::Json {

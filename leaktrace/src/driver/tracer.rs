@@ -11,7 +11,7 @@ use super::{
     reports::KernelStats,
 };
 use crate::{
-    report::{ProbeSummary, Report, WalkSummary, annotate},
+    report::{OomKill, ProbeSummary, Report, WalkSummary, annotate},
     source::{AllocatorProbes, Detacher, ProcessProbes, Source},
     targets::{
         modules::Module,
@@ -400,5 +400,13 @@ impl Tracer {
         let pods = &mut self.pods;
         annotate::name_pods(&mut report, &mut |uid, id| pods.lookup(uid, id));
         report
+    }
+
+    /// An OOM kill the pipeline just saw, its pod and container named.
+    pub(super) fn named(&mut self, kill: &OomKill) -> OomKill {
+        let mut kill = kill.clone();
+        let pods = &mut self.pods;
+        annotate::name_oom_kill(&mut kill, &mut |uid, id| pods.lookup(uid, id));
+        kill
     }
 }

@@ -2,7 +2,7 @@
 //! names of the rows whose cgroup named a pod (see [`crate::targets::pods`]), as the Parca
 //! agent attaches its metadata when it writes a profile. One lookup per row of a report.
 use crate::{
-    report::model::{Owner, Report},
+    report::model::{OomKill, Owner, Report},
     targets::pods::PodName,
 };
 
@@ -41,14 +41,23 @@ pub fn name_pods(
         name(&mut t.owner);
     }
     for k in &mut report.oom_kills {
-        let Some(uid) = k.pod_uid.as_deref() else {
-            continue;
-        };
-        if let Some(n) = lookup(uid, k.container_id.as_deref()) {
-            k.namespace = Some(n.namespace);
-            k.pod = Some(n.pod);
-            k.container_name = n.container;
-        }
+        name_oom_kill(k, lookup);
+    }
+}
+
+/// Fills in `namespace`, `pod` and `container_name` of an OOM kill with a pod uid (see
+/// [`name_pods`]).
+pub fn name_oom_kill(
+    kill: &mut OomKill,
+    lookup: &mut dyn FnMut(&str, Option<&str>) -> Option<PodName>,
+) {
+    let Some(uid) = kill.pod_uid.as_deref() else {
+        return;
+    };
+    if let Some(n) = lookup(uid, kill.container_id.as_deref()) {
+        kill.namespace = Some(n.namespace);
+        kill.pod = Some(n.pod);
+        kill.container_name = n.container;
     }
 }
 
