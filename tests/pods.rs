@@ -39,12 +39,16 @@ fn fresh_uid() -> String {
 
 /// The pod's cgroups, removed when dropped (after its containers): podman makes
 /// `/kubepods/burstable/pod<uid>` (and the `conmon` cgroup in it) on every hierarchy and
-/// leaves them behind. The QoS levels above go too when nothing else is in them.
+/// leaves them behind. Its monitor may still be exiting when the container is gone, so
+/// removal is retried for a few seconds. The QoS levels above go too when nothing else is in
+/// them.
 struct PodCgroups(String);
 
-impl Drop for PodCgroups {
-    fn drop(&mut self) {
+impl PodCgroups {
+    /// Removes what it can; true when the pod's cgroup is gone from every hierarchy.
+    fn remove(&self) -> bool {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut gone = true;
         for line in mountinfo.lines() {
             let Some((left, right)) = line.split_once(" - ") else {
                 continue;
@@ -65,9 +69,21 @@ impl Drop for PodCgroups {
                     }
                 }
             }
-            for dir in [pod, root.join("burstable"), root] {
+            let _ = fs::remove_dir(&pod);
+            gone &= !pod.exists();
+            for dir in [root.join("burstable"), root] {
                 let _ = fs::remove_dir(dir);
             }
+        }
+        gone
+    }
+}
+
+impl Drop for PodCgroups {
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.remove() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
@@ -202,19 +218,23 @@ fn the_agent_names_a_pods_namespace_pod_and_container_from_the_node() {
         &listen,
         "--interval",
         "500ms",
-        // Every row: on a busy node the top ones can all be a compiler's.
-        "--top",
-        "100000",
+        // The default --top: heap rows are the two traced containers' alone, and symbolizing
+        // every growth row of a busy node (its compilers') makes a final report slow.
+        // Room for bursts of the node's other records: fewer of ours are lost.
+        "--ring-buffer",
+        "64M",
         "--format",
         "json",
         "-o",
         out.to_str().unwrap(),
         "-v",
     ]);
-    agent.wait_for(&format!(
-        "pid {} (pod_service): exact heap tracing on",
-        in_pod.host_pid()
-    ));
+    // Both promoted, in the order the agent adopts processes (by pid), before they leak.
+    let mut pids = [in_pod.host_pid(), alone.host_pid()];
+    pids.sort_unstable();
+    for pid in pids {
+        agent.wait_for(&format!("pid {pid} (pod_service): exact heap tracing on"));
+    }
     agent.wait_for("agent: watching");
     in_pod.signal(libc::SIGUSR1);
     alone.signal(libc::SIGUSR1);
@@ -235,18 +255,38 @@ fn the_agent_names_a_pods_namespace_pod_and_container_from_the_node() {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
     };
+    // A node busy enough to fill the ring buffer (a compiler's page faults) loses heap
+    // records too, counted: then the bytes are lower bounds, and only the names are checked.
+    let heap_lost = |text: &str| {
+        value(
+            text,
+            "leaktrace_dropped_events_total{reason=\"heap_ringbuf\"}",
+        )
+        .unwrap_or(0)
+    };
     let metrics = eventually(|| {
         let text = get(port, "/metrics")?;
-        let both = value(&text, &pod_series) == Some(FILL_BYTES)
-            && value(&text, &alone_series) == Some(FILL_BYTES);
-        both.then_some(text)
+        let (pod, alone) = (value(&text, &pod_series)?, value(&text, &alone_series)?);
+        let done = (pod == FILL_BYTES && alone == FILL_BYTES) || heap_lost(&text) > 0;
+        done.then_some(text)
     });
-    let metrics = metrics.unwrap_or_else(|| {
+    let Some(metrics) = metrics else {
+        let last = get(port, "/metrics").unwrap_or_default();
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
+        let run = agent.finish(Duration::from_secs(120));
         panic!(
-            "never {FILL_BYTES} in both {pod_series} and {alone_series}:\n{}",
-            get(port, "/metrics").unwrap_or_default()
-        )
-    });
+            "never {FILL_BYTES} in both {pod_series} and {alone_series}:\n{last}\nagent:\n{}",
+            run.stderr
+        );
+    };
+    let exact = heap_lost(&metrics) == 0;
+    if !exact {
+        eprintln!(
+            "heap records were lost ({}): bytes not checked exactly",
+            heap_lost(&metrics)
+        );
+    }
     assert!(
         metrics
             .lines()
@@ -266,10 +306,12 @@ fn the_agent_names_a_pods_namespace_pod_and_container_from_the_node() {
         .filter(|l| l.contains("pod_cache_fill"))
         .collect();
     assert_eq!(lines.len(), 1, "{folded}");
-    assert!(
-        lines[0].ends_with(&format!(";pod_cache_fill {FILL_BYTES}")),
-        "{folded}"
-    );
+    if exact {
+        assert!(
+            lines[0].ends_with(&format!(";pod_cache_fill {FILL_BYTES}")),
+            "{folded}"
+        );
+    }
     let json: Value = serde_json::from_str(
         &get(
             port,
@@ -278,12 +320,12 @@ fn the_agent_names_a_pods_namespace_pod_and_container_from_the_node() {
         .unwrap(),
     )
     .unwrap();
+    let leaks = json["leaks"].as_array().unwrap();
     assert!(
-        json["leaks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|l| l["pod"] == POD && l["container_id"] != alone.id()),
+        !leaks.is_empty()
+            && leaks
+                .iter()
+                .all(|l| l["pod"] == POD && l["container_id"] != alone.id()),
         "{json:#}"
     );
     assert_eq!(
@@ -299,21 +341,28 @@ fn the_agent_names_a_pods_namespace_pod_and_container_from_the_node() {
     // The final JSON report: every field, exact bytes at the known site.
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
-    let run = agent.finish(Duration::from_secs(30));
+    let run = agent.finish(Duration::from_secs(120));
     assert!(run.status.success(), "{}", run.stderr);
     let r = Report(serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap());
+    let exact = exact
+        && r.0["summary"]["lost_by_cause"]["heap_ringbuf"]
+            .as_u64()
+            .unwrap_or(0)
+            == 0;
     let rows = fill_rows(&r, in_pod.host_pid());
     assert_eq!(rows.len(), 1, "{}", r.pretty());
     let row = rows[0];
-    assert_eq!(
-        (
-            row["outstanding_count"].as_u64(),
-            row["outstanding_bytes"].as_u64()
-        ),
-        (Some(FILL_COUNT), Some(FILL_BYTES)),
-        "{}",
-        r.pretty()
-    );
+    if exact {
+        assert_eq!(
+            (
+                row["outstanding_count"].as_u64(),
+                row["outstanding_bytes"].as_u64()
+            ),
+            (Some(FILL_COUNT), Some(FILL_BYTES)),
+            "{}",
+            r.pretty()
+        );
+    }
     for (key, want) in [
         ("namespace", NAMESPACE),
         ("pod", POD),
@@ -328,7 +377,9 @@ fn the_agent_names_a_pods_namespace_pod_and_container_from_the_node() {
     let rows = fill_rows(&r, alone.host_pid());
     assert_eq!(rows.len(), 1, "{}", r.pretty());
     let row = rows[0];
-    assert_eq!(row["outstanding_bytes"].as_u64(), Some(FILL_BYTES));
+    if exact {
+        assert_eq!(row["outstanding_bytes"].as_u64(), Some(FILL_BYTES));
+    }
     assert_eq!(row["container_id"], alone.id());
     for key in ["namespace", "pod", "pod_uid", "container_name"] {
         assert!(row.get(key).is_none(), "{key} outside a pod: {row:#}");
