@@ -342,25 +342,16 @@ impl Container {
     /// Like [`run`](Self::run), with `flags` added to `podman run`'s own (a
     /// `--cgroup-parent`, say).
     pub fn run_with(name: &str, flags: &[&str], argv: &[&str]) -> Self {
-        let image = image();
         let (prog, args) = argv.split_first().expect("a command to run");
-        let prog = format!("/fixtures/{prog}");
-        let name = format!("leaktrace-test-{name}-{}", std::process::id());
-        let id = stdout_of(
-            podman()
-                .args(["run", "--detach", "--replace", "--name", &name])
-                .args(["--label", "leaktrace-test=1"])
-                .args(RUN_FLAGS)
-                .args(flags)
-                .arg(&image)
-                .arg(&prog)
-                .args(args),
-        );
-        // From here on, Drop removes it whatever goes wrong.
-        let mut container = Self { id, host_pid: 0 };
-        container.host_pid = container.inspect("{{.State.Pid}}").parse().expect("a pid");
-        assert!(container.host_pid > 0, "container {name} is not running");
-        container
+        let mut run_args: Vec<String> = RUN_FLAGS
+            .iter()
+            .chain(flags)
+            .map(|s| (*s).to_owned())
+            .collect();
+        run_args.push(image());
+        run_args.push(format!("/fixtures/{prog}"));
+        run_args.extend(args.iter().map(|s| (*s).to_owned()));
+        Self::start(name, &run_args)
     }
 }
 
