@@ -20,7 +20,7 @@ use super::c_fixture;
 pub const IMAGE_REPO: &str = "localhost/leaktrace-fixtures";
 
 /// The fixtures in the image, at `/fixtures/<name>`.
-const FIXTURES: &[&str] = &["ctr_service"];
+const FIXTURES: &[&str] = &["ctr_service", "pod_service"];
 
 /// Directories the image holds empty: mount points the runtime fills in.
 const MOUNT_POINTS: &[&str] = &["dev", "proc", "sys", "tmp", "etc", "run"];
@@ -337,6 +337,21 @@ impl Container {
         // SAFETY: kill has no memory preconditions; the pid is the container's live process.
         let rc = unsafe { libc::kill(self.host_pid as libc::pid_t, signal) };
         assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Like [`run`](Self::run), with `flags` added to `podman run`'s own (a
+    /// `--cgroup-parent`, say).
+    pub fn run_with(name: &str, flags: &[&str], argv: &[&str]) -> Self {
+        let (prog, args) = argv.split_first().expect("a command to run");
+        let mut run_args: Vec<String> = RUN_FLAGS
+            .iter()
+            .chain(flags)
+            .map(|s| (*s).to_owned())
+            .collect();
+        run_args.push(image());
+        run_args.push(format!("/fixtures/{prog}"));
+        run_args.extend(args.iter().map(|s| (*s).to_owned()));
+        Self::start(name, &run_args)
     }
 }
 

@@ -176,6 +176,13 @@ pub struct CommonArgs {
     #[arg(long, value_enum, default_value_t = Attach::Auto, hide = true)]
     pub attach: Attach,
 
+    /// Name Kubernetes pods and containers from the kubelet's log directories here,
+    /// `<namespace>_<pod>_<uid>/<container>/`, and from the links in its sibling
+    /// `containers/` (`<pod>_<namespace>_<container>-<id>.log`), with no API access
+    /// [default: /var/log/pods].
+    #[arg(long, value_name = "DIR")]
+    pub pod_logs: Option<PathBuf>,
+
     /// More log output on stderr (-v info, -vv debug, -vvv trace); LEAKTRACE_LOG overrides.
     #[arg(long, short, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -280,6 +287,7 @@ impl CommonArgs {
             bpf_log: self.verbose >= 2,
             record: self.record.clone(),
             quiet: self.quiet,
+            pod_logs: self.pod_logs.clone(),
         }
     }
 

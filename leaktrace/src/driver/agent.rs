@@ -622,8 +622,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     )
     .await?;
     drain(ring.get_mut(), &mut tracer, &mut policy, &sink)?;
-    let mut report = tracer.report(true);
-    policy.annotate(&mut report);
+    let report = tracer.report_with(true, |r| policy.annotate(r));
     sink.emit(&report)?;
     Ok(Outcome { exit_code: 0 })
 }
@@ -705,9 +704,7 @@ fn give_back_freed_memory() {
 
 /// Builds a report and hands it to the HTTP server.
 fn publish(tracer: &mut Tracer, policy: &Policy, publisher: &Publisher) -> Arc<Report> {
-    let mut report = tracer.report(false);
-    policy.annotate(&mut report);
-    let report = Arc::new(report);
+    let report = Arc::new(tracer.report_with(false, |r| policy.annotate(r)));
     let tables = tracer.pipeline.table_sizes();
     let stats = AgentStats {
         tracked_processes: Some(tables.processes as u64),
@@ -808,6 +805,7 @@ mod tests {
             cgroup: Some(cgroup.into()),
             container_id: container.map(str::to_owned),
             container_runtime: container.map(|_| "podman"),
+            ..Owner::default()
         }
     }
 

@@ -114,6 +114,9 @@ pub struct SessionConfig {
     /// Say nothing on stderr but errors, warnings and notices (no start line, no status
     /// line).
     pub quiet: bool,
+    /// The kubelet's pod log directory, to name pods and containers (`None`:
+    /// [`crate::targets::pods::DEFAULT_POD_LOGS`], and no warning when it is missing).
+    pub pod_logs: Option<PathBuf>,
 }
 
 /// Why a session failed. Each variant maps to a documented exit code.
@@ -212,7 +215,7 @@ fn drain(
 fn on_alert(tracer: &mut Tracer, sink: &Sink, alert: &Alert) {
     sink.status.clear();
     match alert {
-        Alert::Oom(kill) => eprint!("{}", export::table::oom_notice(kill)),
+        Alert::Oom(kill) => eprint!("{}", export::table::oom_notice(&tracer.named(kill))),
         Alert::Exhausted(x) => eprint!("{}", export::table::exhaustion_notice(x)),
     }
     if sink.output.is_some() || sink.format == Format::Json {

@@ -64,7 +64,8 @@ pub(super) struct Exhaustion {
     pub(super) record: FdExhaustion,
 }
 
-/// Who a process is, as the host tells: its name, executable, cgroup and container.
+/// Who a process is, as the host tells: its name, executable, cgroup, container and pod uid.
+/// The pod's and container's names are added to reports later (`report::annotate`).
 pub(super) fn owner_of(host: &dyn Host, pid: u32) -> Owner {
     let attribution = host.attribution(pid);
     Owner {
@@ -75,7 +76,9 @@ pub(super) fn owner_of(host: &dyn Host, pid: u32) -> Owner {
             .as_ref()
             .and_then(|a| crate::targets::cgroup::container(&a.cgroup))
             .map(|(_, runtime)| runtime.name()),
+        pod_uid: attribution.as_ref().and_then(|a| a.pod_uid.clone()),
         cgroup: attribution.map(|a| a.cgroup),
+        ..Owner::default()
     }
 }
 

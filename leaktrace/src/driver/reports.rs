@@ -219,6 +219,10 @@ impl Pipeline {
             cgroup: attribution.as_ref().map(|p| p.cgroup.clone()),
             container_id: attribution.as_ref().and_then(|p| p.container_id.clone()),
             pod_uid: attribution.as_ref().and_then(|p| p.pod_uid.clone()),
+            // Named with the report's rows (see `report::annotate`).
+            namespace: None,
+            pod: None,
+            container_name: None,
             rss_bytes: (e.anon_rss_kb + e.file_rss_kb + e.shmem_rss_kb) * 1024,
             anon_rss_bytes: e.anon_rss_kb * 1024,
             limit_bytes: attribution.and_then(|p| p.limit_bytes),

@@ -9,8 +9,10 @@
 //! | `/report.json` | the JSON report |
 //! | `/healthz` | `ok` |
 //!
-//! The report endpoints (not `/healthz`) take `container=PREFIX`: only rows whose container
-//! id starts with PREFIX. Before the first report they answer 503.
+//! The report endpoints (not `/healthz`) take filters, all of which a row must pass:
+//! `container=` (a container id prefix, or the container's name in its pod), `pod=` and
+//! `namespace=` (the Kubernetes pod's name and namespace, exactly). Before the first report
+//! they answer 503.
 //!
 //! The agent loop [`publish`](Publisher::publish)es each report; handlers take the latest
 //! with a pointer copy, so the loop never waits on a client. Rendering runs on tokio's
@@ -294,12 +296,69 @@ fn endpoint(path: &str, query: &str) -> Option<Result<Endpoint, String>> {
     })
 }
 
-/// The rows of `report` held in containers whose id starts with `prefix` (all when `None`).
-/// With `heap_kind`, `leaks` holds the heap rows of that kind from both `leaks` and the
-/// agent's `growth` (what folded heap output shows), and `growth` is left empty.
-fn select(report: &Report, prefix: Option<&str>, heap_kind: Option<&str>) -> Report {
-    let held = |id: Option<&str>| prefix.is_none_or(|p| id.is_some_and(|id| id.starts_with(p)));
-    let keep = |o: &Owner| held(o.container_id.as_deref());
+/// Which rows a request keeps (all when empty).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Filter {
+    /// A container id prefix, or a container's name in its pod.
+    container: Option<String>,
+    /// A pod's name.
+    pod: Option<String>,
+    /// A pod's namespace.
+    namespace: Option<String>,
+}
+
+impl Filter {
+    /// The filters of a query (the last of each key wins).
+    fn of(query: &str) -> Self {
+        let mut f = Self::default();
+        for (k, v) in params(query) {
+            match k {
+                "container" => f.container = Some(v.to_owned()),
+                "pod" => f.pod = Some(v.to_owned()),
+                "namespace" => f.namespace = Some(v.to_owned()),
+                _ => {}
+            }
+        }
+        f
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Whether a row of this container (id, name) and pod (namespace, name) is kept.
+    fn keeps(
+        &self,
+        id: Option<&str>,
+        name: Option<&str>,
+        namespace: Option<&str>,
+        pod: Option<&str>,
+    ) -> bool {
+        let container = self
+            .container
+            .as_deref()
+            .is_none_or(|c| id.is_some_and(|id| id.starts_with(c)) || name.is_some_and(|n| n == c));
+        let exact = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| have == Some(w))
+        };
+        container && exact(&self.pod, pod) && exact(&self.namespace, namespace)
+    }
+
+    fn keeps_owner(&self, o: &Owner) -> bool {
+        self.keeps(
+            o.container_id.as_deref(),
+            o.container_name.as_deref(),
+            o.namespace.as_deref(),
+            o.pod.as_deref(),
+        )
+    }
+}
+
+/// The rows of `report` that `filter` keeps. With `heap_kind`, `leaks` holds the heap rows
+/// of that kind from both `leaks` and the agent's `growth` (what folded heap output shows),
+/// and `growth` is left empty.
+fn select(report: &Report, filter: &Filter, heap_kind: Option<&str>) -> Report {
+    let keep = |o: &Owner| filter.keeps_owner(o);
     let rows =
         |rows: &[Leak]| -> Vec<Leak> { rows.iter().filter(|l| keep(&l.owner)).cloned().collect() };
     let (leaks, growth) = match heap_kind {
@@ -326,9 +385,10 @@ fn select(report: &Report, prefix: Option<&str>, heap_kind: Option<&str>) -> Rep
             .cloned()
             .collect(),
         // These name no container: kept only when nothing is filtered out.
-        fd_exhaustion: match prefix {
-            None => report.fd_exhaustion.clone(),
-            Some(_) => vec![],
+        fd_exhaustion: if filter.is_empty() {
+            report.fd_exhaustion.clone()
+        } else {
+            vec![]
         },
         tmp_leaks: report
             .tmp_leaks
@@ -339,7 +399,14 @@ fn select(report: &Report, prefix: Option<&str>, heap_kind: Option<&str>) -> Rep
         oom_kills: report
             .oom_kills
             .iter()
-            .filter(|k| held(k.container_id.as_deref()))
+            .filter(|k| {
+                filter.keeps(
+                    k.container_id.as_deref(),
+                    k.container_name.as_deref(),
+                    k.namespace.as_deref(),
+                    k.pod.as_deref(),
+                )
+            })
             .cloned()
             .collect(),
         growth,
@@ -359,21 +426,21 @@ fn select(report: &Report, prefix: Option<&str>, heap_kind: Option<&str>) -> Rep
 fn render(
     endpoint: &Endpoint,
     published: &Published,
-    container: Option<&str>,
+    filter: &Filter,
     max_series: usize,
 ) -> (&'static str, Vec<u8>) {
     let report = &published.report;
     let filtered;
-    let report = match (endpoint, container) {
-        (Endpoint::Folded(_, Some(kind)), _) => {
-            filtered = select(report, container, Some(kind));
+    let report = match endpoint {
+        Endpoint::Folded(_, Some(kind)) => {
+            filtered = select(report, filter, Some(kind));
             &filtered
         }
-        (_, Some(_)) => {
-            filtered = select(report, container, None);
+        _ if !filter.is_empty() => {
+            filtered = select(report, filter, None);
             &filtered
         }
-        (_, None) => report.as_ref(),
+        _ => report.as_ref(),
     };
     let exporter: &dyn Exporter = match endpoint {
         Endpoint::Metrics => &Metrics {
@@ -417,14 +484,11 @@ async fn respond<B>(
     let Some(published) = snapshots.latest() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "no report yet\n");
     };
-    let container = params(query)
-        .find(|(k, _)| *k == "container")
-        .map(|(_, v)| v.to_owned());
+    let filter = Filter::of(query);
     let max_series = options.max_series;
-    let rendered = tokio::task::spawn_blocking(move || {
-        render(&endpoint, &published, container.as_deref(), max_series)
-    })
-    .await;
+    let rendered =
+        tokio::task::spawn_blocking(move || render(&endpoint, &published, &filter, max_series))
+            .await;
     match rendered {
         Ok((content_type, body)) => {
             let mut r = reply(StatusCode::OK, content_type, body);
@@ -615,6 +679,74 @@ mod tests {
         assert_eq!(fetch(addr, "GET", "/nope").await.0, 404);
         assert_eq!(fetch(addr, "POST", "/metrics").await.0, 405);
         task.abort();
+    }
+
+    /// What `path?query` renders from `report`, as text.
+    fn rendered(report: &Report, target: &str) -> String {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let endpoint = endpoint(path, query).unwrap().unwrap();
+        let published = Published {
+            report: Arc::new(report.clone()),
+            stats: AgentStats::default(),
+        };
+        let (_, body) = render(&endpoint, &published, &Filter::of(query), MAX_SERIES);
+        String::from_utf8(body).unwrap()
+    }
+
+    #[test]
+    fn rows_are_filtered_by_pod_namespace_and_container_name() {
+        let mut r = report();
+        for row in r.leaks.iter_mut().take(1).chain(&mut r.growth) {
+            row.owner.namespace = Some("payments".into());
+            row.owner.pod = Some("api-7f9c".into());
+            row.owner.container_name = Some("api".into());
+        }
+        let api = "main;handle_request;cache_insert 8388608\n";
+        for q in [
+            "pod=api-7f9c",
+            "namespace=payments",
+            "namespace=payments&pod=api-7f9c",
+            "namespace=payments&pod=api-7f9c&container=api",
+            "pod=api-7f9c&container=0123",
+        ] {
+            assert_eq!(rendered(&r, &format!("/folded?kind=heap&{q}")), api, "{q}");
+        }
+        for q in [
+            "pod=api",
+            "namespace=payment",
+            "namespace=shop&pod=api-7f9c",
+            "pod=api-7f9c&container=sidecar",
+            "container=ap",
+        ] {
+            assert_eq!(rendered(&r, &format!("/folded?kind=heap&{q}")), "", "{q}");
+        }
+        assert_eq!(
+            rendered(&r, "/folded?kind=growth&namespace=payments"),
+            "main;handle_request 4096\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&rendered(&r, "/report.json?pod=api-7f9c")).unwrap();
+        let leaks = json["leaks"].as_array().unwrap();
+        assert_eq!(leaks.len(), 1, "{json}");
+        assert_eq!(leaks[0]["namespace"], "payments");
+        assert_eq!(leaks[0]["pod"], "api-7f9c");
+        assert_eq!(leaks[0]["container_name"], "api");
+        assert_eq!(
+            json["fd_leaks"],
+            serde_json::json!([]),
+            "fd rows are in no pod"
+        );
+        assert_eq!(json["fd_exhaustion"], serde_json::json!([]));
+        let metrics = rendered(&r, "/metrics?namespace=payments");
+        assert!(
+            metrics.contains(
+                "leaktrace_heap_outstanding_bytes{namespace=\"payments\",pod=\"api-7f9c\",\
+                 container=\"api\",container_id=\"0123456789ab\",comm=\"cache-server\",\
+                 kind=\"heap\"} 8388608\n"
+            ),
+            "{metrics}"
+        );
+        assert!(!metrics.contains("container=\"\""), "{metrics}");
     }
 
     #[test]

@@ -107,6 +107,9 @@ pub(super) fn setup(
     );
     pipeline.recorder = recorder.clone();
     let mut tracer = Tracer::new(source, pipeline);
+    if let Some(dir) = &config.pod_logs {
+        tracer.pods = crate::targets::pods::PodIndex::new(dir, true);
+    }
     tracer.measure_walks = config.measure_walks;
     tracer.heap = config.heap;
     tracer.allocator_probes = config.allocator_probes;

@@ -11,10 +11,11 @@ use super::{
     reports::KernelStats,
 };
 use crate::{
-    report::{ProbeSummary, Report, WalkSummary},
+    report::{OomKill, ProbeSummary, Report, WalkSummary, annotate},
     source::{AllocatorProbes, Detacher, ProcessProbes, Source},
     targets::{
         modules::Module,
+        pods::{DEFAULT_POD_LOGS, PodIndex},
         procfs,
         seccomp::{KernelRelease, SeccompState, uretprobe_risk},
     },
@@ -57,6 +58,8 @@ pub(super) struct Tracer {
     uretprobe_syscall_filtered: Option<KernelRelease>,
     /// Processes already checked for that risk (warned at most once each).
     seccomp_checked: HashSet<u32>,
+    /// The names of the node's pods and containers, for the rows of reports.
+    pub(super) pods: PodIndex,
 }
 
 impl Tracer {
@@ -81,6 +84,7 @@ impl Tracer {
             uretprobe_syscall_filtered: KernelRelease::running()
                 .filter(|k| k.uretprobe_syscall_filtered()),
             seccomp_checked: HashSet::new(),
+            pods: PodIndex::new(DEFAULT_POD_LOGS, false),
         }
     }
 
@@ -384,7 +388,25 @@ impl Tracer {
 
     /// A report of everything so far.
     pub(super) fn report(&mut self, is_final: bool) -> Report {
+        self.report_with(is_final, |_| {})
+    }
+
+    /// A report of everything so far, with the driver's own sections added by `add`, then
+    /// its rows' pods and containers named.
+    pub(super) fn report_with(&mut self, is_final: bool, add: impl FnOnce(&mut Report)) -> Report {
         let kernel = self.kernel_stats();
-        self.pipeline.report(is_final, &kernel)
+        let mut report = self.pipeline.report(is_final, &kernel);
+        add(&mut report);
+        let pods = &mut self.pods;
+        annotate::name_pods(&mut report, &mut |uid, id| pods.lookup(uid, id));
+        report
+    }
+
+    /// An OOM kill the pipeline just saw, its pod and container named.
+    pub(super) fn named(&mut self, kill: &OomKill) -> OomKill {
+        let mut kill = kill.clone();
+        let pods = &mut self.pods;
+        annotate::name_oom_kill(&mut kill, &mut |uid, id| pods.lookup(uid, id));
+        kill
     }
 }

@@ -2,15 +2,23 @@
 //! `/metrics`.
 //!
 //! Every metric is named `leaktrace_…`. Labels tell who holds a row and nothing else:
-//! `container` (the id's first 12 characters, "" outside containers), `comm`, and `kind`
-//! (`heap`/`growth` for heap rows, the descriptor kind for descriptors, `tmp`). Never a stack:
-//! stacks live in the pprof and folded endpoints, and a label per stack would make one series
-//! per call path. Rows with the same labels are summed; past [`Metrics::max_series`] label
-//! sets in one family, the smallest are summed into one series whose labels are all `other`.
+//! - `namespace` and `pod`: the Kubernetes pod, when the node names it (left out otherwise);
+//! - `container`: the container's name in its pod when the node names it, else the
+//!   container id's first 12 characters ("" outside containers), so that a series joins
+//!   cAdvisor's and kube-state-metrics' on `namespace`, `pod` and `container`;
+//! - `container_id`: the id's first 12 characters, when `container` is a name (a restarted
+//!   container is a new series either way);
+//! - `comm`, and `kind` (`heap`/`growth` for heap rows, the descriptor kind for descriptors,
+//!   `tmp`).
+//!
+//! Never a stack: stacks live in the pprof and folded endpoints, and a label per stack would
+//! make one series per call path. The pod labels add no series: a container has one pod.
+//! Rows with the same labels are summed; past [`Metrics::max_series`] label sets in one
+//! family, the smallest are summed into one series whose labels are all `other`.
 use std::{collections::HashMap, fmt::Write as _};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, prometheus_text},
+    encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder, prometheus_text},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -60,12 +68,17 @@ impl Default for Metrics {
     }
 }
 
-/// Who a series belongs to. `namespace` and `pod` are one field each here, filled in
-/// [`Identity::of`], when the owner knows them.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+/// Who a series belongs to (see the module's documentation for each label).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Identity {
-    /// The container id, short form (12 characters), or "".
+    /// The pod's namespace, or "" (the label is left out).
+    pub namespace: String,
+    /// The pod's name, or "" (the label is left out).
+    pub pod: String,
+    /// The container's name, else its id's short form (12 characters), or "".
     pub container: String,
+    /// The id's short form when `container` is a name, else "" (the label is left out).
+    pub container_id: String,
     /// The command name.
     pub comm: String,
 }
@@ -73,14 +86,34 @@ pub struct Identity {
 impl Identity {
     /// The labels of a row held by `owner`.
     pub fn of(owner: &Owner) -> Self {
-        Self::new(owner.container_id.as_deref(), &owner.comm)
+        Self::new(
+            owner.container_id.as_deref(),
+            &owner.comm,
+            owner.namespace.as_deref(),
+            owner.pod.as_deref(),
+            owner.container_name.as_deref(),
+        )
     }
 
-    fn new(container_id: Option<&str>, comm: &str) -> Self {
+    fn new(
+        container_id: Option<&str>,
+        comm: &str,
+        namespace: Option<&str>,
+        pod: Option<&str>,
+        container_name: Option<&str>,
+    ) -> Self {
+        let short: String = container_id
+            .map(|id| id.chars().take(12).collect())
+            .unwrap_or_default();
+        let (container, container_id) = match container_name {
+            Some(name) => (name.to_owned(), short),
+            None => (short, String::new()),
+        };
         Self {
-            container: container_id
-                .map(|id| id.chars().take(12).collect())
-                .unwrap_or_default(),
+            namespace: namespace.unwrap_or_default().to_owned(),
+            pod: pod.unwrap_or_default().to_owned(),
+            container,
+            container_id,
             comm: comm.to_owned(),
         }
     }
@@ -89,7 +122,27 @@ impl Identity {
         Self {
             container: OTHER.into(),
             comm: OTHER.into(),
+            ..Self::default()
         }
+    }
+}
+
+/// `container` and `comm` always; the others only when known, so a node without
+/// Kubernetes exposes what it always did.
+impl EncodeLabelSet for Identity {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for (key, value, always) in [
+            ("namespace", &self.namespace, false),
+            ("pod", &self.pod, false),
+            ("container", &self.container, true),
+            ("container_id", &self.container_id, false),
+            ("comm", &self.comm, true),
+        ] {
+            if always || !value.is_empty() {
+                (key, value.as_str()).encode(encoder.encode_label())?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -282,7 +335,13 @@ impl Metrics {
         let ooms = aggregate(
             report.oom_kills.iter().map(|k| {
                 let series = Series {
-                    identity: Identity::new(k.container_id.as_deref(), &k.comm),
+                    identity: Identity::new(
+                        k.container_id.as_deref(),
+                        &k.comm,
+                        k.namespace.as_deref(),
+                        k.pod.as_deref(),
+                        k.container_name.as_deref(),
+                    ),
                     kind: "oom".into(),
                 };
                 let sums = Sums {
@@ -505,6 +564,56 @@ mod tests {
         assert!(text.contains("# TYPE leaktrace_oom_kills_total counter\n"));
         assert!(text.contains("# TYPE leaktrace_open_fds gauge\n"));
         assert!(!text.contains("cache_insert"), "no stack in a label");
+    }
+
+    #[test]
+    fn rows_in_pods_carry_namespace_pod_and_the_container_name() {
+        let mut r = report();
+        let o = &mut r.leaks[0].owner;
+        o.namespace = Some("payments".into());
+        o.pod = Some("api-7f9c".into());
+        o.container_name = Some("api".into());
+        // A pod whose container the node does not name: the id stays the container label.
+        for row in &mut r.fd_leaks {
+            row.owner.namespace = Some("payments".into());
+            row.owner.pod = Some("api-7f9c".into());
+        }
+        let k = &mut r.oom_kills[0];
+        k.namespace = Some("payments".into());
+        k.pod = Some("api-7f9c".into());
+        k.container_name = Some("api".into());
+        let text = String::from_utf8(Metrics::default().export(&r)).unwrap();
+        let got = samples(&text);
+        let pod = r#"namespace="payments",pod="api-7f9c""#;
+        for (key, value) in [
+            (
+                format!(
+                    r#"leaktrace_heap_outstanding_bytes{{{pod},container="api",container_id="0123456789ab",comm="cache-server",kind="heap"}}"#
+                ),
+                "8388608",
+            ),
+            (
+                format!(
+                    r#"leaktrace_open_fds{{{pod},container="0123456789ab",comm="cache-server",kind="file"}}"#
+                ),
+                "847",
+            ),
+            (
+                format!(
+                    r#"leaktrace_oom_kills_total{{{pod},container="api",container_id="abcdef",comm="cache-server",kind="oom"}}"#
+                ),
+                "1",
+            ),
+            // Not in a pod: as before, no pod labels.
+            (
+                r#"leaktrace_heap_outstanding_bytes{container="",comm="cache-server",kind="heap"}"#
+                    .to_owned(),
+                "1048576",
+            ),
+        ] {
+            assert_eq!(got.get(key.as_str()), Some(&value), "{key}\n{text}");
+        }
+        assert!(!text.contains("namespace=\"\""), "{text}");
     }
 
     #[test]

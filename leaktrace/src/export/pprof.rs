@@ -16,7 +16,8 @@
 //! process, within a mapping of their module; a run of inlined frames and the frame they sit
 //! in become one location with several lines, innermost first, as pprof wants. Frames
 //! without a symbol get a location without lines (tools show the module and address). Each
-//! sample carries the labels `pid`, `comm`, and `container_id` when the row has one.
+//! sample carries the labels `pid`, `comm`, and when the row has them `container_id`, and
+//! the Kubernetes `namespace`, `pod` and `container` (the container's name in the pod).
 use std::{
     collections::{HashMap, hash_map::Entry},
     io::Write as _,
@@ -310,8 +311,16 @@ impl Builder {
             self.label("pid", &row.pid.to_string()),
             self.label("comm", &row.owner.comm),
         ];
-        if let Some(id) = &row.owner.container_id {
-            label.push(self.label("container_id", id));
+        let o = &row.owner;
+        for (key, value) in [
+            ("container_id", &o.container_id),
+            ("namespace", &o.namespace),
+            ("pod", &o.pod),
+            ("container", &o.container_name),
+        ] {
+            if let Some(v) = value {
+                label.push(self.label(key, v));
+            }
         }
         if row.processes > 1 {
             label.push(Label {
@@ -577,6 +586,34 @@ mod tests {
             ]
         );
         assert_eq!(p.sample[1].label.len(), 2, "no container, no label");
+    }
+
+    #[test]
+    fn a_row_in_a_pod_is_labelled_with_its_namespace_pod_and_container() {
+        let mut r = report();
+        let o = &mut r.leaks[0].owner;
+        o.namespace = Some("payments".into());
+        o.pod = Some("api-7f9c".into());
+        o.container_name = Some("api".into());
+        o.pod_uid = Some("0f2b6a7e-3d6c-4b1a-9c5e-2a7f8d9e0b1c".into());
+        let p = decode(&Pprof::default().export(&r));
+        let labels: Vec<(&str, &str)> = p.sample[0]
+            .label
+            .iter()
+            .map(|l| (s(&p, l.key), s(&p, l.str)))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("pid", "4242"),
+                ("comm", "cache-server"),
+                ("container_id", "0123456789abcdef"),
+                ("namespace", "payments"),
+                ("pod", "api-7f9c"),
+                ("container", "api"),
+            ]
+        );
+        assert_eq!(p.sample[1].label.len(), 2, "not in a pod, no pod labels");
     }
 
     #[test]

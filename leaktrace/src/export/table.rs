@@ -161,7 +161,8 @@ fn holders(out: &mut String, holders: &[FdHolder]) {
 const HOLDER_FRAMES: usize = 4;
 
 /// Who holds a row: `pid 42 (comm)`, or `3 processes of comm (pids 42, 43, 44)`, and the
-/// container when there is one.
+/// container and pod when there are: `in containerd 0123456789ab, pod payments/api-7f9c,
+/// container api`.
 fn who(pid: u32, processes: u32, pids: &[u32], owner: &Owner) -> String {
     let mut s = if processes > 1 {
         let list: Vec<String> = pids.iter().map(u32::to_string).collect();
@@ -181,6 +182,23 @@ fn who(pid: u32, processes: u32, pids: &[u32], owner: &Owner) -> String {
     if let Some(id) = &owner.container_id {
         let runtime = owner.container_runtime.unwrap_or("container");
         let _ = write!(s, " in {runtime} {}", &id[..id.len().min(12)]);
+    }
+    s.push_str(&pod_identity(
+        owner.namespace.as_deref(),
+        owner.pod.as_deref(),
+        owner.container_name.as_deref(),
+    ));
+    s
+}
+
+/// `, pod NAMESPACE/POD, container NAME`, the parts the node names; "" outside pods.
+fn pod_identity(namespace: Option<&str>, pod: Option<&str>, container: Option<&str>) -> String {
+    let mut s = String::new();
+    if let (Some(ns), Some(pod)) = (namespace, pod) {
+        let _ = write!(s, ", pod {ns}/{pod}");
+        if let Some(c) = container {
+            let _ = write!(s, ", container {c}");
+        }
     }
     s
 }
@@ -231,7 +249,7 @@ pub fn oom_notice(k: &OomKill) -> String {
         .map_or_else(String::new, |l| format!(" of a {} limit", bytes(l)));
     let _ = writeln!(
         out,
-        "leaktrace: OOM kill at {}: pid {} ({}), rss {}{limit}, cgroup {}{}",
+        "leaktrace: OOM kill at {}: pid {} ({}), rss {}{limit}, cgroup {}{}{}",
         k.time,
         k.pid,
         k.comm,
@@ -243,6 +261,11 @@ pub fn oom_notice(k: &OomKill) -> String {
                 ", container {}",
                 &c[..12.min(c.len())]
             )),
+        pod_identity(
+            k.namespace.as_deref(),
+            k.pod.as_deref(),
+            k.container_name.as_deref()
+        ),
     );
     if !k.traced {
         out.push_str("  (not traced by leaktrace: no stacks)\n");
@@ -433,5 +456,31 @@ mod tests {
         assert_eq!(count(0), "0");
         assert_eq!(count(1234567), "1,234,567");
         assert_eq!(count(100), "100");
+    }
+
+    #[test]
+    fn the_owner_line_names_the_container_and_pod() {
+        let mut o = Owner {
+            container_id: Some("0123456789abcdef".into()),
+            container_runtime: Some("containerd"),
+            pod_uid: Some("0f2b6a7e-3d6c-4b1a-9c5e-2a7f8d9e0b1c".into()),
+            ..Owner::named("api")
+        };
+        assert_eq!(
+            who(42, 1, &[42], &o),
+            "pid 42 (api) in containerd 0123456789ab"
+        );
+        o.namespace = Some("payments".into());
+        o.pod = Some("api-7f9c".into());
+        assert_eq!(
+            who(42, 1, &[42], &o),
+            "pid 42 (api) in containerd 0123456789ab, pod payments/api-7f9c"
+        );
+        o.container_name = Some("api".into());
+        assert_eq!(
+            who(42, 2, &[42, 43], &o),
+            "2 processes of api (pids 42, 43) in containerd 0123456789ab, pod payments/api-7f9c, \
+             container api"
+        );
     }
 }

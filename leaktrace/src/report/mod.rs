@@ -2,7 +2,9 @@
 //! and ranked. Writers ([`crate::export`]) render it; they know nothing of how it was gathered.
 //!
 //! [`model`] holds the serializable types, [`build()`] makes a report from the trackers'
-//! snapshots, and `merge` merges, ranks and follows the trend of rows of every kind.
+//! snapshots, `merge` merges, ranks and follows the trend of rows of every kind, and
+//! [`annotate`] names the pods and containers of a finished report's rows.
+pub mod annotate;
 mod build;
 mod merge;
 pub mod model;

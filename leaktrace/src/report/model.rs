@@ -245,8 +245,9 @@ fn at_most_one(pids: &[u32]) -> bool {
     pids.len() <= 1
 }
 
-/// Who a row belongs to, as the node tells it: the process's name, executable, cgroup and
-/// the container that cgroup names. Unknown parts are left out of the JSON.
+/// Who a row belongs to, as the node tells it: the process's name, executable, cgroup, the
+/// container and Kubernetes pod that cgroup names, and the names the node's kubelet gives
+/// them (see [`crate::targets::pods`]). Unknown parts are left out of the JSON.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Owner {
     /// The command name.
@@ -263,6 +264,18 @@ pub struct Owner {
     /// The runtime that made that container: `docker`, `containerd`, `cri-o` or `podman`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container_runtime: Option<&'static str>,
+    /// The container's name in its pod's spec.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
+    /// The namespace of the Kubernetes pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The name of the Kubernetes pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The uid of the Kubernetes pod the cgroup belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 impl Owner {
@@ -406,6 +419,15 @@ pub struct OomKill {
     pub container_id: Option<String>,
     /// Its Kubernetes pod, when it ran in one.
     pub pod_uid: Option<String>,
+    /// That pod's namespace, when the node names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// That pod's name, when the node names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Its container's name in the pod, when the node names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
     /// Resident memory when chosen (anonymous + file + shared).
     pub rss_bytes: u64,
     /// Of which anonymous memory.

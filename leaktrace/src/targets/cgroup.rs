@@ -186,13 +186,34 @@ pub fn container_id(path: &str) -> Option<String> {
     None
 }
 
-/// The Kubernetes pod uid in a cgroup path (`pod<uid>` or `-pod<uid_with_underscores>.slice`).
+/// A pod uid as the kubelet writes it: a UUID (`8-4-4-4-12` hex digits), or the 32 hex
+/// digits of a static pod's (a hash of its manifest, with no dashes).
+fn is_pod_uid(uid: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let groups: Vec<&str> = uid.split('-').collect();
+    match groups.as_slice() {
+        [a, b, c, d, e] => hex(a, 8) && hex(b, 4) && hex(c, 4) && hex(d, 4) && hex(e, 12),
+        [one] => hex(one, 32),
+        _ => false,
+    }
+}
+
+/// The Kubernetes pod uid in a cgroup path, with dashes: the kubelet's pod cgroup is
+/// `pod<uid>` with its cgroupfs driver (`/kubepods/burstable/pod<uid>/<id>`) and
+/// `<parent>-pod<uid with _ for ->.slice` with its systemd driver
+/// (`/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/…`), for
+/// every runtime. The innermost such component wins.
 pub fn pod_uid(path: &str) -> Option<String> {
-    path.split('/').find_map(|part| {
-        let part = part.strip_suffix(".slice").unwrap_or(part);
-        let uid = part.rsplit_once("pod").map(|(_, u)| u)?;
-        let uid = uid.replace('_', "-");
-        (uid.len() == 36 && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-')).then_some(uid)
+    path.rsplit('/').find_map(|part| {
+        let uid = match part.strip_suffix(".slice") {
+            // systemd: `-` separates a slice from its parents, so the uid's are `_`.
+            Some(slice) => slice
+                .strip_prefix("pod")
+                .or_else(|| slice.rsplit_once("-pod").map(|(_, u)| u))?
+                .replace('_', "-"),
+            None => part.strip_prefix("pod")?.to_owned(),
+        };
+        is_pod_uid(&uid).then(|| uid.to_ascii_lowercase())
     })
 }
 
@@ -653,19 +674,157 @@ mod tests {
         assert_eq!(names, ["docker", "containerd", "cri-o", "podman"]);
     }
 
+    /// Every shape the kubelet gives a pod's containers: its two cgroup drivers, each
+    /// runtime, each QoS class, static pods, and what sits in a pod's cgroup without being
+    /// one of its containers.
     #[test]
-    fn pod_uids() {
-        let v1 = "/kubepods/besteffort/pod0f2b6a7e-3d6c-4b1a-9c5e-2a7f8d9e0b1c/abc";
-        let v2 = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f2b6a7e_3d6c_4b1a_9c5e_2a7f8d9e0b1c.slice/x";
-        assert_eq!(
-            pod_uid(v1).as_deref(),
-            Some("0f2b6a7e-3d6c-4b1a-9c5e-2a7f8d9e0b1c")
-        );
-        assert_eq!(
-            pod_uid(v2).as_deref(),
-            Some("0f2b6a7e-3d6c-4b1a-9c5e-2a7f8d9e0b1c")
-        );
-        assert_eq!(pod_uid("/system.slice/podman.service"), None);
+    fn pods_and_containers_in_kubelet_cgroup_paths() {
+        use Runtime::*;
+        const UID: &str = "0f2b6a7e-3d6c-4b1a-9c5e-2a7f8d9e0b1c";
+        const STATIC: &str = "5d3b8e6c0a9f4e1b8c7d2a6f3e9b0c14";
+        let pod = format!("pod{UID}");
+        let pod_ = format!("pod{}", UID.replace('-', "_"));
+        let cases: Vec<(String, Option<&str>, Option<Runtime>)> = vec![
+            // systemd driver: containerd (v2, and every v1 hierarchy alike), per QoS class
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-{pod_}.slice/cri-containerd-{ID}.scope"
+                ),
+                Some(UID),
+                Some(Containerd),
+            ),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-{pod_}.slice/cri-containerd-{ID}.scope"
+                ),
+                Some(UID),
+                Some(Containerd),
+            ),
+            // guaranteed pods sit right under kubepods.slice
+            (
+                format!("/kubepods.slice/kubepods-{pod_}.slice/cri-containerd-{ID}.scope"),
+                Some(UID),
+                Some(Containerd),
+            ),
+            // systemd driver: CRI-O, its scope or the scope's `container` leaf
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-{pod_}.slice/crio-{ID}.scope"
+                ),
+                Some(UID),
+                Some(CriO),
+            ),
+            (
+                format!("/kubepods.slice/kubepods-{pod_}.slice/crio-{ID}.scope/container"),
+                Some(UID),
+                Some(CriO),
+            ),
+            // systemd driver: Docker through cri-dockerd
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-{pod_}.slice/docker-{ID}.scope"
+                ),
+                Some(UID),
+                Some(Docker),
+            ),
+            // cgroupfs driver: containerd (and dockershim/cri-dockerd: the same bare id)
+            (
+                format!("/kubepods/burstable/{pod}/{ID}"),
+                Some(UID),
+                Some(Containerd),
+            ),
+            (
+                format!("/kubepods/besteffort/{pod}/{ID}"),
+                Some(UID),
+                Some(Containerd),
+            ),
+            (format!("/kubepods/{pod}/{ID}"), Some(UID), Some(Containerd)),
+            // cgroupfs driver: CRI-O
+            (
+                format!("/kubepods/burstable/{pod}/crio-{ID}"),
+                Some(UID),
+                Some(CriO),
+            ),
+            // a kubelet with --cgroup-root: the same below it
+            (
+                format!("/kubelet/kubepods/burstable/{pod}/{ID}"),
+                Some(UID),
+                Some(Containerd),
+            ),
+            // podman under a kubelet-shaped --cgroup-parent, as the tests run it here
+            (
+                format!("/kubepods/burstable/{pod}/libpod-{ID}"),
+                Some(UID),
+                Some(Podman),
+            ),
+            // static pods: the uid is a hash, 32 hex digits, both drivers
+            (
+                format!("/kubepods/burstable/pod{STATIC}/{ID}"),
+                Some(STATIC),
+                Some(Containerd),
+            ),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{STATIC}.slice/cri-containerd-{ID}.scope"
+                ),
+                Some(STATIC),
+                Some(Containerd),
+            ),
+            // in a pod's cgroup but in none of its containers: a monitor, podman's conmon, the
+            // pod cgroup itself
+            (
+                format!("/kubepods/burstable/{pod}/crio-conmon-{ID}"),
+                Some(UID),
+                None,
+            ),
+            (format!("/kubepods/burstable/{pod}/conmon"), Some(UID), None),
+            (
+                format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-{pod_}.slice"),
+                Some(UID),
+                None,
+            ),
+            // not pods: a QoS slice, podman's own pods, services named like pods
+            (
+                "/kubepods.slice/kubepods-besteffort.slice".to_owned(),
+                None,
+                None,
+            ),
+            ("/kubepods/burstable".to_owned(), None, None),
+            (
+                format!(
+                    "/machine.slice/machine-libpod_pod_{}.slice/libpod-{ID}.scope",
+                    "b".repeat(64)
+                ),
+                None,
+                Some(Podman),
+            ),
+            ("/system.slice/podman.service".to_owned(), None, None),
+            ("/system.slice/ipod-sync.service".to_owned(), None, None),
+            // almost a uid: a group too short, a dash where systemd writes `_`, not hex
+            (
+                format!("/kubepods/burstable/pod{}/{ID}", &UID[..35]),
+                None,
+                Some(Containerd),
+            ),
+            (
+                format!("/kubepods.slice/kubepods-pod{}.slice", &UID[..8]),
+                None,
+                None,
+            ),
+            (
+                format!("/kubepods/pod{}/{ID}", UID.replace('0', "g")),
+                None,
+                Some(Containerd),
+            ),
+        ];
+        for (path, uid, runtime) in cases {
+            assert_eq!(pod_uid(&path).as_deref(), uid, "{path}");
+            let got = container(&path);
+            assert_eq!(got.as_ref().map(|(_, r)| *r), runtime, "{path}");
+            if let Some((id, _)) = got {
+                assert_eq!(id, ID, "{path}");
+            }
+        }
     }
 
     #[test]
