@@ -6,8 +6,11 @@
 
 /// Maps and globals of the eBPF object.
 pub mod map {
-    /// The ring buffer every record leaves through.
+    /// The ring buffer every record leaves through but the allocator's.
     pub const EVENTS: &str = "EVENTS";
+    /// The allocator probes' records and their stacks, apart: a node's flood of tracepoint
+    /// records cannot crowd exact heap tracing out.
+    pub const HEAP_EVENTS: &str = "HEAP_EVENTS";
     /// Per-CPU counters of lost events, indexed by [`crate::drop_reason`].
     pub const DROPS: &str = "DROPS";
     /// Per-CPU counters of work that is not a loss, indexed by [`crate::counter`].
@@ -30,6 +33,7 @@ pub mod map {
     /// Every map user space opens by name (for the object check).
     pub const ALL: &[&str] = &[
         EVENTS,
+        HEAP_EVENTS,
         DROPS,
         COUNTERS,
         TRACED,

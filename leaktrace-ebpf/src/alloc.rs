@@ -23,9 +23,7 @@ use aya_ebpf::{
 use leaktrace_common::{AllocEvent, FreeEvent, Inflight, alloc_shape, counter, drop_reason, kind};
 
 use crate::{
-    maps::{
-        addr_maybe_seen, addr_seen, count, count_drop, header_for, inflight_slot, send_batched,
-    },
+    maps::{addr_maybe_seen, addr_seen, count, count_drop, header_for, inflight_slot, send_heap},
     stack,
 };
 
@@ -213,7 +211,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
                     hdr: header_for(kind::FREE, id),
                     addr: old_addr,
                 };
-                send_batched(&event, drop_reason::HEAP_RINGBUF);
+                send_heap(&event, drop_reason::HEAP_RINGBUF);
             }
             return 0;
         }
@@ -232,7 +230,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         shape,
         _pad: 0,
     };
-    send_batched(&event, drop_reason::HEAP_RINGBUF);
+    send_heap(&event, drop_reason::HEAP_RINGBUF);
     0
 }
 
@@ -263,7 +261,7 @@ fn free(ctx: &ProbeContext) -> u32 {
         hdr: header_for(kind::FREE, id),
         addr,
     };
-    send_batched(&event, drop_reason::HEAP_RINGBUF);
+    send_heap(&event, drop_reason::HEAP_RINGBUF);
     0
 }
 

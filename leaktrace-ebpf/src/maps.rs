@@ -6,9 +6,15 @@ use aya_ebpf::{
 };
 use leaktrace_common::{ADDR_FILTER_BITS, Header, INFLIGHT_SLOTS, Inflight, counter, drop_reason};
 
-/// Every record to user space. User space sets the real size at load time.
+/// Every record to user space but the allocator probes'. User space sets the real size at
+/// load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+
+/// The allocator probes' records and their stacks: tier 2 of the node agent, apart from the
+/// node-wide tracepoints' flood. User space sets the real size at load time.
+#[map]
+pub static HEAP_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
 
 /// Per-CPU counters of lost events, indexed by [`drop_reason`].
 #[map]
@@ -149,8 +155,8 @@ const WAKEUP_EVERY: u64 = 256;
 #[map]
 static SENT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-fn output<T>(record: &T, flags: u64, reason: u32) -> bool {
-    if EVENTS.output::<T>(record, flags).is_ok() {
+fn output<T>(ring: &RingBuf, record: &T, flags: u64, reason: u32) -> bool {
+    if ring.output::<T>(record, flags).is_ok() {
         true
     } else {
         count_drop(reason);
@@ -161,7 +167,7 @@ fn output<T>(record: &T, flags: u64, reason: u32) -> bool {
 /// Sends a record user space must act on at once (a stopped process waits for it).
 #[inline(always)]
 pub fn send_now<T>(record: &T, reason: u32) -> bool {
-    output(record, BPF_RB_FORCE_WAKEUP, reason)
+    output(&EVENTS, record, BPF_RB_FORCE_WAKEUP, reason)
 }
 
 /// Sends a record in a batch: a wakeup costs the traced thread more than the probe itself
@@ -169,6 +175,17 @@ pub fn send_now<T>(record: &T, reason: u32) -> bool {
 /// records per CPU and otherwise drains on its own timer.
 #[inline(always)]
 pub fn send_batched<T>(record: &T, reason: u32) -> bool {
+    send_batched_to(&EVENTS, record, reason)
+}
+
+/// [`send_batched`] for the allocator probes' records (`HEAP_EVENTS`).
+#[inline(always)]
+pub fn send_heap<T>(record: &T, reason: u32) -> bool {
+    send_batched_to(&HEAP_EVENTS, record, reason)
+}
+
+#[inline(always)]
+fn send_batched_to<T>(ring: &RingBuf, record: &T, reason: u32) -> bool {
     let mut flags = BPF_RB_NO_WAKEUP;
     if let Some(sent) = SENT.get_ptr_mut(0) {
         // SAFETY: per-CPU counter; a lost increment under preemption only shifts a wakeup.
@@ -179,5 +196,5 @@ pub fn send_batched<T>(record: &T, reason: u32) -> bool {
             }
         }
     }
-    output(record, flags, reason)
+    output(ring, record, flags, reason)
 }

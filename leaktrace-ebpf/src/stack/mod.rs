@@ -82,6 +82,7 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
     };
     // SAFETY: `regs` is the program's context.
     let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    let heap = event.kind == kind::ALLOC || event.kind == kind::FREE;
     // The event's own header serves the stack record too: no extra helper calls.
     let hdr = Header {
         kind: kind::STACK,
@@ -186,7 +187,7 @@ pub fn capture(regs: *const pt_regs, event: &Header, exact: bool, at_entry: bool
     // SAFETY: an element of the array; a torn race only resends a stack.
     if seen_slot(id).is_some_and(|slot| unsafe { *slot } != id) {
         if intact {
-            send_frames(hdr, id, nr, flags);
+            send_frames(hdr, id, nr, flags, heap);
         } else {
             count_drop(drop_reason::STACK_RACE);
         }

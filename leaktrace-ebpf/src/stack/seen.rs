@@ -3,7 +3,7 @@ use aya_ebpf::{macros::map, maps::Array};
 use leaktrace_common::{Header, StackEvent, drop_reason};
 
 use super::walk::STACK_SCRATCH;
-use crate::maps::{EVENTS, count_drop};
+use crate::maps::{EVENTS, HEAP_EVENTS, count_drop};
 
 /// Stack ids already sent to user space, each in slot `id % SEEN_SLOTS`: a direct-mapped
 /// cache in an array (no helper call to look up). An id whose slot another took is simply
@@ -18,11 +18,13 @@ pub(super) fn seen_slot(id: u64) -> Option<*mut u64> {
 }
 
 #[inline(always)]
-pub(super) fn send_frames(hdr: Header, id: u64, nr: u32, flags: u32) {
+pub(super) fn send_frames(hdr: Header, id: u64, nr: u32, flags: u32, heap: bool) {
     let Some(scratch) = STACK_SCRATCH.get_ptr(0) else {
         return;
     };
-    let Some(mut entry) = EVENTS.reserve::<StackEvent>(0) else {
+    // A stack goes with the record that names it: the allocator's ring or the other.
+    let ring = if heap { &HEAP_EVENTS } else { &EVENTS };
+    let Some(mut entry) = ring.reserve::<StackEvent>(0) else {
         count_drop(drop_reason::STACK_RINGBUF);
         return;
     };

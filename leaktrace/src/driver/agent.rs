@@ -18,13 +18,12 @@ use aya::maps::{MapData, RingBuf};
 use hashbrown::{HashMap, HashSet};
 use leaktrace_common::kind;
 use tokio::{
-    io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
     time::Instant,
 };
 
 use super::{
-    FastExit, Outcome, SessionConfig, SessionError, Target, on_alert,
+    AsyncRings, FastExit, Outcome, Rings, SessionConfig, SessionError, Target, on_alert,
     serve::{self, Publisher},
     session,
     sink::Sink,
@@ -574,7 +573,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     preflight::check()?;
     // Bound first: a port that is taken fails before anything is loaded.
     let server = agent.listen.map(serve::bind).transpose()?;
-    let (mut tracer, ring, _recorder) = session::setup(&config)?;
+    let (mut tracer, rings, _recorder) = session::setup(&config)?;
     tracer.full = Some(HashSet::new());
     tracer.pipeline.keep_growth_apart();
     tracer.pipeline.forget_exited();
@@ -584,9 +583,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
         .cap_tables(agent.max_heap_blocks, agent.max_growth_pages);
     let sink = Sink::of(&config);
     let _fast_exit = FastExit;
-    // SAFETY: the ring buffer owns its descriptor and is never closed while registered.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| SessionError::Io("ring buffer", e.into()))?;
+    let mut ring = AsyncRings::register(rings)?;
     let mut policy = Policy::new(agent.clone());
     let (publisher, snapshots) = serve::channel();
     if let Some(server) = server {
@@ -621,7 +618,10 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
         &publisher,
     )
     .await?;
-    drain(ring.get_mut(), &mut tracer, &mut policy, &sink)?;
+    drain(&mut ring.get_mut(), &mut tracer, &mut policy, &sink)?;
+    // Stopping: the probes go now, while the final report is built (symbolizing a whole
+    // node's rows takes seconds on a busy one; SIGTERM owes the node its probes within 2 s).
+    tracer.detach_all();
     let report = tracer.report_with(true, |r| policy.annotate(r));
     sink.emit(&report)?;
     Ok(Outcome { exit_code: 0 })
@@ -632,7 +632,7 @@ async fn agent_loop(
     tracer: &mut Tracer,
     policy: &mut Policy,
     sink: &Sink,
-    ring: &mut AsyncFd<RingBuf<MapData>>,
+    ring: &mut AsyncRings,
     publisher: &Publisher,
 ) -> Result<(), SessionError> {
     let mut interrupt =
@@ -652,26 +652,36 @@ async fn agent_loop(
     sample_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = ring.events.readable_mut() => {
                 let mut guard = guard.map_err(|e| SessionError::Io("ring buffer", e))?;
-                if drain(guard.get_inner_mut(), tracer, policy, sink)? < BATCH {
+                let mut rings = Rings { events: guard.get_inner_mut(), heap: ring.heap.get_mut() };
+                if drain(&mut rings, tracer, policy, sink)? < BATCH {
+                    guard.clear_ready();
+                } else {
+                    guard.retain_ready();
+                }
+            }
+            guard = ring.heap.readable_mut() => {
+                let mut guard = guard.map_err(|e| SessionError::Io("ring buffer", e))?;
+                let mut rings = Rings { events: ring.events.get_mut(), heap: guard.get_inner_mut() };
+                if drain(&mut rings, tracer, policy, sink)? < BATCH {
                     guard.clear_ready();
                 } else {
                     guard.retain_ready();
                 }
             }
             _ = drain_tick.tick() => {
-                drain(ring.get_mut(), tracer, policy, sink)?;
+                drain(&mut ring.get_mut(), tracer, policy, sink)?;
                 tracer.source.flush_log();
             }
             _ = second.tick() => {
-                retire_dead(tracer, policy, ring.get_mut(), sink)?;
+                retire_dead(tracer, policy, &mut ring.get_mut(), sink)?;
                 policy.tick(tracer);
             }
             _ = trim_tick.tick() => give_back_freed_memory(),
             _ = sample_tick.tick() => policy.sample_and_promote(tracer),
             _ = report_tick.tick() => {
-                drain(ring.get_mut(), tracer, policy, sink)?;
+                drain(&mut ring.get_mut(), tracer, policy, sink)?;
                 let report = publish(tracer, policy, publisher);
                 if sink.output.is_some() {
                     sink.emit(&report)?;
@@ -721,44 +731,27 @@ fn publish(tracer: &mut Tracer, policy: &Policy, publisher: &Publisher) -> Arc<R
 /// Records drained in one go.
 const BATCH: usize = 4096;
 
-/// Drains the ring buffer: applies each record, adopts the processes it names for the first
-/// time, notes which probes fire.
+/// Drains the ring buffers: applies each record, adopts the processes it names for the
+/// first time, notes which probes fire. The allocator's ring first, and again before a
+/// fork, exec or exit record (what a process allocated came before those).
 fn drain(
-    ring: &mut RingBuf<MapData>,
+    rings: &mut Rings<'_>,
     tracer: &mut Tracer,
     policy: &mut Policy,
     sink: &Sink,
 ) -> Result<usize, SessionError> {
-    let mut n = 0;
     let mut fresh: Vec<u32> = Vec::new();
+    let mut n = drain_heap(rings.heap, tracer, policy, sink, &mut fresh, BATCH)?;
     // A bounded batch, so timers and signals are served under a flood of records.
     for _ in 0..BATCH {
-        let Some(item) = ring.next() else { break };
+        let Some(item) = rings.events.next() else {
+            break;
+        };
         n += 1;
-        let alert = tracer.handle(&item)?;
-        drop(item);
-        if let Some(alert) = alert {
-            on_alert(tracer, sink, &alert);
+        if super::lifecycle(&item) {
+            n += drain_heap(rings.heap, tracer, policy, sink, &mut fresh, usize::MAX)?;
         }
-        let Some(hdr) = tracer.last else { continue };
-        match hdr.kind {
-            kind::ALLOC | kind::FREE => policy.fired(hdr.pid),
-            kind::EXIT => {
-                policy.gone(tracer, hdr.pid);
-                continue;
-            }
-            kind::EXEC => {
-                // A new image: a selector may name it now.
-                if policy.active.contains_key(&hdr.pid) {
-                    continue;
-                }
-                policy.select(tracer, hdr.pid);
-            }
-            _ => {}
-        }
-        if !tracer.pipeline.is_tracked(hdr.pid) && hdr.pid != policy.self_pid {
-            fresh.push(hdr.pid);
-        }
+        apply(tracer, policy, sink, &item, &mut fresh)?;
     }
     fresh.sort_unstable();
     fresh.dedup();
@@ -768,12 +761,64 @@ fn drain(
     Ok(n)
 }
 
+fn drain_heap(
+    ring: &mut RingBuf<MapData>,
+    tracer: &mut Tracer,
+    policy: &mut Policy,
+    sink: &Sink,
+    fresh: &mut Vec<u32>,
+    budget: usize,
+) -> Result<usize, SessionError> {
+    let mut n = 0;
+    while n < budget {
+        let Some(item) = ring.next() else { break };
+        n += 1;
+        apply(tracer, policy, sink, &item, fresh)?;
+    }
+    Ok(n)
+}
+
+/// Applies one record, and what it means for the tiers.
+fn apply(
+    tracer: &mut Tracer,
+    policy: &mut Policy,
+    sink: &Sink,
+    item: &[u8],
+    fresh: &mut Vec<u32>,
+) -> Result<(), SessionError> {
+    if let Some(alert) = tracer.handle(item)? {
+        on_alert(tracer, sink, &alert);
+    }
+    let Some(hdr) = tracer.last else {
+        return Ok(());
+    };
+    match hdr.kind {
+        kind::ALLOC | kind::FREE => policy.fired(hdr.pid),
+        kind::EXIT => {
+            policy.gone(tracer, hdr.pid);
+            return Ok(());
+        }
+        kind::EXEC => {
+            // A new image: a selector may name it now.
+            if policy.active.contains_key(&hdr.pid) {
+                return Ok(());
+            }
+            policy.select(tracer, hdr.pid);
+        }
+        _ => {}
+    }
+    if !tracer.pipeline.is_tracked(hdr.pid) && hdr.pid != policy.self_pid {
+        fresh.push(hdr.pid);
+    }
+    Ok(())
+}
+
 /// Retires the processes that are gone without an exit record (they died before we
 /// adopted them, or their record was lost).
 fn retire_dead(
     tracer: &mut Tracer,
     policy: &mut Policy,
-    ring: &mut RingBuf<MapData>,
+    ring: &mut Rings<'_>,
     sink: &Sink,
 ) -> Result<(), SessionError> {
     let mut pids: Vec<u32> = tracer.pipeline.tracked().collect();

@@ -192,6 +192,31 @@ impl Drop for FastExit {
 
 /// Drains what the ring buffer holds, at most `budget` records. Returns how many were read.
 fn drain(
+    rings: &mut Rings<'_>,
+    tracer: &mut Tracer,
+    sink: &Sink,
+    budget: usize,
+) -> Result<usize, SessionError> {
+    let mut n = drain_one(rings.heap, tracer, sink, budget)?;
+    while n < budget {
+        let Some(item) = rings.events.next() else {
+            break;
+        };
+        n += 1;
+        if lifecycle(&item) {
+            // The process's allocator records came before this one: apply them first.
+            n += drain_one(rings.heap, tracer, sink, usize::MAX)?;
+        }
+        if let Some(alert) = tracer.handle(&item)? {
+            drop(item);
+            on_alert(tracer, sink, &alert);
+        }
+    }
+    Ok(n)
+}
+
+/// Drains one ring buffer.
+fn drain_one(
     ring: &mut RingBuf<MapData>,
     tracer: &mut Tracer,
     sink: &Sink,
@@ -207,6 +232,56 @@ fn drain(
         }
     }
     Ok(n)
+}
+
+/// A fork, exec or exit record: what a process did before it, in the allocator's ring
+/// buffer, must be applied before it.
+fn lifecycle(record: &[u8]) -> bool {
+    crate::decode::peek_header(record).is_ok_and(|h| {
+        matches!(
+            h.kind,
+            leaktrace_common::kind::FORK
+                | leaktrace_common::kind::EXEC
+                | leaktrace_common::kind::EXIT
+        )
+    })
+}
+
+/// The ring buffers of a session, registered with the runtime for readiness.
+pub(super) struct AsyncRings {
+    pub(super) events: tokio::io::unix::AsyncFd<RingBuf<MapData>>,
+    pub(super) heap: tokio::io::unix::AsyncFd<RingBuf<MapData>>,
+}
+
+impl AsyncRings {
+    pub(super) fn register(rings: crate::source::Rings) -> Result<Self, SessionError> {
+        let register = |ring| {
+            // SAFETY: each ring buffer owns its descriptor and is never closed while
+            // registered.
+            unsafe { tokio::io::unix::AsyncFd::register(ring) }
+                .map_err(|e| SessionError::Io("ring buffer", e.into()))
+        };
+        Ok(Self {
+            events: register(rings.events)?,
+            heap: register(rings.heap)?,
+        })
+    }
+
+    /// Both, to drain.
+    pub(super) fn get_mut(&mut self) -> Rings<'_> {
+        Rings {
+            events: self.events.get_mut(),
+            heap: self.heap.get_mut(),
+        }
+    }
+}
+
+/// The ring buffers of a session, borrowed from where the event loop keeps them.
+pub(super) struct Rings<'a> {
+    /// Every record but the allocator's.
+    pub(super) events: &'a mut RingBuf<MapData>,
+    /// The allocator probes' records.
+    pub(super) heap: &'a mut RingBuf<MapData>,
 }
 
 /// An OOM kill or a full descriptor table: the notice on stderr at once, and a report

@@ -2,7 +2,6 @@
 //! then drain the ring buffer, watch the processes and write reports until the end.
 use std::{os::fd::OwnedFd, time::Duration};
 
-use aya::maps::{MapData, RingBuf};
 use leaktrace_common::traced_flags;
 use tokio::{
     io::unix::AsyncFd,
@@ -11,7 +10,7 @@ use tokio::{
 };
 
 use super::{
-    FastExit, Outcome, SessionConfig, SessionError, Target, drain,
+    AsyncRings, FastExit, Outcome, Rings, SessionConfig, SessionError, Target, drain,
     pipeline::Pipeline,
     record::{Entry, Recorder, Recording},
     sink::Sink,
@@ -19,7 +18,7 @@ use super::{
 };
 use crate::{
     export::Format,
-    source::{LoadOptions, Source},
+    source::{self, LoadOptions, Source},
     symbolize::Symbols,
     targets::{
         host::{Host, Live},
@@ -36,17 +35,21 @@ const BUDGET: usize = 1 << 16;
 /// Runs a session to its end.
 pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     preflight::check()?;
-    let (mut tracer, ring, recorder) = setup(&config)?;
+    let (mut tracer, rings, recorder) = setup(&config)?;
     let sink = Sink::of(&config);
     // Declared after the tracer so it runs first when `run` returns, on every path.
     let _fast_exit = FastExit;
-    // SAFETY: the ring buffer owns its descriptor and is never closed while registered.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| SessionError::Io("ring buffer", e.into()))?;
+    let mut ring = AsyncRings::register(rings)?;
     let child = attach(&config, &mut tracer)?;
     sink.status.started(&config, &tracer);
     let exit_code = event_loop(&config, &mut tracer, &sink, &mut ring, child.as_ref()).await?;
-    let result = finish(&config, &mut tracer, &sink, ring.get_mut(), child.is_some());
+    let result = finish(
+        &config,
+        &mut tracer,
+        &sink,
+        &mut ring.get_mut(),
+        child.is_some(),
+    );
     if let Some(recorder) = recorder {
         let mut out = recorder;
         out.write(&Entry::Symbols {
@@ -60,7 +63,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
 /// Loads the kernel side and makes the pipeline (recorded with `--record`).
 pub(super) fn setup(
     config: &SessionConfig,
-) -> Result<(Tracer, RingBuf<MapData>, Option<Recorder>), SessionError> {
+) -> Result<(Tracer, source::Rings, Option<Recorder>), SessionError> {
     let follow_forks = matches!(
         config.target,
         Target::Run {
@@ -68,7 +71,7 @@ pub(super) fn setup(
             ..
         }
     );
-    let (source, ring) = Source::load(
+    let (source, rings) = Source::load(
         &LoadOptions {
             ring_buffer_bytes: config.ring_buffer_bytes,
             follow_forks,
@@ -113,7 +116,7 @@ pub(super) fn setup(
     tracer.measure_walks = config.measure_walks;
     tracer.heap = config.heap;
     tracer.allocator_probes = config.allocator_probes;
-    Ok((tracer, ring, recorder))
+    Ok((tracer, rings, recorder))
 }
 
 /// Attaches to the running process, or starts the command held at its first instruction.
@@ -203,7 +206,7 @@ async fn event_loop(
     config: &SessionConfig,
     tracer: &mut Tracer,
     sink: &Sink,
-    ring: &mut AsyncFd<RingBuf<MapData>>,
+    ring: &mut AsyncRings,
     child: Option<&Child>,
 ) -> Result<i32, SessionError> {
     let mut child_fd = watch_exit(child)?;
@@ -225,24 +228,31 @@ async fn event_loop(
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = ring.events.readable_mut() => {
                 let mut guard = guard.map_err(|e| SessionError::Io("ring buffer", e))?;
-                let n = drain(guard.get_inner_mut(), tracer, sink, BUDGET)?;
+                let mut rings = Rings { events: guard.get_inner_mut(), heap: ring.heap.get_mut() };
+                let n = drain(&mut rings, tracer, sink, BUDGET)?;
+                if n < BUDGET { guard.clear_ready(); } else { guard.retain_ready(); }
+            }
+            guard = ring.heap.readable_mut() => {
+                let mut guard = guard.map_err(|e| SessionError::Io("ring buffer", e))?;
+                let mut rings = Rings { events: ring.events.get_mut(), heap: guard.get_inner_mut() };
+                let n = drain(&mut rings, tracer, sink, BUDGET)?;
                 if n < BUDGET { guard.clear_ready(); } else { guard.retain_ready(); }
             }
             ready = async { child_fd.as_ref().expect("guarded").readable().await }, if child_fd.is_some() => {
                 if let Ok(mut g) = ready { g.clear_ready(); }
-                if let Some(code) = on_child_ready(tracer, sink, ring.get_mut(), child)? {
+                if let Some(code) = on_child_ready(tracer, sink, &mut ring.get_mut(), child)? {
                     exit_code = code;
                     child_fd = None;
                 }
             }
             _ = drain_tick.tick() => {
-                drain(ring.get_mut(), tracer, sink, BUDGET)?;
+                drain(&mut ring.get_mut(), tracer, sink, BUDGET)?;
                 tracer.source.flush_log();
             }
             _ = liveness.tick() => {
-                on_liveness_tick(tracer, sink, ring.get_mut(), child.is_some())?;
+                on_liveness_tick(tracer, sink, &mut ring.get_mut(), child.is_some())?;
                 sink.status.tick(tracer);
             }
             _ = interrupt.recv() => {
@@ -258,7 +268,7 @@ async fn event_loop(
                 break;
             }
             () = tokio::time::sleep_until(timers.wake()) => {
-                if let Some(code) = on_timer(config, tracer, sink, ring.get_mut(), &mut timers)? {
+                if let Some(code) = on_timer(config, tracer, sink, &mut ring.get_mut(), &mut timers)? {
                     exit_code = code.unwrap_or(exit_code);
                     break;
                 }
@@ -276,7 +286,7 @@ async fn event_loop(
 fn on_child_ready(
     tracer: &mut Tracer,
     sink: &Sink,
-    ring: &mut RingBuf<MapData>,
+    ring: &mut Rings<'_>,
     child: Option<&Child>,
 ) -> Result<Option<i32>, SessionError> {
     let root = tracer.root;
@@ -299,7 +309,7 @@ fn on_timer(
     config: &SessionConfig,
     tracer: &mut Tracer,
     sink: &Sink,
-    ring: &mut RingBuf<MapData>,
+    ring: &mut Rings<'_>,
     timers: &mut Timers,
 ) -> Result<Option<Option<i32>>, SessionError> {
     let now = Instant::now();
@@ -322,7 +332,7 @@ fn on_timer(
 fn on_liveness_tick(
     tracer: &mut Tracer,
     sink: &Sink,
-    ring: &mut RingBuf<MapData>,
+    ring: &mut Rings<'_>,
     spawned: bool,
 ) -> Result<(), SessionError> {
     let mut pids: Vec<u32> = tracer.pipeline.tracked().collect();
@@ -351,7 +361,7 @@ fn finish(
     config: &SessionConfig,
     tracer: &mut Tracer,
     sink: &Sink,
-    ring: &mut RingBuf<MapData>,
+    ring: &mut Rings<'_>,
     spawned: bool,
 ) -> Result<(), SessionError> {
     drain(ring, tracer, sink, usize::MAX)?;

@@ -128,6 +128,13 @@ impl Tracer {
         self.pipeline.discard_heap(pid);
     }
 
+    /// Detaches every process's probes (on the detach thread): the session is ending.
+    pub(super) fn detach_all(&mut self) {
+        for (_, probes) in self.probes.drain() {
+            self.detacher.detach(probes);
+        }
+    }
+
     /// Hands the walker the code of every process whose maps were read since last time.
     fn publish(&mut self) {
         for pid in self.pipeline.take_respaced() {

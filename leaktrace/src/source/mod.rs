@@ -131,13 +131,24 @@ fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> SourceError
     move |source| SourceError::Program { name, source }
 }
 
+/// The ring buffers records arrive in.
+pub struct Rings {
+    /// Every record but the allocator probes'.
+    pub events: RingBuf<MapData>,
+    /// The allocator probes' records and their stacks (apart, so that a node's flood of
+    /// tracepoint records cannot crowd exact heap tracing out). A process's records here
+    /// precede its fork, exec and exit records in `events`: a driver drains this one before
+    /// it applies one of those.
+    pub heap: RingBuf<MapData>,
+}
+
 impl Source {
     /// Loads every program and attaches the tracepoints `opts` asks for. Returns the source
-    /// and the ring buffer to drain.
+    /// and the ring buffers to drain.
     pub fn load(
         opts: &LoadOptions,
         unwinder: Box<dyn Unwinder>,
-    ) -> Result<(Self, RingBuf<MapData>), SourceError> {
+    ) -> Result<(Self, Rings), SourceError> {
         if OBJECT.is_empty() {
             return Err(SourceError::NoObject);
         }
@@ -157,6 +168,7 @@ impl Source {
         };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map::EVENTS, opts.ring_buffer_bytes)
+            .map_max_entries(map::HEAP_EVENTS, opts.ring_buffer_bytes)
             .map_max_entries(map::UNWIND_ROWS, opts.unwind_rows)
             .map_max_entries(map::UNWIND_INDEX, code::index_capacity(opts.unwind_rows))
             .override_global(map::CONFIG, &config, true)
@@ -181,6 +193,8 @@ impl Source {
         let map_error = |name: &'static str| move |source| SourceError::Map { name, source };
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(SourceError::Missing(name));
         let events = RingBuf::try_from(take(map::EVENTS)?).map_err(map_error(map::EVENTS))?;
+        let heap =
+            RingBuf::try_from(take(map::HEAP_EVENTS)?).map_err(map_error(map::HEAP_EVENTS))?;
         let traced = BpfHashMap::try_from(take(map::TRACED)?).map_err(map_error(map::TRACED))?;
         let drops = PerCpuArray::try_from(take(map::DROPS)?).map_err(map_error(map::DROPS))?;
         let counters =
@@ -202,7 +216,7 @@ impl Source {
             generation: 0,
             multi,
         };
-        Ok((source, events))
+        Ok((source, Rings { events, heap }))
     }
 
     /// Writes the eBPF side's pending diagnostics to the log (the session does so on its
