@@ -234,17 +234,13 @@ fn drain_one(
     Ok(n)
 }
 
-/// A fork, exec or exit record: what a process did before it, in the allocator's ring
-/// buffer, must be applied before it.
+/// A fork, exec, exit or loader record: what a process did before it, in the allocator's
+/// ring buffer, must be applied before it (a stack walked through a library is named with
+/// the maps read before the `dlclose` that unmaps it; a fork's child inherits the blocks
+/// its parent allocated before the fork).
 fn lifecycle(record: &[u8]) -> bool {
-    crate::decode::peek_header(record).is_ok_and(|h| {
-        matches!(
-            h.kind,
-            leaktrace_common::kind::FORK
-                | leaktrace_common::kind::EXEC
-                | leaktrace_common::kind::EXIT
-        )
-    })
+    use leaktrace_common::kind::{EXEC, EXIT, FORK, LOADER};
+    crate::decode::peek_header(record).is_ok_and(|h| matches!(h.kind, FORK | EXEC | EXIT | LOADER))
 }
 
 /// The ring buffers of a session, registered with the runtime for readiness.
