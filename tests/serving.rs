@@ -47,6 +47,8 @@ fn leak(comm: &str, container: Option<&str>, bytes: u64, frames: Vec<Frame>) -> 
         oldest_age_s: 30.0,
         at_exit: false,
         growth_bytes_per_s: Some(1024.0),
+        held: None,
+        trend: None,
         truncated: false,
         frames,
     }

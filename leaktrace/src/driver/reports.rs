@@ -35,7 +35,11 @@ impl Pipeline {
     pub fn report(&mut self, is_final: bool, kernel: &KernelStats) -> Report {
         self.log_report(is_final, kernel);
         let now = self.host.now_ns();
-        let snapshot = self.heap.snapshot(now, self.options.min_age_ns);
+        // Only the rows a report lists get the ages and sizes of what they hold.
+        let described = self.options.row_limit;
+        let snapshot = self
+            .heap
+            .snapshot_described(now, self.options.min_age_ns, described);
         let mut lost: Vec<(&'static str, u64)> = kernel
             .lost
             .iter()
@@ -89,7 +93,7 @@ impl Pipeline {
         };
         let mut report = report::build(&input, &self.options, &mut self.symbols, &mut self.trend);
         if let Some(pages) = &self.pages {
-            let pages = pages.snapshot(now, self.options.min_age_ns);
+            let pages = pages.snapshot_described(now, self.options.min_age_ns, described);
             let mut growth = report::growth_leaks(
                 &pages,
                 &input,

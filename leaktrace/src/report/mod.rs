@@ -2,13 +2,15 @@
 //! and ranked. Writers ([`crate::export`]) render it; they know nothing of how it was gathered.
 //!
 //! [`model`] holds the serializable types, [`build()`] makes a report from the trackers'
-//! snapshots, and `merge` merges, ranks and follows the trend of rows of every kind.
+//! snapshots, `merge` merges, ranks and follows the trend of rows of every kind, and
+//! [`verdict`] judges each row's trend.
 mod build;
 mod merge;
 pub mod model;
+pub mod verdict;
 
 pub use build::{ReportInput, ReportOptions, TmpRow, build, growth_leaks, stack_frames};
-pub use merge::Trend;
+pub use merge::{TREND_SAMPLES, Trend};
 pub use model::{
     FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Owner,
     ProbeSummary, Report, Summary, Tier2, TmpLeak, TracerUsage, WalkSummary,

@@ -6,11 +6,27 @@
 pub mod fd;
 pub mod fd_events;
 pub mod heap;
+pub mod held;
 pub mod oom;
 pub mod tmp;
 
 /// Identifies a stack: a hash of the pid and the frames, computed by the kernel side.
 pub type StackId = u64;
+
+/// Which of `weights` are among the heaviest `limit` (all when `None`); ties go to the
+/// first. Reports list these rows, and heap snapshots describe what they hold.
+pub fn heaviest(weights: &[u64], limit: Option<usize>) -> Vec<bool> {
+    let Some(limit) = limit.filter(|&l| l < weights.len()) else {
+        return vec![true; weights.len()];
+    };
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| weights[b].cmp(&weights[a]).then(a.cmp(&b)));
+    let mut keep = vec![false; weights.len()];
+    for &i in &order[..limit] {
+        keep[i] = true;
+    }
+    keep
+}
 
 /// One process's per-stack rows in a [`Snapshot`].
 #[derive(Clone, Debug, PartialEq, Eq)]
