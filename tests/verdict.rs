@@ -30,10 +30,17 @@ fn reports(fixture: &str, extra: &[&str], args: &[&str]) -> Vec<Report> {
 
 /// In each report, the heaviest live row whose stack passes through `function`, if any.
 fn rows<'a>(reports: &'a [Report], function: &str) -> Vec<Option<&'a Value>> {
+    rows_of(reports, "leaks", function)
+}
+
+/// [`rows`] of the list `list` (`leaks`, `fd_leaks`, `tmp_leaks`).
+fn rows_of<'a>(reports: &'a [Report], list: &str, function: &str) -> Vec<Option<&'a Value>> {
     reports
         .iter()
         .map(|r| {
-            r.leaks()
+            r.0[list]
+                .as_array()
+                .unwrap()
                 .iter()
                 .filter(|l| l["at_exit"] == false)
                 .find(|l| {
@@ -219,4 +226,27 @@ fn growth_mode_pages_get_the_same_verdicts() {
         "the cache's pages were called a leak: {}",
         story(&rows_cache)
     );
+}
+
+#[test]
+fn descriptors_get_the_same_verdicts() {
+    if !privileged() {
+        return;
+    }
+    let reports = reports("verdict_fd", &["--only", "fd"], &["4000"]);
+    let leak = rows_of(&reports, "fd_leaks", "open_leak");
+    let at = settles(&leak, first_seen(&leak), "leak", 8);
+    eprintln!("descriptors: leak after {at} intervals: {}", story(&leak));
+    let trend = &leak.last().unwrap().unwrap()["trend"];
+    assert_eq!(trend["unit"], "descriptors");
+    // One every 20 ms.
+    let slope = trend["slope_per_s"].as_f64().unwrap();
+    assert!((25.0..75.0).contains(&slope), "{trend}");
+    let pool = rows_of(&reports, "fd_leaks", "open_pool");
+    let at = settles(&pool, first_seen(&pool), "plateau", 8);
+    eprintln!(
+        "descriptors: plateau after {at} intervals: {}",
+        story(&pool)
+    );
+    assert_eq!(pool.last().unwrap().unwrap()["outstanding"], 8);
 }
