@@ -14,7 +14,10 @@ use leaktrace::{
         metrics::{AgentStats, Metrics},
         pprof::Pprof,
     },
-    report::{Frame, Leak, Owner, Report, Summary},
+    report::{
+        Frame, Leak, Owner, Report, Summary,
+        verdict::{Sample, judge},
+    },
 };
 
 fn frame(addr: u64, symbol: Option<&str>, module: &str, line: u32, inlined: bool) -> Frame {
@@ -47,6 +50,19 @@ fn leak(comm: &str, container: Option<&str>, bytes: u64, frames: Vec<Frame>) -> 
         oldest_age_s: 30.0,
         at_exit: false,
         growth_bytes_per_s: Some(1024.0),
+        held: None,
+        // Growing 1 KiB/s over 8 reports 10 s apart: a leak (a verdict series in /metrics).
+        trend: Some(judge(
+            &(0..8u64)
+                .map(|i| Sample {
+                    t_s: 10.0 * i as f64,
+                    value: bytes - (7 - i) * 10_240,
+                    oldest_s: 10.0 * i as f64 + 30.0,
+                })
+                .collect::<Vec<_>>(),
+            None,
+            "bytes",
+        )),
         truncated: false,
         frames,
     }
@@ -130,6 +146,10 @@ fn promtool_accepts_the_metrics() {
         ..Metrics::default()
     };
     let text = metrics.export(&report());
+    assert!(
+        String::from_utf8_lossy(&text).contains("leaktrace_leak_verdict_stacks{"),
+        "the verdicts are among the metrics checked"
+    );
     let mut child = tool("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

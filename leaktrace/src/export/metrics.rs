@@ -15,7 +15,11 @@
 //! make one series per call path. The pod labels add no series: a container has one pod.
 //! Rows with the same labels are summed; past [`Metrics::max_series`] label sets in one
 //! family, the smallest are summed into one series whose labels are all `other`.
-use std::{collections::HashMap, fmt::Write as _};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt::Write as _,
+    hash::Hash,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder, prometheus_text},
@@ -173,6 +177,14 @@ impl Series {
     }
 }
 
+/// The labels of a verdict's series: who, the row kind, and the verdict.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct VerdictSeries {
+    #[prometheus(flatten)]
+    series: Series,
+    verdict: String,
+}
+
 /// `reason` of dropped events.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
@@ -198,26 +210,35 @@ impl Sums {
     }
 }
 
-/// Sums rows by label set; past `max` sets, keeps the `max - 1` largest by `a` and sums the
-/// rest into the `other` series.
-fn aggregate(
-    rows: impl Iterator<Item = (Series, Sums)>,
+/// Sums rows by label set; past `max` sets, keeps the largest by `a` and sums the rest
+/// into their `other` series (one for every family but the verdicts', which keep an `other`
+/// series per verdict), `max` series in all.
+fn aggregate<S: Clone + Hash + Eq + Ord>(
+    rows: impl Iterator<Item = (S, Sums)>,
     max: usize,
-    other: &Series,
-) -> Vec<(Series, Sums)> {
-    let mut by: HashMap<Series, Sums> = HashMap::new();
+    other: impl Fn(&S) -> S,
+) -> Vec<(S, Sums)> {
+    let mut by: HashMap<S, Sums> = HashMap::new();
     for (series, sums) in rows {
         by.entry(series).or_default().add(sums);
     }
-    let mut out: Vec<(Series, Sums)> = by.into_iter().collect();
+    let mut out: Vec<(S, Sums)> = by.into_iter().collect();
     out.sort_by(|x, y| y.1.a.cmp(&x.1.a).then_with(|| x.0.cmp(&y.0)));
     let max = max.max(1);
     if out.len() > max {
-        let mut rest = Sums::default();
-        for (_, s) in out.drain(max - 1..) {
-            rest.add(s);
+        let mut keep = max - 1;
+        while keep > 0 {
+            let others: HashSet<S> = out[keep..].iter().map(|(s, _)| other(s)).collect();
+            if keep + others.len() <= max {
+                break;
+            }
+            keep -= 1;
         }
-        out.push((other.clone(), rest));
+        let mut folded: BTreeMap<S, Sums> = BTreeMap::new();
+        for (s, sums) in out.drain(keep..) {
+            folded.entry(other(&s)).or_default().add(sums);
+        }
+        out.extend(folded);
     }
     out
 }
@@ -258,7 +279,7 @@ impl Metrics {
                 (Series::new(&l.owner, l.kind), sums)
             }),
             self.max_series,
-            &other,
+            |_| other.clone(),
         );
         gauges(
             &mut r,
@@ -295,7 +316,7 @@ impl Metrics {
                 (Series::new(&l.owner, l.fd_kind), sums)
             }),
             self.max_series,
-            &other,
+            |_| other.clone(),
         );
         gauges(
             &mut r,
@@ -315,7 +336,7 @@ impl Metrics {
                 (Series::new(&l.owner, "tmp"), sums)
             }),
             self.max_series,
-            &other,
+            |_| other.clone(),
         );
         gauges(
             &mut r,
@@ -351,7 +372,7 @@ impl Metrics {
                 (series, sums)
             }),
             self.max_series,
-            &other,
+            |_| other.clone(),
         );
         let family = Family::<Series, Counter>::default();
         for (labels, sums) in &ooms {
@@ -363,9 +384,51 @@ impl Metrics {
             family,
         );
 
+        self.verdicts(&mut r, report);
         self.losses(&mut r, report);
         self.agent(&mut r, report);
         r
+    }
+
+    /// How many of the listed rows of each owner and kind got each verdict.
+    fn verdicts(&self, r: &mut Registry, report: &Report) {
+        let heap = report
+            .leaks
+            .iter()
+            .chain(&report.growth)
+            .filter_map(|l| Some((&l.owner, l.kind, l.trend.as_ref()?)));
+        let fds = report
+            .fd_leaks
+            .iter()
+            .filter_map(|l| Some((&l.owner, l.fd_kind, l.trend.as_ref()?)));
+        let tmp = report
+            .tmp_leaks
+            .iter()
+            .filter_map(|l| Some((&l.owner, "tmp", l.trend.as_ref()?)));
+        let rows = heap.chain(fds).chain(tmp).map(|(owner, kind, trend)| {
+            let labels = VerdictSeries {
+                series: Series::new(owner, kind),
+                verdict: trend.verdict.name().to_owned(),
+            };
+            let one = Sums {
+                a: 1,
+                ..Sums::default()
+            };
+            (labels, one)
+        });
+        let series = aggregate(rows, self.max_series, |s| VerdictSeries {
+            series: Series::other(),
+            verdict: s.verdict.clone(),
+        });
+        let family = Family::<VerdictSeries, Gauge>::default();
+        for (labels, sums) in &series {
+            family.get_or_create(labels).set(gauge_i(sums.a));
+        }
+        r.register(
+            "leak_verdict_stacks",
+            "Stacks listed in the report per verdict: leak, plateau, sawtooth, churn, too-early (kind: heap, growth, a descriptor kind, tmp)",
+            family,
+        );
     }
 
     /// Events and stacks the kernel side could not deliver, by cause.
@@ -533,6 +596,18 @@ mod tests {
             ),
             (format!("leaktrace_tmp_files{{{h},kind=\"tmp\"}}"), "1247"),
             (
+                format!("leaktrace_leak_verdict_stacks{{{c},kind=\"heap\",verdict=\"leak\"}}"),
+                "1",
+            ),
+            (
+                format!("leaktrace_leak_verdict_stacks{{{c},kind=\"file\",verdict=\"plateau\"}}"),
+                "1",
+            ),
+            (
+                format!("leaktrace_leak_verdict_stacks{{{h},kind=\"tmp\",verdict=\"sawtooth\"}}"),
+                "1",
+            ),
+            (
                 r#"leaktrace_oom_kills_total{container="abcdef",comm="cache-server",kind="oom"}"#
                     .into(),
                 "1",
@@ -651,6 +726,64 @@ mod tests {
         assert_eq!(got[key], "9437184");
         // Unknown agent figures are left out.
         assert!(!text.contains("tracked_processes"));
+    }
+
+    #[test]
+    fn verdicts_are_counted_per_owner_and_past_the_cap_per_verdict() {
+        use crate::report::verdict::Shape;
+        let mut r = sample();
+        let template = r.leaks[0].clone();
+        let shapes = [Shape::Leak, Shape::Plateau, Shape::Leak, Shape::Churn];
+        r.leaks = (0..12u64)
+            .map(|i| {
+                let mut row = template.clone();
+                // 4 workers of 3 stacks each.
+                row.owner.comm = format!("worker-{}", i / 3);
+                let mut trend = row.trend.clone().unwrap();
+                trend.verdict = shapes[i as usize % shapes.len()];
+                row.trend = Some(trend);
+                row
+            })
+            .collect();
+        r.fd_leaks.clear();
+        r.tmp_leaks.clear();
+        let count = |text: &str| -> BTreeMap<String, String> {
+            samples(text)
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let labels = k.strip_prefix("leaktrace_leak_verdict_stacks")?;
+                    Some((labels.to_owned(), v.to_owned()))
+                })
+                .collect()
+        };
+        let all = count(&String::from_utf8(Metrics::default().export(&r)).unwrap());
+        let total: u64 = all.values().map(|v| v.parse::<u64>().unwrap()).sum();
+        assert_eq!(total, 12, "{all:?}");
+        assert_eq!(
+            all[r#"{container="",comm="worker-0",kind="heap",verdict="leak"}"#],
+            "2"
+        );
+        assert!(all.keys().all(|k| !k.contains("cache_insert")), "no stack");
+        let metrics = Metrics {
+            max_series: 4,
+            ..Metrics::default()
+        };
+        let capped = count(&String::from_utf8(metrics.export(&r)).unwrap());
+        assert!(capped.len() <= 4, "{capped:?}");
+        let total: u64 = capped.values().map(|v| v.parse::<u64>().unwrap()).sum();
+        assert_eq!(total, 12, "every stack still counted: {capped:?}");
+        let leaks: u64 = capped
+            .iter()
+            .filter(|(k, _)| k.contains(r#"verdict="leak""#))
+            .map(|(_, v)| v.parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(leaks, 6, "the other series keep their verdict: {capped:?}");
+        assert!(
+            capped
+                .keys()
+                .any(|k| k.starts_with(r#"{container="other",comm="other",kind="other""#)),
+            "{capped:?}"
+        );
     }
 
     #[test]

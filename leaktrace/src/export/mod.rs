@@ -196,9 +196,13 @@ pub(crate) mod golden {
     //! Each writer against a file of expected output. `UPDATE_GOLDEN=1 cargo test` rewrites
     //! them; review the diff.
     use super::*;
-    use crate::report::{
-        FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Owner,
-        Summary, TmpLeak,
+    use crate::{
+        report::{
+            FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Owner,
+            Summary, TmpLeak,
+            verdict::{self, Sample, Verdict},
+        },
+        track::held::Held,
     };
 
     fn frame(addr: u64, symbol: Option<&str>, module: &str, file: Option<(&str, u32)>) -> Frame {
@@ -242,7 +246,32 @@ pub(crate) mod golden {
         }
     }
 
+    /// A verdict drawn from a series of `values` reported every 10 s.
+    fn trend(values: &[u64], unit: &'static str) -> Option<Verdict> {
+        let series: Vec<Sample> = values
+            .iter()
+            .enumerate()
+            .map(|(i, &value)| Sample {
+                t_s: 10.0 * (i + 1) as f64,
+                value,
+                oldest_s: 10.0 * (i + 1) as f64,
+            })
+            .collect();
+        Some(verdict::judge(&series, None, unit))
+    }
+
+    /// `count` blocks of every age up to the rows' oldest, 42.5 s, of 1 KiB to 4 KiB.
+    fn held(count: u64) -> Held {
+        let mut h = Held::new();
+        for i in 0..count {
+            h.record((i * 42_500 / (count - 1).max(1)) as u32, 1024 << (i % 3));
+        }
+        h
+    }
+
     fn heap_leak(count: u64, bytes: u64, at_exit: bool, frames: Vec<Frame>) -> Leak {
+        // 2 KiB/s, as `growth_bytes_per_s` says, over 8 reports 10 s apart.
+        let growth: Vec<u64> = (0..8).map(|i| bytes - (7 - i) * 20_480).collect();
         Leak {
             kind: "heap",
             pid: 4242,
@@ -256,6 +285,8 @@ pub(crate) mod golden {
             oldest_age_s: 42.5,
             at_exit,
             growth_bytes_per_s: (!at_exit).then_some(2048.0),
+            held: Some(held(count)),
+            trend: (!at_exit).then(|| trend(&growth, "bytes")).flatten(),
             truncated: false,
             frames,
         }
@@ -315,6 +346,7 @@ pub(crate) mod golden {
             bytes: 5 << 20,
             paths: vec!["/tmp/chunk-a1b2c3".into()],
             oldest_age_s: 50.0,
+            trend: trend(&[400, 800, 0, 400, 800, 0, 400, 1247], "files"),
             truncated: false,
             frames: vec![loader.clone(), main.clone()],
         }
@@ -357,6 +389,7 @@ pub(crate) mod golden {
                 closed: 53,
                 oldest_age_s: 30.0,
                 at_exit: false,
+                trend: trend(&[847, 847, 846, 847, 847, 847], "descriptors"),
                 truncated: false,
                 frames: vec![loader.clone(), main.clone()],
             },
@@ -372,6 +405,7 @@ pub(crate) mod golden {
                 closed: 0,
                 oldest_age_s: 12.0,
                 at_exit: true,
+                trend: None,
                 truncated: false,
                 frames: vec![main.clone()],
             },

@@ -3,7 +3,11 @@ use std::fmt::Write as _;
 
 use crate::{
     export::Exporter,
-    report::{FdExhaustion, FdHolder, FdLeak, Frame, Leak, OomKill, Owner, Report, TmpLeak},
+    report::{
+        FdExhaustion, FdHolder, FdLeak, Frame, Leak, OomKill, Owner, Report, TmpLeak,
+        verdict::Verdict,
+    },
+    track::held::Held,
 };
 
 /// `1.5 MiB`-style sizes.
@@ -85,11 +89,70 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
         );
     }
     if let Some(g) = l.growth_bytes_per_s {
-        let sign = if g < 0.0 { "-" } else { "+" };
-        let _ = write!(out, ", growth {sign}{}/s", bytes(g.abs() as u64));
+        let _ = write!(out, ", growth {}", rate(g, "bytes"));
     }
     out.push('\n');
+    verdict(out, l.trend.as_ref());
+    if let Some(h) = &l.held {
+        held(
+            out,
+            h,
+            if l.kind == "growth" {
+                "pages"
+            } else {
+                "blocks"
+            },
+        );
+    }
     frames(out, &l.frames, l.truncated);
+}
+
+/// `+1.5 MiB/s`, `-2.0/s`: a slope in `unit`s per second.
+fn rate(per_s: f64, unit: &str) -> String {
+    let sign = if per_s < 0.0 { "-" } else { "+" };
+    if unit == "bytes" {
+        format!("{sign}{}/s", bytes(per_s.abs() as u64))
+    } else {
+        format!("{sign}{:.1}/s", per_s.abs())
+    }
+}
+
+/// `    verdict leak, 93% sure: +1.1 MiB/s, R² 0.99 over 12 intervals (2.4s)`.
+fn verdict(out: &mut String, v: Option<&Verdict>) {
+    let Some(v) = v else {
+        return;
+    };
+    let _ = write!(
+        out,
+        "    verdict {}, {:.0}% sure: {}, R² {:.2} over {} {} ({})",
+        v.verdict.name(),
+        v.confidence * 100.0,
+        rate(v.slope_per_s, v.unit),
+        v.r2,
+        v.intervals,
+        plural(u64::from(v.intervals), "interval"),
+        age(v.window_s),
+    );
+    if v.releases > 0 {
+        let _ = write!(out, ", released {} times", v.releases);
+    }
+    out.push('\n');
+}
+
+/// `    blocks aged p50 1.0s, p90 3.6s, max 4.0s; sized p50 64 B, p90 64 B, max 1.0 KiB`.
+fn held(out: &mut String, h: &Held, what: &str) {
+    let (a, z) = (h.age_ms(), h.size());
+    let secs = |ms: u64| age(ms as f64 / 1e3);
+    let _ = writeln!(
+        out,
+        "    {what} aged p50 {}, p90 {}, max {}; sized p50 {}, p90 {}, max {}",
+        secs(a.p50),
+        secs(a.p90),
+        secs(a.max),
+        bytes(z.p50),
+        bytes(z.p90),
+        bytes(z.max),
+    );
 }
 
 /// The frames of a stack, one per line, indented.
@@ -135,6 +198,7 @@ fn fd_leak(out: &mut String, rank: usize, l: &FdLeak) {
     if !l.paths.is_empty() {
         let _ = writeln!(out, "    paths: {}", l.paths.join(", "));
     }
+    verdict(out, l.trend.as_ref());
     frames(out, &l.frames, l.truncated);
 }
 
@@ -214,6 +278,7 @@ fn tmp_leak(out: &mut String, rank: usize, l: &TmpLeak) {
         age(l.oldest_age_s),
     );
     let _ = writeln!(out, "    paths: {}", l.paths.join(", "));
+    verdict(out, l.trend.as_ref());
     frames(out, &l.frames, l.truncated);
 }
 

@@ -1,16 +1,17 @@
 //! Building a report from the trackers' snapshots: symbolize each row's stack, set apart
 //! what the C/C++ runtime owns, trim, merge rows of the same stack, rank.
 use crate::{
-    report::merge::{Row, Trend, merge, merge_paths, rank},
+    report::merge::{History, Row, Trend, merge, merge_paths, rank},
     report::model::{
         FdExhaustion, FdLeak, Frame, Leak, OomKill, Owner, ProbeSummary, Report, Summary, TmpLeak,
         TracerUsage, WalkSummary,
     },
+    report::verdict::{Ages, Sample, judge},
     symbolize::stacks::StackStore,
     symbolize::{SymbolizedFrame, Symbols, runtime_owned, trim},
-    track::StackId,
     track::fd::{FdKind, FdSnapshot},
     track::heap::{HeapSnapshot, StackRow},
+    track::{StackId, heaviest},
 };
 
 /// Knobs of report building.
@@ -33,20 +34,6 @@ pub struct ReportOptions {
     /// summary still counts every row. `None`: all.
     #[serde(default)]
     pub row_limit: Option<usize>,
-}
-
-/// Which of `weights` are among the heaviest `limit` (all when `None`).
-fn heaviest(weights: &[u64], limit: Option<usize>) -> Vec<bool> {
-    let Some(limit) = limit.filter(|&l| l < weights.len()) else {
-        return vec![true; weights.len()];
-    };
-    let mut order: Vec<usize> = (0..weights.len()).collect();
-    order.sort_by(|&a, &b| weights[b].cmp(&weights[a]).then(a.cmp(&b)));
-    let mut keep = vec![false; weights.len()];
-    for &i in &order[..limit] {
-        keep[i] = true;
-    }
-    keep
 }
 
 /// Everything a report is built from.
@@ -132,6 +119,23 @@ pub fn build(
 
     let mut fd_leaks = fd_leaks(input, symbols, opts);
     let mut tmp_leaks = tmp_leaks(input, symbols, input.snapshot.now_ms, opts.by_pid);
+    let now_s = f64::from(input.snapshot.now_ms) / 1e3;
+    judge_rows(
+        &mut trend.fds,
+        now_s,
+        opts.by_pid,
+        fd_leaks.iter_mut(),
+        |l| (!l.at_exit).then_some((l.outstanding, l.oldest_age_s, &mut l.trend)),
+        "descriptors",
+    );
+    judge_rows(
+        &mut trend.tmp,
+        now_s,
+        opts.by_pid,
+        tmp_leaks.iter_mut(),
+        |l| Some((l.files, l.oldest_age_s, &mut l.trend)),
+        "files",
+    );
     let fd_totals = input.fds.totals;
     summary.fds_opened = fd_totals.opened;
     summary.fds_closed = fd_totals.closed;
@@ -274,6 +278,7 @@ fn heap_rows(
             aged_count,
             aged_bytes,
             oldest_born_ms,
+            ref held,
         } = *r.row;
         if !listed {
             summary.outstanding_count += c.outstanding_count;
@@ -312,6 +317,8 @@ fn heap_rows(
             oldest_age_s: f64::from(age_ms) / 1e3,
             at_exit,
             growth_bytes_per_s: None,
+            held: held.as_deref().cloned(),
+            trend: None,
             truncated,
             frames: frames.iter().map(Frame::from).collect(),
         };
@@ -333,25 +340,37 @@ fn heap_leaks(
     trend: &mut Trend,
 ) -> (Vec<Leak>, Vec<Leak>) {
     let now_s = f64::from(snap.now_ms) / 1e3;
-    let mut keys = Vec::with_capacity(rows.len());
     let (mut leaks, mut runtime) = (Vec::new(), Vec::new());
     for HeapRow {
         mut leak,
         runtime: by_runtime,
     } in rows
     {
-        let key = leak.key(opts.by_pid);
         if !leak.at_exit {
-            leak.growth_bytes_per_s = trend.observe(&key, now_s, leak.outstanding_bytes);
+            let sample = Sample {
+                t_s: now_s,
+                value: leak.outstanding_bytes,
+                oldest_s: leak.oldest_age_s,
+            };
+            let samples = trend.heap.observe(&leak.key(opts.by_pid), sample);
+            let ages = leak.held.as_ref().map(|h| {
+                let a = h.age_ms();
+                Ages {
+                    p50_s: a.p50 as f64 / 1e3,
+                    max_s: a.max as f64 / 1e3,
+                }
+            });
+            let verdict = judge(&samples, ages, "bytes");
+            leak.growth_bytes_per_s = (verdict.intervals >= 2).then_some(verdict.slope_per_s);
+            leak.trend = Some(verdict);
         }
-        keys.push(key);
         if by_runtime {
             runtime.push(leak);
         } else {
             leaks.push(leak);
         }
     }
-    trend.retain(&keys);
+    trend.heap.end_report();
     for list in [&mut leaks, &mut runtime] {
         rank(list);
         if let Some(top) = opts.top {
@@ -388,6 +407,7 @@ fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, opts: &ReportOptions
                 closed: s.closed,
                 oldest_age_s: f64::from(age_ms) / 1e3,
                 at_exit,
+                trend: None,
                 truncated,
                 frames: frames.iter().map(Frame::from).collect(),
             }
@@ -413,11 +433,40 @@ fn tmp_leaks(
             bytes: row.bytes,
             paths: vec![row.path.clone()],
             oldest_age_s: f64::from(now_ms.saturating_sub(row.created_ms)) / 1e3,
+            trend: None,
             truncated,
             frames: frames.iter().map(Frame::from).collect(),
         }
     });
     merged_ranked(rows, by_pid)
+}
+
+/// Follows each row's count (descriptors, temp files) across reports and judges it; `part`
+/// gives a row's count, the age of its oldest and where its verdict goes (`None`: what a
+/// process had at exit, not followed).
+fn judge_rows<'a, R: Row + 'a>(
+    history: &mut History,
+    now_s: f64,
+    by_pid: bool,
+    rows: impl Iterator<Item = &'a mut R>,
+    part: impl Fn(&mut R) -> Option<(u64, f64, &mut Option<crate::report::verdict::Verdict>)>,
+    unit: &'static str,
+) {
+    for row in rows {
+        let key = row.key(by_pid);
+        if let Some((value, oldest_s, verdict)) = part(row) {
+            let samples = history.observe(
+                &key,
+                Sample {
+                    t_s: now_s,
+                    value,
+                    oldest_s,
+                },
+            );
+            *verdict = Some(judge(&samples, None, unit));
+        }
+    }
+    history.end_report();
 }
 
 /// Merges rows per owner and trimmed stack (see [`Row::key`]) and ranks them heaviest first.

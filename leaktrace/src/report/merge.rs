@@ -8,7 +8,10 @@ use std::{
 
 use hashbrown::{HashMap, hash_map::Entry};
 
-use crate::report::model::{FdLeak, Frame, Leak, Owner, PIDS_SHOWN, TmpLeak};
+use crate::report::{
+    model::{FdLeak, Frame, Leak, Owner, PIDS_SHOWN, TmpLeak},
+    verdict::Sample,
+};
 
 /// Identifies a row, when merging and across reports: who holds it (a pid, or a hash of an
 /// executable and its container with the top bit set), whether it is what was held at exit,
@@ -167,6 +170,11 @@ impl Row for Leak {
         self.frees += o.frees;
         self.oldest_age_s = self.oldest_age_s.max(o.oldest_age_s);
         self.truncated |= o.truncated;
+        match (&mut self.held, o.held) {
+            (Some(into), Some(from)) => into.add(&from),
+            (into @ None, from) => *into = from,
+            (Some(_), None) => {}
+        }
     }
 }
 
@@ -242,50 +250,75 @@ pub(crate) fn merge_paths(into: &mut Vec<String>, from: &[String]) {
     }
 }
 
-/// Remembers each leak's outstanding bytes across reports, to tell how fast it grows.
+/// Remembers what each row held across reports, to tell how it trends (see
+/// [`crate::report::verdict`]): heap (or growth) rows, descriptor rows and temp file rows
+/// apart.
 #[derive(Debug, Default)]
 pub struct Trend {
-    history: HashMap<LeakKey, VecDeque<(f64, u64)>>,
+    pub(crate) heap: History,
+    pub(crate) fds: History,
+    pub(crate) tmp: History,
 }
 
-/// Samples a [`Trend`] keeps per leak.
-const TREND_SAMPLES: usize = 32;
+/// Samples kept per row: the window a verdict is drawn from.
+pub const TREND_SAMPLES: usize = 32;
 
-impl Trend {
-    /// Records a sample and returns the least-squares slope in bytes per second over the
-    /// recent samples, once there are at least two.
-    pub(crate) fn observe(&mut self, key: &LeakKey, t: f64, bytes: u64) -> Option<f64> {
-        let h = self.history.entry(key.clone()).or_default();
-        if h.back().is_some_and(|&(last, _)| last >= t) {
-            h.pop_back();
+/// Reports a row may be missing from (it held nothing old enough, or fell out of the rows
+/// listed) before its samples are forgotten.
+const FORGET_AFTER: u64 = 8;
+
+/// The samples of each row of one kind.
+#[derive(Debug, Default)]
+pub struct History {
+    rows: HashMap<LeakKey, Samples>,
+    /// Reports seen (each [`History::retain`] is one).
+    reports: u64,
+}
+
+#[derive(Debug, Default)]
+struct Samples {
+    samples: VecDeque<Sample>,
+    /// The report it was last seen in.
+    seen: u64,
+}
+
+impl History {
+    /// Records a row's sample and returns its samples, oldest first (the latest
+    /// [`TREND_SAMPLES`]). A sample at or before the last one replaces it.
+    pub(crate) fn observe(&mut self, key: &LeakKey, sample: Sample) -> Vec<Sample> {
+        let h = self.rows.entry(key.clone()).or_default();
+        h.seen = self.reports;
+        let s = &mut h.samples;
+        if s.back().is_some_and(|last| last.t_s >= sample.t_s) {
+            s.pop_back();
         }
-        h.push_back((t, bytes));
-        if h.len() > TREND_SAMPLES {
-            h.pop_front();
+        s.push_back(sample);
+        if s.len() > TREND_SAMPLES {
+            s.pop_front();
         }
-        slope(h.iter().copied())
+        s.iter().copied().collect()
     }
 
-    /// Forgets leaks not seen in the latest report (bounded memory).
-    pub(crate) fn retain(&mut self, seen: &[LeakKey]) {
-        self.history.retain(|k, _| seen.contains(k));
+    /// Ends a report: forgets rows missing from the last [`FORGET_AFTER`] reports (bounded
+    /// memory). A row missing for fewer keeps its samples, with a gap.
+    pub(crate) fn end_report(&mut self) {
+        let now = self.reports;
+        self.rows.retain(|_, h| now - h.seen < FORGET_AFTER);
+        self.reports += 1;
     }
 }
 
 /// The least-squares slope of `(x, y)` points; `None` for fewer than two distinct `x`.
+#[cfg(test)]
 fn slope(points: impl Iterator<Item = (f64, u64)> + Clone) -> Option<f64> {
-    let n = points.clone().count() as f64;
-    if n < 2.0 {
-        return None;
-    }
-    let (sx, sy) = points
-        .clone()
-        .fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x, sy + y as f64));
-    let (mx, my) = (sx / n, sy / n);
-    let (num, den) = points.fold((0.0, 0.0), |(num, den), (x, y)| {
-        (num + (x - mx) * (y as f64 - my), den + (x - mx) * (x - mx))
-    });
-    (den > 0.0).then(|| num / den)
+    let samples: Vec<Sample> = points
+        .map(|(t_s, value)| Sample {
+            t_s,
+            value,
+            oldest_s: 0.0,
+        })
+        .collect();
+    crate::report::verdict::fit(&samples).map(|(slope, _)| slope)
 }
 
 #[cfg(test)]
@@ -331,13 +364,34 @@ mod tests {
     }
 
     #[test]
-    fn trend_follows_a_leak_across_reports_and_forgets_gone_ones() {
-        let mut g = Trend::default();
+    fn history_follows_a_row_across_reports_and_forgets_gone_ones() {
+        let mut h = History::default();
         let k: LeakKey = (1, false, vec![0x10]);
-        assert_eq!(g.observe(&k, 0.0, 0), None);
-        assert_eq!(g.observe(&k, 10.0, 1000), Some(100.0));
-        assert_eq!(g.observe(&k, 20.0, 1000), Some(50.0));
-        g.retain(&[]);
-        assert_eq!(g.observe(&k, 30.0, 0), None);
+        let at = |t_s: f64, value: u64| Sample {
+            t_s,
+            value,
+            oldest_s: 0.0,
+        };
+        assert_eq!(h.observe(&k, at(0.0, 0)).len(), 1);
+        h.end_report();
+        assert_eq!(h.observe(&k, at(10.0, 1000)).len(), 2);
+        // The same moment again replaces the sample.
+        let s = h.observe(&k, at(10.0, 2000));
+        assert_eq!(s, vec![at(0.0, 0), at(10.0, 2000)]);
+        h.end_report();
+        // Missing from a few reports: kept, with a gap.
+        for _ in 0..FORGET_AFTER - 1 {
+            h.end_report();
+        }
+        assert_eq!(h.observe(&k, at(100.0, 5)).len(), 3);
+        for _ in 0..FORGET_AFTER + 1 {
+            h.end_report();
+        }
+        assert_eq!(h.observe(&k, at(200.0, 7)), vec![at(200.0, 7)]);
+        // At most TREND_SAMPLES.
+        for i in 0..100 {
+            h.observe(&k, at(300.0 + f64::from(i), 1));
+        }
+        assert_eq!(h.observe(&k, at(1000.0, 1)).len(), TREND_SAMPLES);
     }
 }

@@ -3,14 +3,16 @@
 //!
 //! [`model`] holds the serializable types, [`build()`] makes a report from the trackers'
 //! snapshots, `merge` merges, ranks and follows the trend of rows of every kind, and
-//! [`annotate`] names the pods and containers of a finished report's rows.
+//! [`annotate`] names the pods and containers of a finished report's rows, and [`verdict`]
+//! judges each row's trend.
 pub mod annotate;
 mod build;
 mod merge;
 pub mod model;
+pub mod verdict;
 
 pub use build::{ReportInput, ReportOptions, TmpRow, build, growth_leaks, stack_frames};
-pub use merge::Trend;
+pub use merge::{TREND_SAMPLES, Trend};
 pub use model::{
     FdExhaustion, FdHolder, FdLeak, Frame, GrowthSample, HeapHolder, Leak, OomKill, Owner,
     ProbeSummary, Report, Summary, Tier2, TmpLeak, TracerUsage, WalkSummary,

@@ -2,7 +2,7 @@
 //! Plain data; addresses are numbers here and become `0x…` text only when written.
 use serde::Serialize;
 
-use crate::symbolize::SymbolizedFrame;
+use crate::{report::verdict::Verdict, symbolize::SymbolizedFrame, track::held::Held};
 
 /// Session-wide figures (the JSON `summary`).
 ///
@@ -204,8 +204,15 @@ pub struct Leak {
     pub oldest_age_s: f64,
     /// True when the process has exited (or exec'd) and this is what it held then.
     pub at_exit: bool,
-    /// Growth of `outstanding_bytes` per second over the recent reports, when known.
+    /// Growth of `outstanding_bytes` per second over the recent reports, when known (the
+    /// slope of `trend`).
     pub growth_bytes_per_s: Option<f64>,
+    /// The ages and sizes of the blocks counted in `outstanding_count` (pages in growth
+    /// mode), when described (the heaviest rows).
+    pub held: Option<Held>,
+    /// What the row's bytes did over the recent reports, and the verdict drawn from it;
+    /// `None` for what a process held at exit.
+    pub trend: Option<Verdict>,
     /// The stack walk hit its depth limit or broke: outer frames are missing.
     pub truncated: bool,
     /// Innermost first; `frames[0]` is the code that called the allocator.
@@ -317,6 +324,9 @@ pub struct FdLeak {
     pub oldest_age_s: f64,
     /// True when the process has exited and this is what it had open then.
     pub at_exit: bool,
+    /// What `outstanding` did over the recent reports, and the verdict drawn from it;
+    /// `None` for what a process had open at exit.
+    pub trend: Option<Verdict>,
     /// The stack walk hit its depth limit or broke: outer frames are missing.
     pub truncated: bool,
     /// `frames[0]` is the code that called the libc wrapper (open, socket, fopen, ...).
@@ -380,6 +390,8 @@ pub struct TmpLeak {
     pub paths: Vec<String>,
     /// Age of the oldest.
     pub oldest_age_s: f64,
+    /// What `files` did over the recent reports, and the verdict drawn from it.
+    pub trend: Option<Verdict>,
     /// The stack walk hit its depth limit or broke: outer frames are missing.
     pub truncated: bool,
     /// The stack that created them, innermost first.

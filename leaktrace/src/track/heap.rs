@@ -10,7 +10,7 @@
 use hashbrown::HashMap;
 use leaktrace_common::{AllocEvent, FreeEvent};
 
-use crate::track::{Exited, ProcessRows, Snapshot};
+use crate::track::{Exited, ProcessRows, Snapshot, heaviest, held::Held};
 
 /// Kept here too for the modules that name it `track::heap::StackId`.
 pub use crate::track::StackId;
@@ -110,7 +110,7 @@ impl ProcessHeap {
     }
 
     /// Per-stack rows: the counters, the blocks at least `min_age_ms` old, and the birth of
-    /// the oldest block.
+    /// the oldest block (what they hold is filled in by [`Self::hold`]).
     fn rows(&self, now_ms: u32, min_age_ms: u32) -> Vec<StackRow> {
         let mut rows: Vec<StackRow> = self
             .stacks
@@ -120,6 +120,7 @@ impl ProcessHeap {
                 aged_count: 0,
                 aged_bytes: 0,
                 oldest_born_ms: None,
+                held: None,
             })
             .collect();
         for block in self.blocks.values() {
@@ -135,10 +136,30 @@ impl ProcessHeap {
         }
         rows
     }
+
+    /// Fills in the ages and sizes of the blocks at least `min_age_ms` old of the rows
+    /// `wanted` says (by stack slot): a second walk over the blocks, histograms only for
+    /// those rows, so a report of a few hundred rows costs a few hundred histograms whatever
+    /// the number of stacks.
+    fn hold(&self, rows: &mut [StackRow], now_ms: u32, min_age_ms: u32, wanted: &[bool]) {
+        for block in self.blocks.values() {
+            let i = block.stack as usize;
+            if !wanted.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let age = now_ms.saturating_sub(block.born_ms);
+            if age >= min_age_ms {
+                rows[i]
+                    .held
+                    .get_or_insert_with(Box::default)
+                    .record(age, block.size);
+            }
+        }
+    }
 }
 
 /// A stack's counters as of a snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StackRow {
     /// The stack's counters.
     pub counters: StackCounters,
@@ -148,6 +169,9 @@ pub struct StackRow {
     pub aged_bytes: u64,
     /// Milliseconds since the table's epoch; `None` when nothing is outstanding.
     pub oldest_born_ms: Option<u32>,
+    /// The ages and sizes of the blocks counted in `aged_count`; `None` when none is, or
+    /// when the row was not among those a snapshot was asked to describe.
+    pub held: Option<Box<Held>>,
 }
 
 /// All outstanding allocations, per process.
@@ -338,8 +362,10 @@ impl HeapTables {
         };
         self.blocks -= heap.blocks.len();
         let at_ms = self.ms_since_epoch(ts_ns);
-        let stacks: Vec<StackRow> = heap
-            .rows(u32::MAX, 0)
+        let mut rows = heap.rows(at_ms, 0);
+        let wanted: Vec<bool> = rows.iter().map(|r| r.aged_count > 0).collect();
+        heap.hold(&mut rows, at_ms, 0, &wanted);
+        let stacks: Vec<StackRow> = rows
             .into_iter()
             .filter(|r| r.counters.outstanding_count > 0)
             .collect();
@@ -399,8 +425,22 @@ impl HeapTables {
         top
     }
 
-    /// The tables as of `now_ns`; rows also count the blocks at least `min_age_ns` old.
+    /// The tables as of `now_ns`; rows also count the blocks at least `min_age_ns` old, and
+    /// describe what they hold (every row: see [`Self::snapshot_described`]).
     pub fn snapshot(&self, now_ns: u64, min_age_ns: u64) -> HeapSnapshot {
+        self.snapshot_described(now_ns, min_age_ns, None)
+    }
+
+    /// [`Self::snapshot`], with the ages and sizes of what they hold for the heaviest
+    /// `described` rows only (by bytes at least `min_age_ns` old; `None`: all), chosen as
+    /// reports choose the rows they list ([`heaviest`], over [`Snapshot::rows`] that hold or
+    /// allocated something).
+    pub fn snapshot_described(
+        &self,
+        now_ns: u64,
+        min_age_ns: u64,
+        described: Option<usize>,
+    ) -> HeapSnapshot {
         let now_ms = self.ms_since_epoch(now_ns);
         let min_age_ms = (min_age_ns / 1_000_000).min(u64::from(u32::MAX)) as u32;
         let mut live: Vec<ProcessRows<StackRow>> = self
@@ -412,6 +452,30 @@ impl HeapTables {
             })
             .collect();
         live.sort_by_key(|p| p.pid);
+        // The same candidates, in the same order, as a report's listing (live, then exited).
+        let listed = |r: &StackRow| r.counters.outstanding_count > 0 || r.counters.allocs > 0;
+        let weights: Vec<u64> = live
+            .iter()
+            .flat_map(|p| &p.stacks)
+            .chain(self.exited.iter().flat_map(|e| &e.stacks))
+            .filter(|r| listed(r))
+            .map(|r| r.aged_bytes)
+            .collect();
+        let mut chosen = heaviest(&weights, described).into_iter();
+        for p in &mut live {
+            let wanted: Vec<bool> = p
+                .stacks
+                .iter()
+                .map(|r| listed(r) && chosen.next().unwrap_or(false) && r.aged_count > 0)
+                .collect();
+            if let Some(heap) = wanted
+                .contains(&true)
+                .then(|| self.procs.get(&p.pid))
+                .flatten()
+            {
+                heap.hold(&mut p.stacks, now_ms, min_age_ms, &wanted);
+            }
+        }
         Snapshot {
             totals: self.totals,
             now_ms,

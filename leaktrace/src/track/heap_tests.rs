@@ -306,7 +306,7 @@ fn min_age_filters_young_blocks_and_oldest_is_tracked() {
     a.hdr.ts_ns = 1050 * MS;
     t.alloc(&a);
     let snap = t.snapshot(1060 * MS, 20 * MS);
-    let row = snap.live[0].stacks[0];
+    let row = &snap.live[0].stacks[0];
     assert_eq!((row.aged_count, row.aged_bytes), (1, 10));
     assert_eq!(
         (row.counters.outstanding_count, row.counters.allocs),
@@ -314,8 +314,68 @@ fn min_age_filters_young_blocks_and_oldest_is_tracked() {
         "counters are never filtered"
     );
     assert_eq!(row.oldest_born_ms, Some(10));
-    let all = t.snapshot(1060 * MS, 0).live[0].stacks[0];
+    let all = t.snapshot(1060 * MS, 0);
+    let all = &all.live[0].stacks[0];
     assert_eq!((all.aged_count, all.aged_bytes), (2, 20));
+    // What it holds describes the same blocks as its counts: the young one only when aged.
+    let held = row.held.as_deref().unwrap();
+    assert_eq!((held.blocks(), held.age_ms().max), (1, 50));
+    let held = all.held.as_deref().unwrap();
+    assert_eq!(held.blocks(), 2);
+    assert_eq!((held.age_ms().p50, held.age_ms().max), (10, 50));
+}
+
+/// `n` blocks of `size` bytes at stack `stack` of `pid`, born at `born_ms`.
+fn hold(t: &mut HeapTables, pid: u32, stack: u64, n: u64, size: u64, born_ms: u64) {
+    for i in 0..n {
+        let mut a = alloc(pid, (stack << 32) + i * 0x100, size, stack);
+        a.hdr.ts_ns = born_ms * MS;
+        t.alloc(&a);
+    }
+}
+
+#[test]
+fn snapshots_describe_the_heaviest_rows_only_when_asked() {
+    let mut t = HeapTables::new(0);
+    hold(&mut t, 1, 1, 10, 100, 0); // 1,000 B
+    hold(&mut t, 1, 2, 1, 10, 500); // 10 B
+    hold(&mut t, 2, 3, 3, 1000, 900); // 3,000 B
+    let described = |snap: &HeapSnapshot| -> Vec<(u32, u64, Option<u64>)> {
+        snap.rows()
+            .map(|r| {
+                let held = r.row.held.as_deref();
+                (r.pid, r.row.counters.stack_id, held.map(Held::blocks))
+            })
+            .collect()
+    };
+    let all = t.snapshot(1000 * MS, 0);
+    assert_eq!(
+        described(&all),
+        vec![(1, 1, Some(10)), (1, 2, Some(1)), (2, 3, Some(3))]
+    );
+    let two = t.snapshot_described(1000 * MS, 0, Some(2));
+    assert_eq!(
+        described(&two),
+        vec![(1, 1, Some(10)), (1, 2, None), (2, 3, Some(3))]
+    );
+    // Counts are the same either way; ages are as of the snapshot.
+    assert_eq!(
+        all.live[1].stacks[0].aged_bytes,
+        two.live[1].stacks[0].aged_bytes
+    );
+    let held = two.live[1].stacks[0].held.as_deref().unwrap();
+    assert_eq!(held.age_ms().max, 100);
+    assert_eq!(held.size().max, 1000);
+    // What an exited process held is described at its exit, ages as of then.
+    t.exit(1, 2000 * MS);
+    let snap = t.snapshot_described(5000 * MS, 0, Some(0));
+    let ex = &snap.exited[0].stacks;
+    let ages: Vec<u64> = ex
+        .iter()
+        .map(|r| r.held.as_deref().unwrap().age_ms().max)
+        .collect();
+    assert_eq!(ages, vec![2000, 1500]);
+    assert!(snap.live[0].stacks[0].held.is_none(), "none asked for");
 }
 
 #[test]

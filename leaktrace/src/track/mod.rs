@@ -6,11 +6,34 @@
 pub mod fd;
 pub mod fd_events;
 pub mod heap;
+pub mod held;
 pub mod oom;
 pub mod tmp;
 
 /// Identifies a stack: a hash of the pid and the frames, computed by the kernel side.
 pub type StackId = u64;
+
+/// Which of `weights` are among the heaviest `limit` (all when `None`); ties go to the
+/// first. Reports list these rows, and heap snapshots describe what they hold.
+pub fn heaviest(weights: &[u64], limit: Option<usize>) -> Vec<bool> {
+    let Some(limit) = limit.filter(|&l| l < weights.len()) else {
+        return vec![true; weights.len()];
+    };
+    let mut keep = vec![false; weights.len()];
+    if limit == 0 {
+        return keep;
+    }
+    // A total order (heaviest, then first), so the chosen set is the same as a full sort's;
+    // selecting instead of sorting keeps it linear in the rows.
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.select_nth_unstable_by(limit - 1, |&a, &b| {
+        weights[b].cmp(&weights[a]).then(a.cmp(&b))
+    });
+    for &i in &order[..limit] {
+        keep[i] = true;
+    }
+    keep
+}
 
 /// One process's per-stack rows in a [`Snapshot`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,5 +115,31 @@ impl<R, T> Snapshot<R, T> {
             })
         });
         live.chain(exited)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heaviest;
+
+    #[test]
+    fn the_heaviest_are_chosen_first_come_on_ties() {
+        let w = [5, 9, 5, 1, 9, 5];
+        assert_eq!(heaviest(&w, None), vec![true; 6]);
+        assert_eq!(heaviest(&w, Some(0)), vec![false; 6]);
+        assert_eq!(
+            heaviest(&w, Some(2)),
+            [false, true, false, false, true, false]
+        );
+        assert_eq!(
+            heaviest(&w, Some(3)),
+            [true, true, false, false, true, false]
+        );
+        assert_eq!(
+            heaviest(&w, Some(4)),
+            [true, true, true, false, true, false]
+        );
+        assert_eq!(heaviest(&w, Some(9)), vec![true; 6]);
+        assert!(heaviest(&[], Some(3)).is_empty());
     }
 }
