@@ -1,9 +1,9 @@
 //! `cargo xtask bench --only agent`: what the node agent costs the node, side by side with
 //! no agent in one run.
 //!
-//! - **Tier 1 on busy programs**: each workload timed with no agent, then with `leaktrace
+//! - **Tier 1 on busy programs**: each workload timed with no agent and with `leaktrace
 //!   agent` running (every process in tier 1: growth, descriptors, temp files; nothing
-//!   selected), interleaved round by round; `× untraced` is the ratio of medians.
+//!   selected), round by round in ABBA order; `× untraced` is the ratio of medians.
 //! - **Idle**: the agent's CPU over 20 s on this node with nothing to do.
 //! - **Memory**: the agent's RSS with 1,000 processes on the node, 50 of them allocating
 //!   and selected for exact heap tracing (`--full comm=agent_churner`); and its RSS every
@@ -265,16 +265,31 @@ fn tier1(leaktrace: &Path, dir: &Path, rounds: usize) -> Result<Vec<(String, f64
     let _scratch = Tmpfs::mount(&dir.join("untar"));
     let mut plain = vec![Vec::new(); list.len()];
     let mut agent = vec![Vec::new(); list.len()];
+    // ABBA: odd rounds time under the agent first. Whichever side runs right after an agent
+    // starts or stops (its adoption of every process, its probes' release) would otherwise
+    // always be the same one: one order read sqlite3 at 0.66x untraced.
+    let settle = || std::thread::sleep(Duration::from_secs(1));
     for round in 0..rounds {
         eprintln!("bench agent: tier-1 round {}/{rounds}", round + 1);
-        for (i, w) in list.iter().enumerate() {
-            plain[i].push(time(w)?);
+        let untraced = |plain: &mut Vec<Vec<f64>>| -> Result<()> {
+            for (i, w) in list.iter().enumerate() {
+                plain[i].push(time(w)?);
+            }
+            Ok(())
+        };
+        if round % 2 == 0 {
+            untraced(&mut plain)?;
         }
         let a = Agent::start(leaktrace, &[], &dir.join("tier1.json"))?;
+        settle();
         for (i, w) in list.iter().enumerate() {
             agent[i].push(time(w)?);
         }
         a.stop();
+        settle();
+        if round % 2 == 1 {
+            untraced(&mut plain)?;
+        }
     }
     Ok(list
         .iter()
