@@ -115,9 +115,10 @@ fn the_agent_traces_every_process_and_the_selected_heap_exactly() {
         return;
     }
     let mut selected = Fixture::start("heap_attach");
-    // Files it makes outside a temp directory go under target/, not /tmp.
-    let data = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("agent-tiers-{}", std::process::id()));
+    // Files it makes outside a temp directory go under /run (root's, and in no temp
+    // directory: a checkout, and so target/, may itself lie under /tmp).
+    let data =
+        std::path::Path::new("/run").join(format!("leaktrace-agent-tiers-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data).unwrap();
     let mut other = Fixture::start_with("agent_tier1", &[data.to_str().unwrap()]);
@@ -210,7 +211,7 @@ fn the_agent_traces_every_process_and_the_selected_heap_exactly() {
         r.pretty()
     );
     // Node-wide, a temp file is one in a temp directory: mkstemp's in /tmp is, the
-    // O_CREAT|O_EXCL file under target/ is not (on a node, that is every file made).
+    // O_CREAT|O_EXCL file under /run is not (on a node, that is every file made).
     let tmp = rows_of(&r, "tmp_leaks", other.pid());
     if lost["fd_ringbuf"].as_u64().unwrap_or(0) == 0 {
         assert_eq!(tmp.len(), 1, "{}", r.pretty());
