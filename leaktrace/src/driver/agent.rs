@@ -14,7 +14,6 @@
 //! with the growth tables kept apart from the heap's.
 use std::{collections::VecDeque, fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
-use aya::maps::{MapData, RingBuf};
 use hashbrown::{HashMap, HashSet};
 use leaktrace_common::kind;
 use tokio::{
@@ -31,7 +30,10 @@ use super::{
 };
 use crate::{
     export::metrics::AgentStats,
-    report::{Owner, Report, Tier2},
+    report::{
+        Owner, Report, Tier2,
+        verdict::{self, Sample},
+    },
     symbolize::stacks::StackStore,
     targets::{preflight, procfs},
 };
@@ -149,7 +151,7 @@ const SAMPLES_PER_WINDOW: usize = 12;
 #[derive(Debug)]
 pub struct Promoter {
     window_s: f64,
-    samples: HashMap<u32, VecDeque<(f64, u64)>>,
+    samples: HashMap<u32, VecDeque<Sample>>,
 }
 
 /// A process whose growth could promote it.
@@ -180,7 +182,11 @@ impl Promoter {
     /// Notes that `pid` held `bytes` at `t_s`.
     pub fn sample(&mut self, pid: u32, t_s: f64, bytes: u64) {
         let h = self.samples.entry(pid).or_default();
-        h.push_back((t_s, bytes));
+        h.push_back(Sample {
+            t_s,
+            value: bytes,
+            oldest_s: 0.0,
+        });
         while h.len() > SAMPLES_PER_WINDOW + 1 {
             h.pop_front();
         }
@@ -193,16 +199,18 @@ impl Promoter {
 
     /// The processes growing at least [`MIN_PROMOTE_RATE`] along a line at least
     /// [`MIN_PROMOTE_FIT`] straight over a whole window, steepest first.
-    pub fn candidates(&self) -> Vec<Candidate> {
+    pub fn candidates(&mut self) -> Vec<Candidate> {
+        let window_s = self.window_s;
         let mut out: Vec<Candidate> = self
             .samples
-            .iter()
+            .iter_mut()
             .filter_map(|(&pid, h)| {
-                let (first, last) = (h.front()?.0, h.back()?.0);
-                if last - first < self.window_s * 0.99 {
+                let (first, last) = (h.front()?.t_s, h.back()?.t_s);
+                if last - first < window_s * 0.99 || h.len() < 3 {
                     return None;
                 }
-                let (rate, fit) = line(h.iter().copied())?;
+                // A flat line fits with slope 0: under MIN_PROMOTE_RATE like any other.
+                let (rate, fit) = verdict::fit(h.make_contiguous())?;
                 (rate >= MIN_PROMOTE_RATE && fit >= MIN_PROMOTE_FIT).then_some(Candidate {
                     pid,
                     rate,
@@ -213,29 +221,6 @@ impl Promoter {
         out.sort_by(|a, b| b.rate.total_cmp(&a.rate).then(a.pid.cmp(&b.pid)));
         out
     }
-}
-
-/// Least-squares slope and R² of `(x, y)` points; `None` for fewer than three or no spread.
-fn line(points: impl Iterator<Item = (f64, u64)> + Clone) -> Option<(f64, f64)> {
-    let n = points.clone().count() as f64;
-    if n < 3.0 {
-        return None;
-    }
-    let (sx, sy) = points
-        .clone()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y as f64));
-    let (mx, my) = (sx / n, sy / n);
-    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
-    for (x, y) in points {
-        let (dx, dy) = (x - mx, y as f64 - my);
-        sxy += dx * dy;
-        sxx += dx * dx;
-        syy += dy * dy;
-    }
-    if sxx <= 0.0 || syy <= 0.0 {
-        return None;
-    }
-    Some((sxy / sxx, sxy * sxy / (sxx * syy)))
 }
 
 /// What a process in the second tier is there for.
@@ -731,9 +716,8 @@ fn publish(tracer: &mut Tracer, policy: &Policy, publisher: &Publisher) -> Arc<R
 /// Records drained in one go.
 const BATCH: usize = 4096;
 
-/// Drains the ring buffers: applies each record, adopts the processes it names for the
-/// first time, notes which probes fire. The allocator's ring first, and again before a
-/// fork, exec or exit record (what a process allocated came before those).
+/// Drains the ring buffers ([`super::drain_in_order`]): applies each record, adopts the
+/// processes it names for the first time, notes which probes fire.
 fn drain(
     rings: &mut Rings<'_>,
     tracer: &mut Tracer,
@@ -741,39 +725,14 @@ fn drain(
     sink: &Sink,
 ) -> Result<usize, SessionError> {
     let mut fresh: Vec<u32> = Vec::new();
-    let mut n = drain_heap(rings.heap, tracer, policy, sink, &mut fresh, BATCH)?;
     // A bounded batch, so timers and signals are served under a flood of records.
-    for _ in 0..BATCH {
-        let Some(item) = rings.events.next() else {
-            break;
-        };
-        n += 1;
-        if super::lifecycle(&item) {
-            n += drain_heap(rings.heap, tracer, policy, sink, &mut fresh, usize::MAX)?;
-        }
-        apply(tracer, policy, sink, &item, &mut fresh)?;
-    }
+    let n = super::drain_in_order(rings, BATCH, |item| {
+        apply(tracer, policy, sink, item, &mut fresh)
+    })?;
     fresh.sort_unstable();
     fresh.dedup();
     for pid in fresh {
         policy.adopt(tracer, pid);
-    }
-    Ok(n)
-}
-
-fn drain_heap(
-    ring: &mut RingBuf<MapData>,
-    tracer: &mut Tracer,
-    policy: &mut Policy,
-    sink: &Sink,
-    fresh: &mut Vec<u32>,
-    budget: usize,
-) -> Result<usize, SessionError> {
-    let mut n = 0;
-    while n < budget {
-        let Some(item) = ring.next() else { break };
-        n += 1;
-        apply(tracer, policy, sink, &item, fresh)?;
     }
     Ok(n)
 }

@@ -190,46 +190,56 @@ impl Drop for FastExit {
     }
 }
 
-/// Drains what the ring buffer holds, at most `budget` records. Returns how many were read.
+/// Drains what the ring buffers hold, at most about `budget` records. Returns how many were
+/// read.
 fn drain(
     rings: &mut Rings<'_>,
     tracer: &mut Tracer,
     sink: &Sink,
     budget: usize,
 ) -> Result<usize, SessionError> {
-    let mut n = drain_one(rings.heap, tracer, sink, budget)?;
+    drain_in_order(rings, budget, |item| {
+        if let Some(alert) = tracer.handle(item)? {
+            on_alert(tracer, sink, &alert);
+        }
+        Ok(())
+    })
+}
+
+/// Hands every record the ring buffers hold to `apply` in the order the tables rely on: the
+/// allocator's ring first, and again before a fork, exec, exit or loader record (what the
+/// process allocated came before it). Stops past `budget` records (a lifecycle record's
+/// allocator records all go first, whatever the budget). Returns how many were read.
+pub(super) fn drain_in_order(
+    rings: &mut Rings<'_>,
+    budget: usize,
+    mut apply: impl FnMut(&[u8]) -> Result<(), SessionError>,
+) -> Result<usize, SessionError> {
+    let mut n = drain_ring(rings.heap, budget, &mut apply)?;
     while n < budget {
         let Some(item) = rings.events.next() else {
             break;
         };
         n += 1;
         if lifecycle(&item) {
-            // The process's allocator records came before this one: apply them first.
-            n += drain_one(rings.heap, tracer, sink, usize::MAX)?;
+            n += drain_ring(rings.heap, usize::MAX, &mut apply)?;
         }
-        if let Some(alert) = tracer.handle(&item)? {
-            drop(item);
-            on_alert(tracer, sink, &alert);
-        }
+        apply(&item)?;
     }
     Ok(n)
 }
 
-/// Drains one ring buffer.
-fn drain_one(
+/// Hands one ring buffer's records to `apply`, at most `budget`.
+fn drain_ring(
     ring: &mut RingBuf<MapData>,
-    tracer: &mut Tracer,
-    sink: &Sink,
     budget: usize,
+    apply: &mut impl FnMut(&[u8]) -> Result<(), SessionError>,
 ) -> Result<usize, SessionError> {
     let mut n = 0;
     while n < budget {
         let Some(item) = ring.next() else { break };
         n += 1;
-        if let Some(alert) = tracer.handle(&item)? {
-            drop(item);
-            on_alert(tracer, sink, &alert);
-        }
+        apply(&item)?;
     }
     Ok(n)
 }

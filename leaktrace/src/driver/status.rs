@@ -10,7 +10,7 @@ use std::{
 use leaktrace_common::features;
 
 use super::{SessionConfig, Target, tracer::Tracer};
-use crate::export::table::bytes;
+use crate::export::table::{bytes, count};
 
 /// The session's voice on stderr.
 #[derive(Debug)]
@@ -56,16 +56,16 @@ impl Status {
             }
             None => 0,
         };
-        let (count, held) = tracer.pipeline.outstanding();
+        let (blocks, held) = tracer.pipeline.outstanding();
         let lost: u64 = tracer.source.drops().iter().map(|(_, n)| n).sum();
         let mut err = std::io::stderr().lock();
         let _ = write!(
             err,
             "\r\x1b[2Kleaktrace: {} events/s, {} held in {} blocks, {} lost",
-            thousands(rate),
+            count(rate),
             bytes(held),
-            thousands(count),
-            thousands(lost)
+            count(blocks),
+            count(lost)
         );
         let _ = err.flush();
         self.shown.set(true);
@@ -79,10 +79,6 @@ impl Status {
             let _ = err.flush();
         }
     }
-}
-
-fn thousands(n: u64) -> String {
-    crate::export::table::count(n)
 }
 
 /// `tracing pid 1234 (svc): heap (12 uprobes in libc.so.6), descriptors, temp files, OOM
