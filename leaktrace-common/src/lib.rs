@@ -406,8 +406,11 @@ pub mod drop_reason {
     pub const OOM_RINGBUF: u32 = 6;
     /// A growth-mode record (page, release) found the ring buffer full.
     pub const GROWTH_RINGBUF: u32 = 7;
+    /// A descriptor record waiting for its stack walk was overwritten by another task's on
+    /// the same CPU (the first program was preempted before its tail call).
+    pub const FD_RACE: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     /// A short name per counter, for reports.
     pub const NAMES: [&str; COUNT as usize] = [
         "heap_ringbuf",
@@ -418,6 +421,7 @@ pub mod drop_reason {
         "fd_ringbuf",
         "oom_ringbuf",
         "growth_ringbuf",
+        "fd_race",
     ];
 }
 

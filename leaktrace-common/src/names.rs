@@ -29,6 +29,8 @@ pub mod map {
     pub const AYA_LOGS: &str = "AYA_LOGS";
     /// The global [`crate::Config`] written before loading.
     pub const CONFIG: &str = "CONFIG";
+    /// The descriptor programs' tail call: slot 0 holds [`super::program::FD_STACK`].
+    pub const FD_TAIL: &str = "FD_TAIL";
 
     /// Every map user space opens by name (for the object check).
     pub const ALL: &[&str] = &[
@@ -42,12 +44,17 @@ pub mod map {
         UNWIND_ROWS,
         UNWIND_INDEX,
         CONFIG,
+        FD_TAIL,
     ];
 }
 
 /// Uprobe programs (the tracepoint programs are listed in [`crate::TRACEPOINTS`], the
-/// allocator entry programs in [`crate::alloc_shape`]).
+/// allocator entry programs in [`crate::alloc_shape`]), and the one tail-called program.
 pub mod program {
+    /// The second half of every descriptor tracepoint that sends a stack: walks it and sends
+    /// the record the first half left in a per-CPU slot. One copy of the stack walker for
+    /// twenty-odd programs, so the verifier checks it once, not once per program.
+    pub const FD_STACK: &str = "fd_stack";
     /// Every allocator entry point of a module on one uprobe_multi link, the function's
     /// [`crate::alloc_shape`] its attach cookie.
     pub const ALLOC_ENTER_MULTI: &str = "alloc_enter_multi";

@@ -190,31 +190,20 @@ fn search_row(w: &Walk, rel: u64) -> Option<UnwindRow> {
         lo = start + first as u32;
         hi = hi.min(start + next as u32 + 1);
     }
-    let (first, mut l, mut h) = (lo, lo, hi);
-    for _ in 0..12 {
-        if l >= h {
-            break;
-        }
-        let mid = l + (h - l) / 2;
-        let row = UNWIND_ROWS.get(mid)?;
-        if u64::from(row.pc) <= rel {
-            l = mid + 1
-        } else {
-            h = mid
-        }
-    }
-    if l < h {
-        // The page holds more rows than 12 halvings cover: finish in a loop of its own.
-        let mut search = Search {
-            lo: l,
-            hi: h,
-            key: rel,
-            code: core::ptr::null(),
-        };
-        // SAFETY: as above.
-        unsafe { bpf_loop(32, row_step as *mut c_void, (&raw mut search).cast(), 0) };
-        l = search.lo;
-    }
+    // The whole search runs in bpf_loop, never unrolled here: an unrolled search's bounds
+    // are precise scalars to the verifier, which then explores every branch of every step
+    // (2^n states per search, and row_for inlines it twice). Kernel 6.18.44's verifier gave
+    // up on a 12-step unrolled prefix at its million-instruction limit; older 6.18 builds
+    // pruned it.
+    let mut search = Search {
+        lo,
+        hi,
+        key: rel,
+        code: core::ptr::null(),
+    };
+    // SAFETY: as above.
+    unsafe { bpf_loop(32, row_step as *mut c_void, (&raw mut search).cast(), 0) };
+    let (first, l) = (lo, search.lo);
     if l <= first || l <= start {
         return None;
     }

@@ -9,7 +9,7 @@
 //! - here: loading, the tracepoints, the traced-process map and the kernel's counters.
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{ProgramError, TracePoint, UProbe},
 };
 use leaktrace_common::{
@@ -131,6 +131,10 @@ fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> SourceError
     move |source| SourceError::Program { name, source }
 }
 
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> SourceError {
+    move |source| SourceError::Map { name, source }
+}
+
 /// The ring buffers records arrive in.
 pub struct Rings {
     /// Every record but the allocator probes'.
@@ -190,7 +194,6 @@ impl Source {
         };
         load_programs(&mut ebpf, opts, multi)?;
         let logger = opts.bpf_log.then(|| start_logger(&mut ebpf)).flatten();
-        let map_error = |name: &'static str| move |source| SourceError::Map { name, source };
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(SourceError::Missing(name));
         let events = RingBuf::try_from(take(map::EVENTS)?).map_err(map_error(map::EVENTS))?;
         let heap =
@@ -323,6 +326,9 @@ fn load_programs(ebpf: &mut Ebpf, opts: &LoadOptions, multi: bool) -> Result<(),
             );
         }
     }
+    if wanted(hook_family::FD, opts) {
+        load_fd_stack(ebpf)?;
+    }
     for tp in TRACEPOINTS.iter().filter(|tp| wanted(tp.family, opts)) {
         let name = tp.program;
         let prog: &mut TracePoint = ebpf
@@ -335,6 +341,28 @@ fn load_programs(ebpf: &mut Ebpf, opts: &LoadOptions, multi: bool) -> Result<(),
             .map_err(program_error(name))?;
     }
     Ok(())
+}
+
+/// Loads the descriptor programs' shared second half and puts it in their tail-call slot,
+/// before any of them is attached.
+fn load_fd_stack(ebpf: &mut Ebpf) -> Result<(), SourceError> {
+    let name = program::FD_STACK;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(SourceError::Missing(name))?
+        .try_into()
+        .map_err(program_error(name))?;
+    prog.load().map_err(program_error(name))?;
+    let fd = prog
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+        .map_err(program_error(name))?;
+    let mut slots = ProgramArray::try_from(
+        ebpf.map_mut(map::FD_TAIL)
+            .ok_or(SourceError::Missing(map::FD_TAIL))?,
+    )
+    .map_err(map_error(map::FD_TAIL))?;
+    slots.set(0, &fd, 0).map_err(map_error(map::FD_TAIL))
 }
 
 /// Starts reading the eBPF side's diagnostics; without them, tracing goes on.
@@ -379,6 +407,7 @@ mod tests {
             .map(|t| t.program)
             .chain(entries)
             .chain(program::UPROBES.iter().copied())
+            .chain([program::FD_STACK])
             .chain(map::ALL.iter().copied());
         for name in names {
             assert!(symbols.contains(name), "the eBPF object has no {name}");
