@@ -1,4 +1,5 @@
-//! The `leaktrace` binary: parses the command line, runs a session, maps errors to exit codes.
+//! The `leaktrace` binary: parses the command line, runs a session (or compares two reports),
+//! maps errors to exit codes.
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -45,6 +46,17 @@ fn unwind_info(files: &[std::path::PathBuf]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `leaktrace diff`: two reports compared, or a one-line error.
+fn diff(config: &driver::diff::DiffConfig) -> ExitCode {
+    match driver::diff::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("leaktrace: error: {e}");
+            ExitCode::from(e.exit_code().clamp(1, 255) as u8)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     if let Err(e) = cli.validate() {
@@ -53,6 +65,7 @@ fn main() -> ExitCode {
     let (config, verbose) = match cli.into_action() {
         cli::Action::Trace(config, verbose) => (*config, verbose),
         cli::Action::UnwindInfo(files) => return unwind_info(&files),
+        cli::Action::Diff(config) => return diff(&config),
     };
     init_logging(verbose);
     let runtime = match tokio::runtime::Builder::new_current_thread()

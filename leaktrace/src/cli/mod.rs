@@ -1,4 +1,5 @@
-//! Command-line interface: `leaktrace --pid PID` and `leaktrace run -- CMD`.
+//! Command-line interface: `leaktrace --pid PID`, `leaktrace run -- CMD`, `leaktrace agent`
+//! and `leaktrace diff OLD.json NEW.json`.
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
@@ -12,6 +13,7 @@ use leaktrace::{
 use leaktrace_common::features;
 
 mod agent;
+mod diff;
 mod run;
 
 const EXIT_CODES: &str = "\
@@ -32,7 +34,8 @@ Examples:
   sudo leaktrace --pid 4242 --format folded --duration 60s | inferno-flamegraph > leaks.svg
   sudo leaktrace --pid 4242 --only fd --format folded --folded-kind fd > fds.folded
   sudo leaktrace --pid 4242 --duration 60s --format pprof -o heap.pb.gz
-  sudo leaktrace --pid 4242 --oom-log /var/log/leaktrace-oom.jsonl";
+  sudo leaktrace --pid 4242 --oom-log /var/log/leaktrace-oom.jsonl
+  leaktrace diff before.json after.json   # did the fix work?";
 
 /// Find the call stacks that leak memory, descriptors and temp files, in a live process, with
 /// eBPF.
@@ -67,6 +70,7 @@ pub struct Cli {
 pub enum Command {
     Run(run::RunArgs),
     Agent(agent::AgentArgs),
+    Diff(diff::DiffArgs),
     /// Compile the unwind tables of ELF files and print what they cost (for benchmarks).
     #[command(hide = true)]
     UnwindInfo {
@@ -81,6 +85,8 @@ pub enum Command {
 pub enum Action {
     Trace(Box<SessionConfig>, u8),
     UnwindInfo(Vec<PathBuf>),
+    /// `leaktrace diff`.
+    Diff(leaktrace::driver::diff::DiffConfig),
 }
 
 /// Options shared by `--pid` and `run`.
@@ -311,7 +317,7 @@ impl Cli {
                 }
                 &agent.common
             }
-            Some(Command::UnwindInfo { .. }) => return Ok(()),
+            Some(Command::UnwindInfo { .. } | Command::Diff(_)) => return Ok(()),
             None => &self.common,
         };
         if common.format.is_binary()
@@ -336,6 +342,7 @@ impl Cli {
     pub fn into_action(self) -> Action {
         match self.command {
             Some(Command::UnwindInfo { files }) => Action::UnwindInfo(files),
+            Some(Command::Diff(args)) => Action::Diff(args.config()),
             _ => {
                 let (config, verbose) = self.into_session();
                 Action::Trace(Box::new(config), verbose)
@@ -346,7 +353,7 @@ impl Cli {
     /// The session the command line asks for, and the verbosity.
     pub fn into_session(self) -> (SessionConfig, u8) {
         match self.command {
-            Some(Command::UnwindInfo { .. }) => unreachable!("not a session"),
+            Some(Command::UnwindInfo { .. } | Command::Diff(_)) => unreachable!("not a session"),
             Some(Command::Agent(agent)) => {
                 let verbose = agent.common.verbose;
                 (agent.session(), verbose)
@@ -511,6 +518,58 @@ mod tests {
         assert!(cfg.heap);
         assert_eq!(cfg.features, 0);
         assert!(Cli::try_parse_from(["leaktrace", "--pid", "7", "--only", "disk"]).is_err());
+    }
+
+    #[test]
+    fn diff_parses_to_two_files_and_a_format() {
+        let action = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            cli.validate().unwrap();
+            match cli.into_action() {
+                Action::Diff(config) => config,
+                other => panic!("{other:?}"),
+            }
+        };
+        let c = action(&["leaktrace", "diff", "old.json", "new.json"]);
+        assert_eq!(
+            (c.old, c.new),
+            (PathBuf::from("old.json"), PathBuf::from("new.json"))
+        );
+        assert_eq!(c.top, Some(10));
+        let c = action(&[
+            "leaktrace",
+            "diff",
+            "a",
+            "b",
+            "--format",
+            "json",
+            "--sort",
+            "count",
+        ]);
+        assert_eq!(c.top, None);
+        assert_eq!(c.sort, leaktrace::report::diff::Sort::Count);
+        let c = action(&[
+            "leaktrace",
+            "diff",
+            "a",
+            "b",
+            "--format",
+            "folded",
+            "--folded-kind",
+            "fd",
+        ]);
+        assert_eq!(c.folded_kind, leaktrace::report::diff::Kind::Fd);
+        for args in [
+            &["leaktrace", "diff", "a"][..],
+            &["leaktrace", "--pid", "1", "diff", "a", "b"],
+            &["leaktrace", "diff", "a", "b", "--format", "pprof"],
+            &["leaktrace", "diff", "a", "b", "--folded-kind", "runtime"],
+        ] {
+            assert!(
+                Cli::try_parse_from(args).is_err(),
+                "{args:?} should be rejected"
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! - `tracer`: the privileged half, the source and each process's probes;
 //! - `session`: the event loop (ring buffer, pidfd, signals, timers);
 //! - [`record`]: `--record` and replay;
-//! - `sink`: where reports go.
+//! - `sink`: where reports go;
+//! - [`diff`]: `leaktrace diff`, two reports read and compared.
 use std::{ffi::OsString, io, path::PathBuf, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
@@ -26,6 +27,7 @@ use crate::{
 };
 
 pub mod agent;
+pub mod diff;
 mod pipeline;
 pub mod record;
 mod reports;

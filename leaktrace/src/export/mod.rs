@@ -1,9 +1,11 @@
 //! Writers: one module per output format, each an [`Exporter`] that takes a finished
 //! [`Report`] and returns its bytes (text for all but pprof). [`Format::exporter`] picks one.
+//! [`diff`] writes what `leaktrace diff` found between two reports.
 use std::{fs, io, io::Write as _, path::Path};
 
 use crate::report::Report;
 
+pub mod diff;
 pub mod folded;
 pub mod json;
 pub mod metrics;

@@ -2,11 +2,12 @@
 //! and ranked. Writers ([`crate::export`]) render it; they know nothing of how it was gathered.
 //!
 //! [`model`] holds the serializable types, [`build()`] makes a report from the trackers'
-//! snapshots, `merge` merges, ranks and follows the trend of rows of every kind, and
-//! [`annotate`] names the pods and containers of a finished report's rows, and [`verdict`]
-//! judges each row's trend.
+//! snapshots, `merge` merges, ranks and follows the trend of rows of every kind,
+//! [`annotate`] names the pods and containers of a finished report's rows, [`verdict`]
+//! judges each row's trend, and [`diff`] compares two reports stack by stack.
 pub mod annotate;
 mod build;
+pub mod diff;
 mod merge;
 pub mod model;
 pub mod verdict;
