@@ -553,7 +553,7 @@ fn table(out: &mut String, k: &Kind<'_>) {
         let verdict = v.trend.map_or("none", |t| t.verdict.name());
         let _ = write!(
             out,
-            "<tr data-verdict=\"{verdict}\"><td class=\"num\">{}</td><td>{}</td>\
+            "<tr data-verdict=\"{verdict}\"><td class=\"num\">{}</td><td class=\"verdict\">{}</td>\
              <td class=\"num\">{}<span class=\"sub\">{}</span></td><td class=\"num\">",
             i + 1,
             verdict_badge(v.trend, v.at_exit),
@@ -626,7 +626,7 @@ fn charts(out: &mut String, r: &Report, kinds: &[Kind<'_>]) {
     out.push_str(
         "<section id=\"charts\"><h2>Growth over time</h2>\n<p class=\"note\">What the \
          heaviest stacks held at each report (the series their verdicts are drawn from), and \
-         the whole process (dashed). Hover a line for its stack.</p>\n",
+         the whole process (grey, dashed). Hover a line for its stack.</p>\n",
     );
     let mut drawn = 0;
     for k in kinds {
@@ -655,7 +655,7 @@ fn charts(out: &mut String, r: &Report, kinds: &[Kind<'_>]) {
             lines.push(Line {
                 label: "whole process".to_owned(),
                 detail: "everything the traced processes hold".to_owned(),
-                colour: "#1f2328",
+                colour: "#8c959f",
                 points: r
                     .summary
                     .history
@@ -778,6 +778,8 @@ const PLOT: (f64, f64, f64, f64) = (70.0, 12.0, 644.0, 212.0);
 /// The chart's width, in SVG units: two charts side by side on a laptop's screen are drawn
 /// at about this size, and their text reads at 12 px.
 const CHART_WIDTH: f64 = 660.0;
+/// How the whole process's line is drawn.
+const TOTAL_STYLE: &str = "stroke-width=\"4\" stroke-dasharray=\"9 5\"";
 /// Height of a legend entry.
 const LEGEND_ROW: f64 = 20.0;
 
@@ -843,11 +845,12 @@ fn chart(out: &mut String, id: &str, unit: Unit, lines: &[Line], time: &str) {
         bottom + 36.0,
         escape(time)
     );
-    // The stacks' lines, then the whole process's on top.
+    // The whole process first, wide and grey: a stack holding all of it is drawn on top
+    // and both stay visible.
     for l in lines
         .iter()
-        .filter(|l| !l.total)
-        .chain(lines.iter().filter(|l| l.total))
+        .filter(|l| l.total)
+        .chain(lines.iter().filter(|l| !l.total))
     {
         let points: Vec<String> = l
             .points
@@ -855,7 +858,7 @@ fn chart(out: &mut String, id: &str, unit: Unit, lines: &[Line], time: &str) {
             .map(|&(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
             .collect();
         let (class, style) = if l.total {
-            ("total", "stroke-width=\"2.5\" stroke-dasharray=\"7 4\"")
+            ("total", TOTAL_STYLE)
         } else {
             ("series", "stroke-width=\"2\"")
         };
@@ -880,10 +883,10 @@ fn chart(out: &mut String, id: &str, unit: Unit, lines: &[Line], time: &str) {
     // The legend, in the order of the table.
     for (i, l) in lines.iter().enumerate() {
         let ly = legend_top + LEGEND_ROW * i as f64 + 10.0;
-        let dash = if l.total {
-            " stroke-dasharray=\"7 4\""
+        let style = if l.total {
+            TOTAL_STYLE
         } else {
-            ""
+            "stroke-width=\"3\""
         };
         let label = if l.total {
             l.label.clone()
@@ -892,7 +895,7 @@ fn chart(out: &mut String, id: &str, unit: Unit, lines: &[Line], time: &str) {
         };
         let _ = writeln!(
             out,
-            "<line x1=\"{left}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"3\"{dash}/>\
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{}\" {style}/>\
              <text x=\"{}\" y=\"{}\" fill=\"#1f2328\">{}<tspan fill=\"#59636e\"> — {}</tspan></text>",
             left + 28.0,
             l.colour,
