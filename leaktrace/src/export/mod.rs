@@ -32,7 +32,7 @@ pub enum Format {
 }
 
 impl Format {
-    /// True for formats that are not text (refused on a terminal).
+    /// True for formats that are not text.
     pub fn is_binary(self) -> bool {
         self == Format::Pprof
     }
