@@ -217,15 +217,21 @@ fn setup() -> Result<()> {
     .filter(|(tool, arg, _)| output(Command::new(tool).arg(arg)).is_none())
     .map(|(_, _, package)| package)
     .collect();
-    // The container tests run fixtures under podman with runc (see tests/containers.md).
+    // The container tests run fixtures under podman with runc (see tests/containers.md), and
+    // tests/html.rs opens the HTML report in headless chromium.
     // Recommends are left out: as root, with no network and no registry, podman needs
-    // neither buildah, slirp4netns, fuse-overlayfs nor the user-session pieces.
-    let containers: Vec<&str> = [("podman", "podman"), ("runc", "runc")]
-        .into_iter()
-        .filter(|(tool, _)| output(Command::new(tool).arg("--version")).is_none())
-        .map(|(_, package)| package)
-        .collect();
-    if !missing.is_empty() || !containers.is_empty() {
+    // neither buildah, slirp4netns, fuse-overlayfs nor the user-session pieces, and headless
+    // chromium none of its desktop integration (the base image's DejaVu fonts suffice).
+    let no_recommends: Vec<&str> = [
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("chromium", "chromium"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| output(Command::new(tool).arg("--version")).is_none())
+    .map(|(_, package)| package)
+    .collect();
+    if !missing.is_empty() || !no_recommends.is_empty() {
         run(as_root("apt-get").args(["update", "-q"]))?;
     }
     if !missing.is_empty() {
@@ -235,11 +241,11 @@ fn setup() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    if !containers.is_empty() {
-        eprintln!("xtask: installing {}", containers.join(", "));
+    if !no_recommends.is_empty() {
+        eprintln!("xtask: installing {}", no_recommends.join(", "));
         run(as_root("apt-get")
             .args(["install", "-yq", "--no-install-recommends"])
-            .args(&containers)
+            .args(&no_recommends)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     mount_tracefs()

@@ -320,14 +320,12 @@ impl Cli {
             Some(Command::UnwindInfo { .. } | Command::Diff(_)) => return Ok(()),
             None => &self.common,
         };
-        if common.format.is_binary()
+        if let Some(why) = common.format.not_for_terminal()
             && common.output.is_none()
             && std::io::IsTerminal::is_terminal(&std::io::stdout())
         {
-            return Err(<Self as clap::CommandFactory>::command().error(
-                clap::error::ErrorKind::ArgumentConflict,
-                "--format pprof is a binary profile: write it to a file with -o FILE (or pipe it)",
-            ));
+            return Err(<Self as clap::CommandFactory>::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, why));
         }
         if common.sample_bytes.is_some() && common.mode != Mode::Full {
             return Err(<Self as clap::CommandFactory>::command().error(

@@ -560,6 +560,7 @@ pub async fn run(config: SessionConfig) -> Result<Outcome, SessionError> {
     let server = agent.listen.map(serve::bind).transpose()?;
     let (mut tracer, rings, _recorder) = session::setup(&config)?;
     tracer.full = Some(HashSet::new());
+    tracer.about.target("every process on the node".to_owned());
     tracer.pipeline.keep_growth_apart();
     tracer.pipeline.forget_exited();
     tracer.pipeline.stacks = StackStore::with_cap(AGENT_STACKS);

@@ -7,6 +7,7 @@
 //! | `/debug/pprof/growth` | the same as `/debug/pprof/heap?kind=growth` |
 //! | `/folded` | folded stacks; `?kind=heap\|fd\|tmp\|growth`, `&weight=bytes\|count` |
 //! | `/report.json` | the JSON report |
+//! | `/report.html` | the HTML report, [`export::html`]: flame graphs, charts, verdicts |
 //! | `/healthz` | `ok` |
 //!
 //! The report endpoints (not `/healthz`) take filters, all of which a row must pass:
@@ -51,6 +52,7 @@ use crate::{
     export::{
         Exporter, FoldedKind, FoldedWeight,
         folded::Folded,
+        html::Html,
         json::Json,
         metrics::{AgentStats, MAX_SERIES, Metrics},
         pprof::{Pprof, PprofKind},
@@ -229,6 +231,7 @@ enum Endpoint {
     Pprof(Pprof),
     Folded(Folded, Option<&'static str>),
     Json,
+    Html,
 }
 
 /// The query's `key=value` pairs (values are ids and words: no percent-decoding).
@@ -246,6 +249,7 @@ fn endpoint(path: &str, query: &str) -> Option<Result<Endpoint, String>> {
     let e = match path {
         "/metrics" => Endpoint::Metrics,
         "/report.json" => Endpoint::Json,
+        "/report.html" => Endpoint::Html,
         "/debug/pprof/heap" | "/debug/pprof/growth" => {
             let mut p = Pprof {
                 kind: Some(if path.ends_with("growth") {
@@ -450,6 +454,7 @@ fn render(
         Endpoint::Pprof(p) => p,
         Endpoint::Folded(f, _) => f,
         Endpoint::Json => &Json,
+        Endpoint::Html => &Html,
     };
     (exporter.content_type(), exporter.export(report))
 }
@@ -675,6 +680,22 @@ mod tests {
         assert_eq!((status, ct.as_str()), (200, "application/json"));
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["leaks"][0]["container_id"], "0123456789abcdef0123");
+
+        let (status, ct, body) = fetch(addr, "GET", "/report.html").await;
+        assert_eq!((status, ct.as_str()), (200, "text/html; charset=utf-8"));
+        let page = String::from_utf8(body).unwrap();
+        assert!(page.starts_with("<!DOCTYPE html>"));
+        for row in ["cache_insert", "libplugin.so+0x4321", "load_geofence"] {
+            assert!(
+                page.contains(&format!("<code class=\"fn\">{row}</code>")),
+                "{row}"
+            );
+        }
+        // Filtered like the other endpoints: the container's rows only.
+        let (_, _, body) = fetch(addr, "GET", "/report.html?container=0123").await;
+        let page = String::from_utf8(body).unwrap();
+        assert!(page.contains("<code class=\"fn\">cache_insert</code>"));
+        assert!(!page.contains("libplugin.so") && !page.contains("load_geofence"));
 
         assert_eq!(fetch(addr, "GET", "/nope").await.0, 404);
         assert_eq!(fetch(addr, "POST", "/metrics").await.0, 405);

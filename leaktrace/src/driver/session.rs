@@ -143,6 +143,11 @@ fn attach(config: &SessionConfig, tracer: &mut Tracer) -> Result<Option<Child>, 
                 });
             }
             tracing::info!("tracing pid {pid} ({})", tracer.pipeline.comm(pid));
+            let mut target = format!("pid {pid} ({})", tracer.pipeline.comm(pid));
+            if let Some(cmdline) = procfs::cmdline(pid) {
+                target = format!("{target}: {cmdline}");
+            }
+            tracer.about.target(target);
             Ok(None)
         }
         Target::Run { argv, follow_forks } => {
@@ -159,6 +164,13 @@ fn attach(config: &SessionConfig, tracer: &mut Tracer) -> Result<Option<Child>, 
             }
             let pid = held.pid;
             tracer.root = pid;
+            let command: Vec<String> = argv
+                .iter()
+                .map(|a| super::tracer::quoted(&a.to_string_lossy()))
+                .collect();
+            tracer
+                .about
+                .target(format!("{} (pid {pid})", command.join(" ")));
             tracer.pipeline.start(pid, true);
             let child = Child::watch(pid).map_err(|e| SessionError::Io("pidfd_open", e))?;
             held.release()?;

@@ -1,6 +1,6 @@
 //! The privileged half of a session: the kernel source and each process's probes, kept in
 //! step with what the pipeline learns about processes (exec, fork, loader changes, exit).
-use std::sync::Arc;
+use std::{collections::VecDeque, sync::Arc};
 
 use hashbrown::{HashMap, HashSet};
 use leaktrace_common::header_flags;
@@ -11,9 +11,13 @@ use super::{
     reports::KernelStats,
 };
 use crate::{
-    report::{OomKill, ProbeSummary, Report, WalkSummary, annotate},
+    report::{
+        OomKill, ProbeSummary, Report, Summary, WalkSummary, annotate,
+        model::{HISTORY, Totals},
+    },
     source::{AllocatorProbes, Detacher, ProcessProbes, Source},
     targets::{
+        host,
         modules::Module,
         pods::{DEFAULT_POD_LOGS, PodIndex},
         procfs,
@@ -44,7 +48,7 @@ pub(super) struct Tracer {
     /// The header of the record handled last.
     pub(super) last: Option<leaktrace_common::Header>,
     /// Nanoseconds from each fork or exec record to the process's probes in place.
-    hook_latencies: std::collections::VecDeque<u64>,
+    hook_latencies: VecDeque<u64>,
     /// Fork and exec records hooked, and the longest latency: over the whole session, where
     /// `hook_latencies` keeps the latest [`HOOK_LATENCIES`] (bounded, for the p50).
     hook_events: u64,
@@ -60,6 +64,56 @@ pub(super) struct Tracer {
     seccomp_checked: HashSet<u32>,
     /// The names of the node's pods and containers, for the rows of reports.
     pub(super) pods: PodIndex,
+    /// What every report says about the session.
+    pub(super) about: About,
+    /// What the traced processes held at each report (the last [`HISTORY`]).
+    history: VecDeque<Totals>,
+}
+
+/// What every report says about the session: what is traced, how leaktrace was started, on
+/// which kernel and host.
+#[derive(Clone, Debug, Default)]
+pub(super) struct About {
+    target: Option<String>,
+    command: Option<String>,
+    kernel: Option<String>,
+    host: Option<String>,
+}
+
+impl About {
+    /// This process's command line, and the kernel and host it runs on; the target is said
+    /// with [`About::target`].
+    pub(super) fn of_this_process() -> Self {
+        let (kernel, host) = host::system().unzip();
+        let command = std::env::args_os()
+            .map(|a| quoted(&a.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        Self {
+            target: None,
+            command: Some(command),
+            kernel,
+            host,
+        }
+    }
+
+    /// Says what is traced.
+    pub(super) fn target(&mut self, target: String) {
+        self.target = Some(target);
+    }
+}
+
+/// An argument as a shell would need it: quoted when it holds anything but plain characters.
+pub(super) fn quoted(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
 }
 
 impl Tracer {
@@ -76,7 +130,7 @@ impl Tracer {
             measure_walks: false,
             full: None,
             last: None,
-            hook_latencies: std::collections::VecDeque::new(),
+            hook_latencies: VecDeque::new(),
             hook_events: 0,
             hook_max_ns: 0,
             links_attached: 0,
@@ -85,6 +139,8 @@ impl Tracer {
                 .filter(|k| k.uretprobe_syscall_filtered()),
             seccomp_checked: HashSet::new(),
             pods: PodIndex::new(DEFAULT_POD_LOGS, false),
+            about: About::of_this_process(),
+            history: VecDeque::new(),
         }
     }
 
@@ -406,7 +462,30 @@ impl Tracer {
         add(&mut report);
         let pods = &mut self.pods;
         annotate::name_pods(&mut report, &mut |uid, id| pods.lookup(uid, id));
+        self.describe(&mut report.summary);
         report
+    }
+
+    /// Adds what every report says about the session, and the totals so far.
+    fn describe(&mut self, summary: &mut Summary) {
+        let about = self.about.clone();
+        summary.target = about.target;
+        summary.command = about.command;
+        summary.kernel = about.kernel;
+        summary.host = about.host;
+        // An alert's report may come at the same moment as a periodic one: keep the later.
+        if self
+            .history
+            .back()
+            .is_some_and(|last| last.t_s >= summary.elapsed_s)
+        {
+            self.history.pop_back();
+        }
+        self.history.push_back(Totals::of(summary));
+        if self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+        summary.history = self.history.iter().copied().collect();
     }
 
     /// An OOM kill the pipeline just saw, its pod and container named.

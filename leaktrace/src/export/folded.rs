@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
     export::{Exporter, FoldedKind, FoldedWeight},
-    report::{Frame, Report},
+    report::{Frame, Leak, Report},
 };
 
 fn name(f: &Frame) -> String {
@@ -43,22 +43,23 @@ impl Exporter for Folded {
 }
 
 fn render(report: &Report, weight: FoldedWeight, kind: FoldedKind) -> String {
-    let rows: Vec<(String, u64)> = match kind {
-        FoldedKind::Heap => report
-            .leaks
-            .iter()
-            .map(|l| {
-                let w = match weight {
-                    FoldedWeight::Bytes => l.outstanding_bytes,
-                    FoldedWeight::Count => l.outstanding_count,
-                };
-                (stack(&l.frames), w)
-            })
-            .collect(),
+    fold(rows(report, weight, kind))
+}
+
+/// The stacks folded output shows for `kind` (innermost frame first), each with its weight:
+/// heap leaks by bytes or blocks, descriptor leaks by descriptors, temp files by bytes on disk
+/// or files. Flame graphs are drawn from the same rows.
+pub(crate) fn rows(
+    report: &Report,
+    weight: FoldedWeight,
+    kind: FoldedKind,
+) -> Vec<(&[Frame], u64)> {
+    match kind {
+        FoldedKind::Heap => leak_rows(&report.leaks, weight).collect(),
         FoldedKind::Fd => report
             .fd_leaks
             .iter()
-            .map(|l| (stack(&l.frames), l.outstanding))
+            .map(|l| (l.frames.as_slice(), l.outstanding))
             .collect(),
         FoldedKind::Tmp => report
             .tmp_leaks
@@ -68,13 +69,31 @@ fn render(report: &Report, weight: FoldedWeight, kind: FoldedKind) -> String {
                     FoldedWeight::Bytes => l.bytes,
                     FoldedWeight::Count => l.files,
                 };
-                (stack(&l.frames), w)
+                (l.frames.as_slice(), w)
             })
             .collect(),
-    };
+    }
+}
+
+/// Heap (or growth) rows, weighted by outstanding bytes or blocks (pages).
+pub(crate) fn leak_rows<'a>(
+    leaks: impl IntoIterator<Item = &'a Leak>,
+    weight: FoldedWeight,
+) -> impl Iterator<Item = (&'a [Frame], u64)> {
+    leaks.into_iter().map(move |l| {
+        let w = match weight {
+            FoldedWeight::Bytes => l.outstanding_bytes,
+            FoldedWeight::Count => l.outstanding_count,
+        };
+        (l.frames.as_slice(), w)
+    })
+}
+
+/// Folded lines of `rows`: merged when their text is equal, sorted.
+pub(crate) fn fold<'a>(rows: impl IntoIterator<Item = (&'a [Frame], u64)>) -> String {
     let mut lines: BTreeMap<String, u64> = BTreeMap::new();
-    for (stack, w) in rows {
-        *lines.entry(stack).or_default() += w;
+    for (frames, w) in rows {
+        *lines.entry(stack(frames)).or_default() += w;
     }
     let mut out = String::new();
     for (stack, w) in lines {

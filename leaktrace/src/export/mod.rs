@@ -7,9 +7,11 @@ use crate::report::Report;
 
 pub mod diff;
 pub mod folded;
+pub mod html;
 pub mod json;
 pub mod metrics;
 pub mod pprof;
+pub mod svg;
 pub mod table;
 
 /// Output formats.
@@ -24,12 +26,35 @@ pub enum Format {
     /// A gzipped pprof heap profile (binary: needs --output) for `go tool pprof`, Parca or
     /// Pyroscope.
     Pprof,
+    /// One self-contained page for a browser (needs --output or a pipe): flame graphs,
+    /// growth charts, the ranked stacks with verdicts, OOM kills, lost events.
+    Html,
+    /// The flame graph alone, as SVG (the stacks of --folded-kind, by --folded-weight).
+    Svg,
 }
 
 impl Format {
-    /// True for formats that are not text (refused on a terminal).
+    /// True for formats that are not text.
     pub fn is_binary(self) -> bool {
         self == Format::Pprof
+    }
+
+    /// Why this format is not written to a terminal (`--format pprof` without `-o`): a
+    /// binary profile, or a document meant for a browser that a terminal would only scroll
+    /// past. `None` for the formats people read there.
+    pub fn not_for_terminal(self) -> Option<&'static str> {
+        match self {
+            Format::Pprof => Some(
+                "--format pprof is a binary profile: write it to a file with -o FILE (or pipe it)",
+            ),
+            Format::Html => Some(
+                "--format html is a page for a browser: write it to a file with -o report.html (or pipe it)",
+            ),
+            Format::Svg => Some(
+                "--format svg is a drawing for a browser: write it to a file with -o flame.svg (or pipe it)",
+            ),
+            Format::Table | Format::Json | Format::Folded => None,
+        }
     }
 }
 
@@ -95,14 +120,16 @@ pub trait Exporter {
 }
 
 impl Format {
-    /// The exporter of this format; folded output is weighted by `weight` and shows the
-    /// stacks of `kind` (the other formats show everything).
+    /// The exporter of this format; folded output and the SVG flame graph are weighted by
+    /// `weight` and show the stacks of `kind` (the other formats show everything).
     pub fn exporter(self, weight: FoldedWeight, kind: FoldedKind) -> Box<dyn Exporter> {
         match self {
             Format::Table => Box::new(table::Table),
             Format::Json => Box::new(json::Json),
             Format::Folded => Box::new(folded::Folded { weight, kind }),
             Format::Pprof => Box::new(pprof::Pprof::default()),
+            Format::Html => Box::new(html::Html),
+            Format::Svg => Box::new(svg::Svg { weight, kind }),
         }
     }
 }

@@ -48,7 +48,7 @@ pub fn count(n: u64) -> String {
     out
 }
 
-fn age(s: f64) -> String {
+pub(crate) fn age(s: f64) -> String {
     if s < 120.0 {
         format!("{s:.1}s")
     } else if s < 7200.0 {
@@ -108,7 +108,7 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
 }
 
 /// `+1.5 MiB/s`, `-2.0/s`: a slope in `unit`s per second.
-fn rate(per_s: f64, unit: &str) -> String {
+pub(crate) fn rate(per_s: f64, unit: &str) -> String {
     let sign = if per_s < 0.0 { "-" } else { "+" };
     if unit == "bytes" {
         format!("{sign}{}/s", bytes(per_s.abs() as u64))
@@ -227,7 +227,7 @@ const HOLDER_FRAMES: usize = 4;
 /// Who holds a row: `pid 42 (comm)`, or `3 processes of comm (pids 42, 43, 44)`, and the
 /// container and pod when there are: `in containerd 0123456789ab, pod payments/api-7f9c,
 /// container api`.
-fn who(pid: u32, processes: u32, pids: &[u32], owner: &Owner) -> String {
+pub(crate) fn who(pid: u32, processes: u32, pids: &[u32], owner: &Owner) -> String {
     let mut s = if processes > 1 {
         let list: Vec<String> = pids.iter().map(u32::to_string).collect();
         let more = if (processes as usize) > pids.len() {
@@ -256,7 +256,11 @@ fn who(pid: u32, processes: u32, pids: &[u32], owner: &Owner) -> String {
 }
 
 /// `, pod NAMESPACE/POD, container NAME`, the parts the node names; "" outside pods.
-fn pod_identity(namespace: Option<&str>, pod: Option<&str>, container: Option<&str>) -> String {
+pub(crate) fn pod_identity(
+    namespace: Option<&str>,
+    pod: Option<&str>,
+    container: Option<&str>,
+) -> String {
     let mut s = String::new();
     if let (Some(ns), Some(pod)) = (namespace, pod) {
         let _ = write!(s, ", pod {ns}/{pod}");

@@ -84,6 +84,51 @@ pub struct Summary {
     /// unbiased estimates, counts are of sampled blocks, and `unmatched_frees` also counts
     /// some frees of blocks that were not sampled.
     pub sample_bytes: u64,
+    /// What was traced: `pid 4242 (api): /srv/api --port 8080`, the command `run` started,
+    /// or every process on the node (set by the driver; absent in replayed sessions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// leaktrace's own command line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// The kernel, as uname(2) tells it: `Linux 6.18.0 x86_64`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// The host's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// What the traced processes held at each report so far, oldest first (the last
+    /// [`HISTORY`]): the whole-process line of the HTML report's chart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Totals>,
+}
+
+/// Reports a session's [`Summary::history`] keeps: an hour at the default 10 s interval.
+pub const HISTORY: usize = 360;
+
+/// What the traced processes held when one report was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Totals {
+    /// Seconds since tracing started.
+    pub t_s: f64,
+    /// Outstanding heap bytes (pages kept, in growth mode): [`Summary::outstanding_bytes`].
+    pub outstanding_bytes: u64,
+    /// Descriptors still open: [`Summary::fds_outstanding`].
+    pub fds_outstanding: u64,
+    /// Temp files still on disk: [`Summary::tmp_files_outstanding`].
+    pub tmp_files_outstanding: u64,
+}
+
+impl Totals {
+    /// The totals of `summary`, at its time.
+    pub fn of(summary: &Summary) -> Self {
+        Self {
+            t_s: summary.elapsed_s,
+            outstanding_bytes: summary.outstanding_bytes,
+            fds_outstanding: summary.fds_outstanding,
+            tmp_files_outstanding: summary.tmp_files_outstanding,
+        }
+    }
 }
 
 /// The uprobes of a session.

@@ -62,6 +62,31 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The kernel and the host, as uname(2) tells them: `("Linux 6.18.0 x86_64", "node-1")`.
+pub fn system() -> Option<(String, String)> {
+    // SAFETY: `utsname` is plain data; uname fills it and we read it only on success.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return None;
+    }
+    let text = |field: &[libc::c_char]| {
+        let bytes: Vec<u8> = field
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let kernel = format!(
+        "{} {} {}",
+        text(&uts.sysname),
+        text(&uts.release),
+        text(&uts.machine)
+    );
+    Some((kernel, text(&uts.nodename)))
+}
+
 /// How far a coarse filesystem clock may lag the event's timestamp (a few ticks).
 const BIRTH_SLACK: Duration = Duration::from_millis(20);
 

@@ -104,6 +104,18 @@ pub fn comm(pid: u32) -> String {
     fs::read_to_string(path(pid, "comm")).map_or_else(|_| "?".into(), |s| s.trim_end().to_owned())
 }
 
+/// The process's command line (`/proc/PID/cmdline`), its arguments joined by spaces; `None`
+/// when it cannot be read or is empty (a kernel thread, a zombie).
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = fs::read(path(pid, "cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then(|| args.join(" "))
+}
+
 /// True when `/proc/PID` exists and is not a zombie.
 pub fn is_alive(pid: u32) -> bool {
     match fs::read_to_string(path(pid, "stat")) {
@@ -244,6 +256,8 @@ Max open files            1024                 524288               files     \n
     fn this_process_is_alive_and_has_maps() {
         let pid = std::process::id();
         assert!(is_alive(pid));
+        let argv: Vec<String> = std::env::args().collect();
+        assert_eq!(cmdline(pid), Some(argv.join(" ")));
         assert!(
             read_maps(pid)
                 .unwrap()
