@@ -301,8 +301,7 @@ fn the_report_of_a_traced_leak_opens_in_a_browser() {
         "-o",
         page.to_str().unwrap(),
     ])
-    // Loading the eBPF programs takes a while on a busy machine (the verifier).
-    .finish(Duration::from_secs(300));
+    .finish(Duration::from_secs(60));
     let _ = victim.kill();
     let _ = victim.wait();
     assert!(traced.status.success(), "{}", traced.stderr);
