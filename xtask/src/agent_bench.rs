@@ -235,7 +235,7 @@ impl Drop for Tmpfs {
     }
 }
 
-fn time(w: &Workload) -> Result<f64> {
+fn time(w: &Workload) -> Result<Timed> {
     if let Some(dir) = &w.reset {
         // Emptied, not removed: it may be a mount point.
         for entry in std::fs::read_dir(dir)? {
@@ -248,23 +248,48 @@ fn time(w: &Workload) -> Result<f64> {
         }
     }
     let began = Instant::now();
-    let status = Command::new(&w.argv[0])
+    let child = Command::new(&w.argv[0])
         .args(&w.argv[1..])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("{}: {status}", w.name);
+        .spawn()?;
+    let pid = child.id() as i32;
+    let mut status = 0;
+    // SAFETY: rusage is plain integers and timevals, for which all-zero bytes are valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own unreaped child; `status` and `usage` are valid for writes.
+    if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
+        bail!("{}: wait4 failed", w.name);
     }
-    Ok(began.elapsed().as_secs_f64())
+    let wall = began.elapsed().as_secs_f64();
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{}: status {status}", w.name);
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Timed {
+        wall,
+        cpu: secs(usage.ru_utime) + secs(usage.ru_stime),
+    })
+}
+
+/// One run's wall-clock seconds, and the CPU seconds the program itself used (user and
+/// system: the tracepoint programs run in its system time). On a busy machine the wall
+/// clock also counts waiting for a core, which the agent's own work (on the other core)
+/// or anything else can cause; CPU time is what tracing costs the program.
+#[derive(Clone, Copy)]
+struct Timed {
+    wall: f64,
+    cpu: f64,
 }
 
 /// Tier 1 on one busy program: median seconds untraced and under the agent, for its first
-/// run under this agent and for the run right after.
+/// run under this agent and for the run right after, wall-clock and CPU.
 struct Tier1 {
     name: &'static str,
     first: (f64, f64),
     again: (f64, f64),
+    /// CPU seconds, untraced and under the agent, of the run after the first.
+    again_cpu: (f64, f64),
 }
 
 /// Tier 1 on busy programs.
@@ -279,7 +304,7 @@ fn tier1(leaktrace: &Path, dir: &Path, rounds: usize) -> Result<Vec<Tier1>> {
     // [workload][first, again] samples.
     let mut plain = vec![[Vec::new(), Vec::new()]; list.len()];
     let mut agent = vec![[Vec::new(), Vec::new()]; list.len()];
-    let twice = |times: &mut Vec<[Vec<f64>; 2]>| -> Result<()> {
+    let twice = |times: &mut Vec<[Vec<Timed>; 2]>| -> Result<()> {
         for (i, w) in list.iter().enumerate() {
             times[i][0].push(time(w)?);
             times[i][1].push(time(w)?);
@@ -307,10 +332,15 @@ fn tier1(leaktrace: &Path, dir: &Path, rounds: usize) -> Result<Vec<Tier1>> {
     Ok(list
         .iter()
         .enumerate()
-        .map(|(i, w)| Tier1 {
-            name: w.name,
-            first: (median(&plain[i][0]), median(&agent[i][0])),
-            again: (median(&plain[i][1]), median(&agent[i][1])),
+        .map(|(i, w)| {
+            let wall = |v: &[Timed]| median(&v.iter().map(|t| t.wall).collect::<Vec<_>>());
+            let cpu = |v: &[Timed]| median(&v.iter().map(|t| t.cpu).collect::<Vec<_>>());
+            Tier1 {
+                name: w.name,
+                first: (wall(&plain[i][0]), wall(&agent[i][0])),
+                again: (wall(&plain[i][1]), wall(&agent[i][1])),
+                again_cpu: (cpu(&plain[i][1]), cpu(&agent[i][1])),
+            }
         })
         .collect())
 }
@@ -425,15 +455,16 @@ pub fn run(rounds: usize, json: Option<PathBuf>, churn_minutes: u64) -> Result<(
 
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "| workload | untraced s | agent (tier 1) s | × untraced | first run under the agent: untraced s | agent s | × untraced |"
+        "| workload | untraced s | agent (tier 1) s | × untraced | CPU s untraced | CPU s agent | CPU × | first run: untraced s | agent s | × |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for t in &tier1 {
-        let ((fu, fa), (u, a)) = (t.first, t.again);
+        let ((fu, fa), (u, a), (cu, ca)) = (t.first, t.again, t.again_cpu);
         println!(
-            "| {} | {u:.3} | {a:.3} | {:.3} | {fu:.3} | {fa:.3} | {:.3} |",
+            "| {} | {u:.3} | {a:.3} | {:.3} | {cu:.3} | {ca:.3} | {:.3} | {fu:.3} | {fa:.3} | {:.3} |",
             t.name,
             a / u,
+            ca / cu,
             fa / fu
         );
     }
@@ -471,6 +502,8 @@ pub fn run(rounds: usize, json: Option<PathBuf>, churn_minutes: u64) -> Result<(
         "tier1": tier1.iter().map(|t| serde_json::json!({
             "workload": t.name, "untraced_s": t.again.0, "agent_s": t.again.1,
             "ratio": t.again.1 / t.again.0,
+            "cpu": {"untraced_s": t.again_cpu.0, "agent_s": t.again_cpu.1,
+                    "ratio": t.again_cpu.1 / t.again_cpu.0},
             "first_run": {"untraced_s": t.first.0, "agent_s": t.first.1,
                           "ratio": t.first.1 / t.first.0},
         })).collect::<Vec<_>>(),
