@@ -403,3 +403,53 @@ fn an_oom_kill_of_a_process_not_traced_is_still_recorded() {
     assert_eq!(kills[0]["traced"], false);
     assert!(kills[0]["frames_top"].as_array().unwrap().is_empty());
 }
+
+/// `run` is about its command: an OOM kill elsewhere on the node is neither printed into the
+/// command's stderr nor reported, unless `--oom-all` asks for every kill (as `--pid` and the
+/// agent always report).
+#[test]
+fn run_reports_only_its_own_oom_kills_unless_asked_for_all() {
+    if !privileged() {
+        return;
+    }
+    let _one_at_a_time = OOM.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(cgroup) = MemoryCgroup::new("leaktrace-oom-elsewhere", OOM_LIMIT) else {
+        eprintln!("skipped: no memory cgroup controller");
+        return;
+    };
+    // Two runs of a command that only waits, one with --oom-all; the victim is neither's.
+    let start = |extra: &[&str]| {
+        let mut args = vec!["run", "--format", "json"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sleep", "60"]);
+        let mut t = Background::start(&args);
+        t.wait_for("leaktrace: running sleep");
+        t
+    };
+    let own = start(&[]);
+    let mut all = start(&["--oom-all"]);
+    let victim = c_fixture("oom_victim");
+    let script = format!("echo $$ > {} && exec {}", cgroup.procs(), victim.display());
+    let status = Command::new("sh").args(["-c", &script]).status().unwrap();
+    assert_eq!(status.code(), None, "the victim dies by a signal");
+    all.wait_for("OOM kill");
+    // Both saw the kill's record by now (each drains its ring buffer before the final report).
+    for t in [&own, &all] {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(t.pid() as i32, libc::SIGINT) };
+    }
+    let (own, all) = (
+        own.finish(Duration::from_secs(30)),
+        all.finish(Duration::from_secs(30)),
+    );
+    assert!(!own.stderr.contains("OOM kill"), "{}", own.stderr);
+    assert!(!own.stderr.contains("oom_victim"), "{}", own.stderr);
+    let r = own.report();
+    assert!(cgroup.kills(&r).is_empty(), "{}", r.pretty());
+    let r = all.report();
+    let kills = cgroup.kills(&r);
+    assert_eq!(kills.len(), 1, "{}", r.pretty());
+    check_oom_record(kills[0], &cgroup);
+    assert_eq!(kills[0]["traced"], false);
+    assert!(all.stderr.contains("oom_victim"), "{}", all.stderr);
+}

@@ -241,6 +241,7 @@ fn node_wide_a_process_gone_before_adoption_leaves_nothing_behind() {
         top: None,
         by_pid: false,
         row_limit: None,
+        oom_traced_only: false,
     };
     let mut p = Pipeline::new(
         Box::new(Replayed::default()),

@@ -201,10 +201,14 @@ impl Pipeline {
     }
 
     /// The OOM killer chose a victim: the record is made now, while the victim's tables
-    /// are still here.
-    pub(super) fn on_oom(&mut self, e: &OomEvent) -> Alert {
+    /// are still here. `None`: a process not traced, when only the traced ones' kills are
+    /// wanted (`run`).
+    pub(super) fn on_oom(&mut self, e: &OomEvent) -> Option<Alert> {
         let pid = e.victim;
         let traced = self.is_tracked(pid);
+        if !traced && self.options.oom_traced_only {
+            return None;
+        }
         let at_ms = self.heap.ms_since_epoch(e.hdr.ts_ns);
         let comm = String::from_utf8_lossy(e.comm.split(|&b| b == 0).next().unwrap_or_default())
             .into_owned();
@@ -249,7 +253,7 @@ impl Pipeline {
             growth_bytes_per_s: rate,
         };
         self.oom.record(kill.clone());
-        Alert::Oom(Box::new(kill))
+        Some(Alert::Oom(Box::new(kill)))
     }
 }
 

@@ -34,6 +34,10 @@ pub struct ReportOptions {
     /// summary still counts every row. `None`: all.
     #[serde(default)]
     pub row_limit: Option<usize>,
+    /// Keep only the OOM kills of traced processes (`run`, unless `--oom-all`): a command's
+    /// report is about that command. `--pid` and the agent keep every kill on the node.
+    #[serde(default)]
+    pub oom_traced_only: bool,
 }
 
 /// Everything a report is built from.

@@ -140,6 +140,7 @@ fn report(
             top: None,
             by_pid: false,
             row_limit: None,
+            oom_traced_only: false,
         },
         symbols,
         trend,
