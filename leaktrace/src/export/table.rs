@@ -404,7 +404,7 @@ impl Exporter for Table {
         if s.runtime_outstanding_count > 0 {
             let _ = writeln!(
                 out,
-                "\n(not counted: {} in {} blocks held by the C/C++ runtime for itself — stdio buffers, locale, thread data — released at exit)",
+                "\n(not counted as leaks: {} in {} blocks the C/C++ runtime keeps for itself — stdio buffers, locale, thread data — for as long as the process lives)",
                 bytes(s.runtime_outstanding_bytes),
                 count(s.runtime_outstanding_count),
             );

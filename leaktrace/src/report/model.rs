@@ -6,10 +6,10 @@ use crate::{report::verdict::Verdict, symbolize::SymbolizedFrame, track::held::H
 
 /// Session-wide figures (the JSON `summary`).
 ///
-/// Blocks the C or C++ runtime allocated for itself and releases at exit (stdio buffers,
-/// locale data, thread descriptors, ...; see [`crate::symbolize::runtime_owned`]) are counted
-/// apart, in `runtime_*` and the report's `runtime` list, as valgrind leaves them out of "in
-/// use at exit". Everything else holds exactly: `allocs - frees == outstanding_count` when no
+/// Blocks the C or C++ runtime allocated for itself and keeps while the process lives (stdio
+/// buffers, locale data, thread descriptors, ...; see [`crate::symbolize::runtime_owned`]) are
+/// counted apart, in `runtime_*` and the report's `runtime` list, as valgrind leaves them out
+/// of "in use at exit" (it has the runtime free them first). Everything else holds exactly: `allocs - frees == outstanding_count` when no
 /// event was lost.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Summary {
@@ -36,7 +36,8 @@ pub struct Summary {
     pub lost_by_cause: std::collections::BTreeMap<&'static str, u64>,
     /// Allocations at an address still outstanding (a free was missed).
     pub replaced: u64,
-    /// Outstanding blocks the C/C++ runtime owns and releases at exit (not leaks).
+    /// Outstanding blocks the C/C++ runtime keeps for itself while the process lives (not
+    /// leaks: the program cannot free them).
     pub runtime_outstanding_count: u64,
     /// Their bytes.
     pub runtime_outstanding_bytes: u64,

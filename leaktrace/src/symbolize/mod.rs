@@ -302,8 +302,9 @@ pub fn qualified_name(symbol: &str) -> &str {
     &symbol[name_start..]
 }
 
-/// Functions of the C and C++ runtimes whose allocations the runtime owns and releases at exit
-/// (glibc's `__libc_freeres`, libstdc++'s `__gnu_cxx::__freeres`, which valgrind runs too):
+/// Functions of the C and C++ runtimes whose allocations the runtime keeps for itself while
+/// the process lives (only a checker gets them freed at exit, through glibc's `__libc_freeres`
+/// and libstdc++'s `__gnu_cxx::__freeres`, as valgrind does):
 /// stdio buffers, locale, time zone, NSS and resolver state, `setenv`'s copies, thread
 /// descriptors, libstdc++'s exception pool. Prefixes of the direct caller of the allocator.
 const RUNTIME_OWNED_CALLERS: &[&str] = &[
@@ -375,8 +376,8 @@ const COPYING_HELPERS: &[&str] = &[
     "strndup",
 ];
 
-/// True when the block was allocated by the C or C++ runtime for itself, to be released at
-/// exit (not a leak of the program). Decided by the allocator's direct caller.
+/// True when the block was allocated by the C or C++ runtime for itself, kept while the
+/// process lives (not a leak of the program). Decided by the allocator's direct caller.
 pub fn runtime_owned(frames: &[SymbolizedFrame]) -> bool {
     let Some(caller) = frames.iter().find(|f| {
         let symbol = f.symbol.as_deref().unwrap_or("");
