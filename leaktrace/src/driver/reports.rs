@@ -19,6 +19,10 @@ pub struct KernelStats {
     pub lost: Vec<(String, u64)>,
     /// Frees of never-seen addresses counted in the kernel instead of sent.
     pub filtered_frees: u64,
+    /// Of such frees, those made by threads on their way out, counted apart (absent in
+    /// recordings made before they were).
+    #[serde(default)]
+    pub thread_exit_frees: u64,
     /// Stack captures the kernel's per-CPU walk cache answered without walking.
     pub stack_cache_hits: u64,
     /// Stack captures that walked.
@@ -90,6 +94,7 @@ impl Pipeline {
             } else {
                 0
             },
+            thread_exit_frees: kernel.thread_exit_frees,
             tracer: host.usage(),
             stack_cache_hits: kernel.stack_cache_hits,
             stack_walks: kernel.stack_walks,

@@ -68,6 +68,8 @@ pub struct ReportInput<'a> {
     pub oom_kills: &'a [OomKill],
     /// Frees of never-seen addresses the kernel side counted instead of sending.
     pub filtered_frees: u64,
+    /// Of such frees, those made by threads on their way out, counted apart.
+    pub thread_exit_frees: u64,
     /// What leaktrace itself has used so far.
     pub tracer: TracerUsage,
     /// Stack captures answered by the walk cache.
@@ -197,6 +199,7 @@ fn summary(input: &ReportInput<'_>, opts: &ReportOptions) -> Summary {
     };
     Summary {
         unmatched_frees: snap.totals.unmatched_frees + input.filtered_frees,
+        thread_exit_frees: snap.totals.thread_exit_frees + input.thread_exit_frees,
         inherited_frees: snap.totals.inherited_frees,
         tracer: input.tracer,
         stack_cache_hits: input.stack_cache_hits,

@@ -128,6 +128,7 @@ fn report(
             fd_exhaustion: &[],
             oom_kills: &[],
             filtered_frees: 5,
+            thread_exit_frees: 2,
             tracer: Default::default(),
             stack_cache_hits: 6,
             stack_walks: 7,

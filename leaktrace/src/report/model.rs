@@ -24,6 +24,11 @@ pub struct Summary {
     pub outstanding_bytes: u64,
     /// Frees of blocks allocated before tracing started (or whose allocation was lost).
     pub unmatched_frees: u64,
+    /// Frees by threads on their way out of blocks never seen allocated (or freed already):
+    /// glibc handing each exiting thread's cache back (its per-thread cache block, allocated
+    /// inside the allocator, and the blocks parked in it). Not the program's, and not in
+    /// `unmatched_frees`.
+    pub thread_exit_frees: u64,
     /// Frees, in forked children, of blocks their parent held at the fork (matched).
     #[serde(skip_serializing_if = "is_zero")]
     pub inherited_frees: u64,
