@@ -53,7 +53,7 @@ fn check_fd_sites(prog: &Path) {
     assert_eq!(r.summary("lost_events"), 0);
     // The caller of the libc wrapper is frames[0]; its caller follows.
     let chunk = r.entries("fd_leaks", "load_chunk")[0];
-    assert_eq!(chunk["frames"][1]["symbol"], "main", "{}", r.pretty());
+    assert_eq!(common::frame(chunk, 1)["symbol"], "main", "{}", r.pretty());
     assert_eq!(chunk["paths"], serde_json::json!([file]));
     assert_eq!(chunk["at_exit"], true);
     assert_eq!(chunk["pid"].as_u64(), r.0["leaks"][0]["pid"].as_u64());

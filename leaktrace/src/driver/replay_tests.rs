@@ -36,14 +36,15 @@ fn check(name: &str, got: &str) {
     );
 }
 
-fn top_symbol(frames: &[crate::report::Frame]) -> Option<&str> {
-    frames.first().and_then(|f| f.symbol.as_deref())
+/// The function at a row's site.
+fn top_symbol(frames: &[crate::report::Frame], site: usize) -> Option<&str> {
+    frames.get(site).and_then(|f| f.symbol.as_deref())
 }
 
 fn leaks_at<'a>(leaks: &'a [Leak], symbol: &str) -> Vec<&'a Leak> {
     leaks
         .iter()
-        .filter(|l| top_symbol(&l.frames) == Some(symbol))
+        .filter(|l| top_symbol(&l.frames, l.site) == Some(symbol))
         .collect()
 }
 
@@ -119,7 +120,7 @@ fn descriptors_temp_files_and_alerts_are_named_by_their_stack() {
     let fd = |symbol: &str| {
         r.fd_leaks
             .iter()
-            .filter(|l| top_symbol(&l.frames) == Some(symbol))
+            .filter(|l| top_symbol(&l.frames, l.site) == Some(symbol))
             .map(|l| l.outstanding)
             .sum::<u64>()
     };
@@ -130,7 +131,7 @@ fn descriptors_temp_files_and_alerts_are_named_by_their_stack() {
     let tmp = |symbol: &str| {
         r.tmp_leaks
             .iter()
-            .filter(|l| top_symbol(&l.frames) == Some(symbol))
+            .filter(|l| top_symbol(&l.frames, l.site) == Some(symbol))
             .map(|l| l.files)
             .sum::<u64>()
     };
@@ -141,11 +142,11 @@ fn descriptors_temp_files_and_alerts_are_named_by_their_stack() {
     let x: Vec<_> = r
         .fd_exhaustion
         .iter()
-        .filter(|x| top_symbol(&x.frames) == Some("one_more"))
+        .filter(|x| top_symbol(&x.frames, 0) == Some("one_more"))
         .collect();
     assert_eq!(x.len(), 1, "{:#?}", r.fd_exhaustion);
     assert_eq!((x[0].errno, x[0].limit), ("EMFILE", Some(64)));
-    assert_eq!(top_symbol(&x[0].top_holders[0].frames), Some("hoard"));
+    assert_eq!(top_symbol(&x[0].top_holders[0].frames, 0), Some("hoard"));
     // The OOM kill, merged with what its victim held.
     assert_eq!(r.oom_kills.len(), 1);
     let k = &r.oom_kills[0];
@@ -153,7 +154,7 @@ fn descriptors_temp_files_and_alerts_are_named_by_their_stack() {
     assert!(k.traced);
     assert_eq!(k.cgroup.as_deref(), Some("/leaktrace-record"));
     assert_eq!(k.limit_bytes, Some(48 << 20));
-    assert_eq!(top_symbol(&k.frames_top), Some("grow_cache"));
+    assert_eq!(top_symbol(&k.frames_top, 0), Some("grow_cache"));
     assert!(!k.growth.is_empty());
 }
 
@@ -194,7 +195,7 @@ fn growth_mode_charges_the_pages_each_stack_keeps() {
     assert_eq!(kept("leak_pages"), (40 * 65 + 1) * 4096);
     assert_eq!(kept("churn_big"), 0, "freed with munmap");
     assert_eq!(
-        r.leaks.first().and_then(|l| top_symbol(&l.frames)),
+        r.leaks.first().and_then(|l| top_symbol(&l.frames, l.site)),
         Some("leak_pages")
     );
 }

@@ -289,6 +289,7 @@ pub(crate) mod golden {
             trend: (!at_exit).then(|| trend(&growth, "bytes")).flatten(),
             truncated: false,
             frames,
+            site: 0,
         }
     }
 
@@ -349,6 +350,7 @@ pub(crate) mod golden {
             trend: trend(&[400, 800, 0, 400, 800, 0, 400, 1247], "files"),
             truncated: false,
             frames: vec![loader.clone(), main.clone()],
+            site: 0,
         }
     }
 
@@ -392,6 +394,7 @@ pub(crate) mod golden {
                 trend: trend(&[847, 847, 846, 847, 847, 847], "descriptors"),
                 truncated: false,
                 frames: vec![loader.clone(), main.clone()],
+                site: 0,
             },
             FdLeak {
                 pid: 4242,
@@ -408,6 +411,7 @@ pub(crate) mod golden {
                 trend: None,
                 truncated: false,
                 frames: vec![main.clone()],
+                site: 0,
             },
         ]
     }

@@ -221,8 +221,13 @@ pub struct Leak {
     pub trend: Option<Verdict>,
     /// The stack walk hit its depth limit or broke: outer frames are missing.
     pub truncated: bool,
-    /// Innermost first; `frames[0]` is the code that called the allocator.
+    /// The whole stack, innermost first: the allocator's and the runtime's frames, then the
+    /// program's from `frames[site]` on.
     pub frames: Vec<Frame>,
+    /// The row's site: the index in `frames` of its first frame in the program's own code,
+    /// the code that called the allocator (directly or through its runtime: `operator new`,
+    /// `std::vector`, `strdup`, the loader for `dlopen`, ...).
+    pub site: usize,
 }
 
 /// A process the node agent traced exactly (its heap, with allocator probes).
@@ -335,8 +340,11 @@ pub struct FdLeak {
     pub trend: Option<Verdict>,
     /// The stack walk hit its depth limit or broke: outer frames are missing.
     pub truncated: bool,
-    /// `frames[0]` is the code that called the libc wrapper (open, socket, fopen, ...).
+    /// The whole stack, innermost first: the libc wrapper (open, socket, fopen, ...) and
+    /// what it called, then the program's frames from `frames[site]` on.
     pub frames: Vec<Frame>,
+    /// The index in `frames` of the code that called the libc wrapper.
+    pub site: usize,
 }
 
 /// A stack holding descriptors (in [`FdExhaustion::top_holders`]).
@@ -346,7 +354,8 @@ pub struct FdHolder {
     pub outstanding: u64,
     /// `file`, `socket`, `pipe` or `other`.
     pub fd_kind: &'static str,
-    /// The stack that created them, innermost first.
+    /// The stack that created them, from its site outward (a notice shows the site first;
+    /// the rows in `fd_leaks` have the whole stack).
     pub frames: Vec<Frame>,
 }
 
@@ -367,7 +376,7 @@ pub struct FdExhaustion {
     pub count: u64,
     /// Seconds since tracing started, of the first failure.
     pub at_s: f64,
-    /// The call that failed.
+    /// The call that failed, from its site outward.
     pub frames: Vec<Frame>,
     /// The stacks holding the most descriptors at that moment.
     pub top_holders: Vec<FdHolder>,
@@ -400,8 +409,10 @@ pub struct TmpLeak {
     pub trend: Option<Verdict>,
     /// The stack walk hit its depth limit or broke: outer frames are missing.
     pub truncated: bool,
-    /// The stack that created them, innermost first.
+    /// The whole stack that created them, innermost first.
     pub frames: Vec<Frame>,
+    /// The index in `frames` of the program's code that created them.
+    pub site: usize,
 }
 
 /// Outstanding heap bytes of a process some time before an event.
@@ -420,7 +431,7 @@ pub struct HeapHolder {
     pub outstanding_bytes: u64,
     /// Blocks it held.
     pub outstanding_count: u64,
-    /// The stack, innermost first.
+    /// The stack, from its site outward (the rows in `leaks` have the whole stack).
     pub frames: Vec<Frame>,
 }
 

@@ -414,16 +414,22 @@ pub fn runtime_owned(frames: &[SymbolizedFrame]) -> bool {
             .any(|f| f.symbol.as_deref() == Some("_dl_init"))
 }
 
-/// Drops the leading runtime frames so `frames[0]` is the program's code that (directly or
-/// through its runtime) called the allocator. A stack made only of runtime frames is kept
-/// whole. `is_allocator` additionally marks allocator modules found by their symbols.
-pub fn trim(frames: &mut Vec<SymbolizedFrame>, is_allocator: impl Fn(&SymbolizedFrame) -> bool) {
-    let keep_from = frames
+/// The *site* of a stack: the index of its first frame in the program's own code, the code
+/// that (directly or through its runtime) called the allocator; the frames before it are the
+/// runtime's and the allocator's. 0 for a stack made only of runtime frames. `is_allocator`
+/// additionally marks allocator modules found by their symbols.
+pub fn site(frames: &[SymbolizedFrame], is_allocator: impl Fn(&SymbolizedFrame) -> bool) -> usize {
+    frames
         .iter()
-        .position(|f| !is_runtime_frame(f) && !is_allocator(f));
-    if let Some(n) = keep_from {
-        frames.drain(..n);
-    }
+        .position(|f| !is_runtime_frame(f) && !is_allocator(f))
+        .unwrap_or(0)
+}
+
+/// Drops the frames before the [`site`], so `frames[0]` is the site (for notices, which show
+/// a stack's first few frames). A stack made only of runtime frames is kept whole.
+pub fn trim(frames: &mut Vec<SymbolizedFrame>, is_allocator: impl Fn(&SymbolizedFrame) -> bool) {
+    let n = site(frames, is_allocator);
+    frames.drain(..n);
 }
 
 #[cfg(test)]
