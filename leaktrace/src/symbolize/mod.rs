@@ -568,6 +568,42 @@ mod tests {
         assert!(!runtime_owned(&[pool, frame("main", "/app")]));
     }
 
+    /// blazesym demangles with cpp_demangle, patched (third_party/cpp_demangle) to read GCC's
+    /// `sr <type> <name>` as c++filt does: every `std::make_shared` has one.
+    #[test]
+    fn long_libstdcxx_template_names_are_demangled() {
+        let demangle = |s: &str| {
+            cpp_demangle::Symbol::new(s)
+                .ok()
+                .and_then(|s| s.demangle().ok())
+        };
+        let make_shared = "_ZSt11make_sharedINSt13__future_base17_Async_state_implINSt6thread8_\
+            InvokerISt5tupleIJPFiiEiEEEEiEEJRS5_RiEESt10shared_ptrINSt9enable_ifIXntsrSt8is_\
+            arrayIT_E5valueESF_E4typeEEDpOT0_";
+        let state = "std::__future_base::_Async_state_impl<std::thread::_Invoker<std::tuple<\
+            int (*)(int), int> >, int>";
+        assert_eq!(
+            demangle(make_shared).as_deref(),
+            Some(
+                format!(
+                    "std::shared_ptr<std::enable_if<!(std::is_array<{state} >::value), {state} \
+                     >::type> std::make_shared<{state}, int (&)(int), int&>(int (&)(int), int&)"
+                )
+                .as_str()
+            )
+        );
+        // The same form with a plain class template as the qualifier, and the grammar's own
+        // `sr <levels> E <name>`, which reads as before.
+        assert_eq!(
+            demangle("_Z1fIiEv1AIXsr1BIT_E1zEE").as_deref(),
+            Some("void f<int>(A<B<int>::z>)")
+        );
+        assert_eq!(
+            demangle("_Z1fIiEv1AIXsr1BIT_EE1zEE").as_deref(),
+            Some("void f<int>(A<B<int>::z>)")
+        );
+    }
+
     #[test]
     fn program_code_is_not_runtime() {
         assert!(!is_runtime_frame(&frame(
