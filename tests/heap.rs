@@ -118,8 +118,16 @@ fn threads_freeing_each_others_blocks_balance_out() {
     r.assert_absent("produce");
     r.assert_absent("worker");
     assert_eq!(r.summary("outstanding_count"), 100, "{}", r.pretty());
-    // (Unmatched frees are expected here: glibc frees thread bookkeeping the dynamic loader
-    // allocated with its own start-up allocator, before libc's malloc existed.)
+    // Each exiting thread's glibc frees its cache (the cache's own block, allocated inside
+    // malloc, and the blocks parked in it, freed by the program already): counted apart,
+    // never as unmatched frees, which would mean blocks allocated before tracing.
+    assert_eq!(r.summary("unmatched_frees"), 0, "{}", r.pretty());
+    assert!(
+        r.summary("thread_exit_frees") >= 5,
+        "at least the cache of each of the 5 threads: {}",
+        r.pretty()
+    );
+    assert_eq!(r.summary("lost_events"), 0);
     r.assert_balanced();
     // glibc's per-thread blocks are the runtime's, reported apart.
     assert!(r.summary("runtime_outstanding_count") > 0);
@@ -194,8 +202,10 @@ fn attach_to_a_running_process_sees_only_what_happens_after() {
     let r = run.report();
     r.assert_site("attach_leak", 12, 12 * 128);
     r.assert_absent("attach_churn");
-    // The 20 blocks allocated before the attach were freed after it: unmatched, not errors.
+    // The 20 blocks allocated before the attach were freed after it: unmatched, not errors,
+    // and not taken for a thread's exit.
     assert_eq!(r.summary("unmatched_frees"), 20, "{}", r.pretty());
+    assert_eq!(r.summary("thread_exit_frees"), 0, "{}", r.pretty());
     assert_eq!(r.summary("outstanding_count"), 12);
     r.assert_balanced();
     // Descriptors too: what was opened after the attach is the leak; closes of what was
