@@ -63,6 +63,42 @@ fn a_replayed_session_writes_what_the_live_one_wrote() {
     }
 }
 
+/// Every report of both recorded sessions: the summary is the sum of its rows, the program's
+/// and the runtime's apart, and no stack is on two rows (each block is counted once).
+#[test]
+fn the_summary_is_the_sum_of_the_rows_on_each_side_of_the_runtime() {
+    for recording in ["full.jsonl.gz", "growth.jsonl.gz"] {
+        for (i, r) in replayed(recording).iter().enumerate() {
+            let total = |rows: &[Leak]| {
+                rows.iter().fold((0, 0), |(c, b), l| {
+                    (c + l.outstanding_count, b + l.outstanding_bytes)
+                })
+            };
+            let s = &r.summary;
+            let at = format!("{recording}, report {i}");
+            assert_eq!(
+                total(&r.leaks),
+                (s.outstanding_count, s.outstanding_bytes),
+                "{at}"
+            );
+            assert_eq!(
+                total(&r.runtime),
+                (s.runtime_outstanding_count, s.runtime_outstanding_bytes),
+                "{at}"
+            );
+            let mut stacks = std::collections::HashSet::new();
+            for l in r.leaks.iter().chain(&r.runtime) {
+                let addrs: Vec<u64> = l.frames.iter().map(|f| f.addr).collect();
+                assert!(stacks.insert((l.pid, l.at_exit, addrs)), "{at}: {l:?}");
+                assert!(l.site < l.frames.len().max(1), "{at}: {l:?}");
+            }
+        }
+    }
+    // The runtime's rows are there to be counted.
+    let full = replayed("full.jsonl.gz");
+    assert!(!full.last().unwrap().runtime.is_empty());
+}
+
 #[test]
 fn every_exporter_renders_the_replayed_session() {
     let full = replayed("full.jsonl.gz");
