@@ -26,8 +26,9 @@ pub struct Summary {
     pub unmatched_frees: u64,
     /// Frees by threads on their way out of blocks never seen allocated (or freed already):
     /// glibc handing each exiting thread's cache back (its per-thread cache block, allocated
-    /// inside the allocator, and the blocks parked in it). Not the program's, and not in
-    /// `unmatched_frees`.
+    /// inside the allocator, and the blocks parked in it). Not in `unmatched_frees`. The main
+    /// thread is on its way out from `exit` on, so after an attach, static destructors
+    /// freeing blocks allocated before it count here too.
     pub thread_exit_frees: u64,
     /// Frees, in forked children, of blocks their parent held at the fork (matched).
     #[serde(skip_serializing_if = "is_zero")]
