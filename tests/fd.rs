@@ -53,7 +53,7 @@ fn check_fd_sites(prog: &Path) {
     assert_eq!(r.summary("lost_events"), 0);
     // The caller of the libc wrapper is frames[0]; its caller follows.
     let chunk = r.entries("fd_leaks", "load_chunk")[0];
-    assert_eq!(chunk["frames"][1]["symbol"], "main", "{}", r.pretty());
+    assert_eq!(common::frame(chunk, 1)["symbol"], "main", "{}", r.pretty());
     assert_eq!(chunk["paths"], serde_json::json!([file]));
     assert_eq!(chunk["at_exit"], true);
     assert_eq!(chunk["pid"].as_u64(), r.0["leaks"][0]["pid"].as_u64());
@@ -227,12 +227,13 @@ fn only_narrows_what_is_traced_and_folded_shows_one_kind() {
         file,
     ]);
     assert!(out.status.success(), "{}", out.stderr);
+    // The whole stack, root first: main, the site, then libc's wrapper.
     let line = out
         .stdout
         .lines()
-        .find(|l| l.ends_with(";load_chunk 7"))
+        .find(|l| l.contains(";main;load_chunk;") && l.ends_with(" 7"))
         .unwrap_or_else(|| panic!("no load_chunk line:\n{}", out.stdout));
-    assert!(line.contains(";main;load_chunk"), "{line}");
+    assert!(line.ends_with(";__libc_open64 7"), "{line}");
 }
 
 /// A memory cgroup limited to `limit` bytes, removed on drop.
@@ -402,4 +403,55 @@ fn an_oom_kill_of_a_process_not_traced_is_still_recorded() {
     check_oom_record(kills[0], &cgroup);
     assert_eq!(kills[0]["traced"], false);
     assert!(kills[0]["frames_top"].as_array().unwrap().is_empty());
+}
+
+/// `run` is about its command: an OOM kill elsewhere on the node is neither printed into the
+/// command's stderr nor reported, unless `--oom-all` asks for every kill (as `--pid` and the
+/// agent always report).
+#[test]
+fn run_reports_only_its_own_oom_kills_unless_asked_for_all() {
+    if !privileged() {
+        return;
+    }
+    let _one_at_a_time = OOM.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(cgroup) = MemoryCgroup::new("leaktrace-oom-elsewhere", OOM_LIMIT) else {
+        eprintln!("skipped: no memory cgroup controller");
+        return;
+    };
+    // Two runs of a command that only waits, one with --oom-all; the victim is neither's.
+    let start = |extra: &[&str]| {
+        let mut args = vec!["run", "--format", "json"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sleep", "60"]);
+        let mut t = Background::start(&args);
+        t.wait_for("leaktrace: running sleep");
+        t
+    };
+    let own = start(&[]);
+    let mut all = start(&["--oom-all"]);
+    let victim = c_fixture("oom_victim");
+    let script = format!("echo $$ > {} && exec {}", cgroup.procs(), victim.display());
+    let status = Command::new("sh").args(["-c", &script]).status().unwrap();
+    assert_eq!(status.code(), None, "the victim dies by a signal");
+    all.wait_for("OOM kill at");
+    // Both saw the kill's record by now (each drains its ring buffer before the final report).
+    for t in [&own, &all] {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(t.pid() as i32, libc::SIGINT) };
+    }
+    let (own, all) = (
+        own.finish(Duration::from_secs(30)),
+        all.finish(Duration::from_secs(30)),
+    );
+    // (The start line names the tracepoint, "OOM kills"; the notice is "OOM kill at ...".)
+    assert!(!own.stderr.contains("OOM kill at"), "{}", own.stderr);
+    assert!(!own.stderr.contains("oom_victim"), "{}", own.stderr);
+    let r = own.report();
+    assert!(cgroup.kills(&r).is_empty(), "{}", r.pretty());
+    let r = all.report();
+    let kills = cgroup.kills(&r);
+    assert_eq!(kills.len(), 1, "{}", r.pretty());
+    check_oom_record(kills[0], &cgroup);
+    assert_eq!(kills[0]["traced"], false);
+    assert!(all.stderr.contains("oom_victim"), "{}", all.stderr);
 }

@@ -113,7 +113,8 @@ fn pages_the_kernel_fills_for_a_read_belong_to_the_read() {
         .leaks()
         .iter()
         .filter(|l| {
-            l["frames"][0]["symbol"] == "fill_by_read" && l["frames"][0]["line"] == read_line
+            common::frame(l, 0)["symbol"] == "fill_by_read"
+                && common::frame(l, 0)["line"] == read_line
         })
         .collect();
     assert_eq!(bytes(&at_read), 8 << 20, "{}", r.pretty());

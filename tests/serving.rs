@@ -64,6 +64,7 @@ fn leak(comm: &str, container: Option<&str>, bytes: u64, frames: Vec<Frame>) -> 
             "bytes",
         )),
         truncated: false,
+        site: 0,
         frames,
     }
 }

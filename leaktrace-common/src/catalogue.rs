@@ -36,9 +36,16 @@ pub mod alloc_shape {
     pub const ALIGN_SIZE: u32 = 6;
     /// `f(p)`: free, cfree.
     pub const FREE: u32 = 7;
+    /// Not an allocator function: the start of a thread's way out (glibc's
+    /// `__call_tls_dtors`, which `start_thread` calls once the thread's function has
+    /// returned, and `exit` too). The thread is marked until it exits, and its frees from
+    /// then on carry [`crate::header_flags::THREAD_EXIT`]: glibc then frees the thread's
+    /// cache (`tcache_thread_shutdown`), its own block and the blocks parked in it, which
+    /// no traced allocation returned or which the program already freed.
+    pub const THREAD_EXIT: u32 = 8;
 
     /// Every shape, in id order.
-    pub const ALL: [u32; 7] = [
+    pub const ALL: [u32; 8] = [
         SIZE,
         COUNT_SIZE,
         RESIZE,
@@ -46,6 +53,7 @@ pub mod alloc_shape {
         OUT_ALIGN_SIZE,
         ALIGN_SIZE,
         FREE,
+        THREAD_EXIT,
     ];
 
     /// The entry program of a shape (the name of its eBPF function).
@@ -57,6 +65,7 @@ pub mod alloc_shape {
             RESIZE_ARRAY => "resize_array_enter",
             OUT_ALIGN_SIZE => "out_align_size_enter",
             ALIGN_SIZE => "align_size_enter",
+            THREAD_EXIT => "thread_exit_enter",
             _ => "free_enter",
         }
     }
@@ -67,13 +76,14 @@ pub mod alloc_shape {
             COUNT_SIZE | RESIZE => RDI | RSI,
             RESIZE_ARRAY | OUT_ALIGN_SIZE => RDI | RSI | RDX,
             ALIGN_SIZE => RSI,
+            THREAD_EXIT => 0,
             _ => RDI,
         }
     }
 
     /// True for the shapes that hand out a block (and so get the return probe).
     pub const fn allocates(shape: u32) -> bool {
-        shape != FREE
+        shape != FREE && shape != THREAD_EXIT
     }
 
     /// True when the first argument is a block the call moves or frees.
@@ -99,7 +109,9 @@ impl AllocatorFn {
 
 /// The allocator functions hooked, by symbol. Aliases at one address (glibc's
 /// `memalign`/`aligned_alloc`, `free`/`cfree`) are hooked once, as the first name listed.
-/// An object is hooked when it defines [`ALLOCATOR_FNS`]`[0]` (`malloc`) and a free.
+/// An object is hooked when it defines [`ALLOCATOR_FNS`]`[0]` (`malloc`) and a free. The
+/// last row is glibc's thread exit, hooked beside the allocator to name the frees made then
+/// ([`alloc_shape::THREAD_EXIT`]).
 pub const ALLOCATOR_FNS: &[AllocatorFn] = &[
     AllocatorFn::new("malloc", alloc_shape::SIZE),
     AllocatorFn::new("calloc", alloc_shape::COUNT_SIZE),
@@ -112,6 +124,7 @@ pub const ALLOCATOR_FNS: &[AllocatorFn] = &[
     AllocatorFn::new("memalign", alloc_shape::ALIGN_SIZE),
     AllocatorFn::new("valloc", alloc_shape::SIZE),
     AllocatorFn::new("pvalloc", alloc_shape::SIZE),
+    AllocatorFn::new("__call_tls_dtors", alloc_shape::THREAD_EXIT),
 ];
 
 /// When a tracepoint program is attached ([`Tracepoint::family`]).

@@ -95,6 +95,9 @@ pub mod header_flags {
     /// The program stopped the process (`SIGSTOP`) so user space can attach probes before it
     /// runs on; user space must send `SIGCONT` once it has acted on the record.
     pub const STOPPED: u16 = 1 << 0;
+    /// A free made by a thread on its way out (see [`super::alloc_shape::THREAD_EXIT`]): when
+    /// it frees a block never seen allocated, glibc is handing the thread's cache back.
+    pub const THREAD_EXIT: u16 = 1 << 1;
 }
 
 /// The first bytes of every record.
@@ -476,8 +479,12 @@ pub mod counter {
     /// Runs of an allocator entry program (any function, `free` included, in any process):
     /// with the probes scoped to the traced processes, only their calls count.
     pub const PROBE_HITS: u32 = 3;
+    /// Frees of addresses no traced allocation ever returned, made by a thread on its way out
+    /// (see [`super::alloc_shape::THREAD_EXIT`]): glibc freeing the thread's cache, which it
+    /// allocated inside the allocator; filtered like [`FILTERED_FREES`] but counted apart.
+    pub const THREAD_EXIT_FREES: u32 = 4;
     /// Number of counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// One row of a module's unwind table: how to find the caller from any instruction in

@@ -20,10 +20,15 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use leaktrace_common::{AllocEvent, FreeEvent, Inflight, alloc_shape, counter, drop_reason, kind};
+use leaktrace_common::{
+    AllocEvent, FreeEvent, Inflight, alloc_shape, counter, drop_reason, header_flags, kind,
+};
 
 use crate::{
-    maps::{addr_maybe_seen, addr_seen, count, count_drop, header_for, inflight_slot, send_heap},
+    maps::{
+        addr_maybe_seen, addr_seen, count, count_drop, header_for, inflight_slot, send_heap,
+        set_thread_exiting, thread_exiting,
+    },
     stack,
 };
 
@@ -105,6 +110,10 @@ fn entry(ctx: &ProbeContext, shape: u32) -> u32 {
         alloc_shape::OUT_ALIGN_SIZE => enter(ctx, shape, arg(ctx, 0), arg(ctx, 2)),
         alloc_shape::ALIGN_SIZE => enter(ctx, shape, 0, arg(ctx, 1)),
         alloc_shape::FREE => free(ctx),
+        alloc_shape::THREAD_EXIT => {
+            set_thread_exiting(bpf_get_current_pid_tgid() as u32, true);
+            0
+        }
         _ => 0,
     }
 }
@@ -152,6 +161,12 @@ pub fn out_align_size_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn align_size_enter(ctx: ProbeContext) -> u32 {
     entry(&ctx, alloc_shape::ALIGN_SIZE)
+}
+
+/// A thread's way out (glibc's `__call_tls_dtors`).
+#[uprobe]
+pub fn thread_exit_enter(ctx: ProbeContext) -> u32 {
+    entry(&ctx, alloc_shape::THREAD_EXIT)
 }
 
 /// The return of every allocating entry point. Loaded for perf-event uprobes or for a
@@ -252,15 +267,21 @@ fn free(ctx: &ProbeContext) -> u32 {
     if nested(id as u32, stack_pointer(ctx.as_ptr().cast())).is_some() {
         return 0;
     }
+    let exiting = thread_exiting(id as u32);
     // Nothing traced ever returned it: no user-space work to do but count it.
     if !addr_maybe_seen(addr) {
-        count(counter::FILTERED_FREES);
+        count(if exiting {
+            counter::THREAD_EXIT_FREES
+        } else {
+            counter::FILTERED_FREES
+        });
         return 0;
     }
-    let event = FreeEvent {
-        hdr: header_for(kind::FREE, id),
-        addr,
-    };
+    let mut hdr = header_for(kind::FREE, id);
+    if exiting {
+        hdr.flags |= header_flags::THREAD_EXIT;
+    }
+    let event = FreeEvent { hdr, addr };
     send_heap(&event, drop_reason::HEAP_RINGBUF);
     0
 }

@@ -32,6 +32,35 @@ pub fn inflight_slot(tid: u32) -> Option<*mut Inflight> {
     INFLIGHT.get_ptr_mut(tid % INFLIGHT_SLOTS)
 }
 
+/// Threads on their way out ([`leaktrace_common::alloc_shape::THREAD_EXIT`]): the thread id
+/// in the slot `tid % INFLIGHT_SLOTS`, set at glibc's `__call_tls_dtors` and cleared when the
+/// thread exits (so a new thread given the id starts unmarked).
+#[map]
+pub static THREAD_EXITING: Array<u32> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
+/// Whether thread `tid` is on its way out.
+#[inline(always)]
+pub fn thread_exiting(tid: u32) -> bool {
+    THREAD_EXITING
+        .get(tid % INFLIGHT_SLOTS)
+        .is_some_and(|&t| t == tid && tid != 0)
+}
+
+/// Marks thread `tid` as on its way out (`exiting`), or no longer (it exited).
+#[inline(always)]
+pub fn set_thread_exiting(tid: u32, exiting: bool) {
+    if let Some(slot) = THREAD_EXITING.get_ptr_mut(tid % INFLIGHT_SLOTS) {
+        // SAFETY: an element of the array; only its own thread (or its exit) writes it.
+        unsafe {
+            if exiting {
+                *slot = tid;
+            } else if *slot == tid {
+                *slot = 0;
+            }
+        }
+    }
+}
+
 /// A filter of the addresses traced allocators returned: a flag byte per hash of the
 /// address, never cleared, so a set flag only means "maybe seen". A free whose flag is clear
 /// frees a block allocated before tracing began, or not by a traced allocator: it is

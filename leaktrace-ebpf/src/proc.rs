@@ -75,6 +75,8 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if traced(pid).is_none() {
         return 0;
     }
+    // A new thread given this id must not look on its way out.
+    crate::maps::set_thread_exiting(id as u32, false);
     // A thread that dies inside the allocator never returns: forget its call.
     if let Some(slot) = inflight_slot(id as u32) {
         // SAFETY: the slot of this thread (or of another; then it is left alone).

@@ -292,6 +292,14 @@ pub fn trace_json(prog: &Path, extra: &[&str], prog_args: &[&str]) -> (Run, Repo
     (run, report)
 }
 
+/// Frame `i` of a report row counted from its site (`frames[site + i]`): 0 is the program's
+/// code that called the allocator (or the libc wrapper), 1 its caller. Notices (OOM kills,
+/// full descriptor tables) have no `site`: their frames start at it.
+pub fn frame(row: &Value, i: usize) -> &Value {
+    let site = row["site"].as_u64().unwrap_or(0) as usize;
+    &row["frames"][site + i]
+}
+
 /// A JSON report with helpers to find leak sites.
 #[derive(Debug, Clone)]
 pub struct Report(pub Value);
@@ -307,11 +315,12 @@ impl Report {
         self.0["leaks"].as_array().unwrap()
     }
 
-    /// Leaks whose first frame is the function `site`.
+    /// Leaks whose site (`frames[site]`, the program's code that called the allocator) is
+    /// the function `site`.
     pub fn site(&self, site: &str) -> Vec<&Value> {
         self.leaks()
             .iter()
-            .filter(|l| l["frames"][0]["symbol"].as_str() == Some(site))
+            .filter(|l| frame(l, 0)["symbol"].as_str() == Some(site))
             .collect()
     }
 
@@ -357,13 +366,13 @@ impl Report {
         );
     }
 
-    /// Entries of `list` (`fd_leaks`, `tmp_leaks`, ...) whose first frame is `site`.
+    /// Entries of `list` (`fd_leaks`, `tmp_leaks`, ...) whose site is `site`.
     pub fn entries(&self, list: &str, site: &str) -> Vec<&Value> {
         self.0[list]
             .as_array()
             .unwrap_or_else(|| panic!("{list} missing: {}", self.0))
             .iter()
-            .filter(|l| l["frames"][0]["symbol"].as_str() == Some(site))
+            .filter(|l| frame(l, 0)["symbol"].as_str() == Some(site))
             .collect()
     }
 

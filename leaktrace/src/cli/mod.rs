@@ -259,6 +259,7 @@ impl CommonArgs {
                 top,
                 by_pid: self.by_pid,
                 row_limit: None,
+                oom_traced_only: false,
             },
             format: self.format,
             weight: self.folded_weight,
@@ -361,7 +362,9 @@ impl Cli {
                     argv: run.cmd,
                     follow_forks: run.follow_forks,
                 };
-                (run.common.session(target), run.common.verbose)
+                let mut config = run.common.session(target);
+                config.report.oom_traced_only = !run.oom_all;
+                (config, run.common.verbose)
             }
             None => {
                 // clap enforces --pid when there is no subcommand.
@@ -503,6 +506,12 @@ mod tests {
         assert_eq!(cfg.report.top, Some(3));
         assert!(cfg.heap);
         assert_eq!(cfg.features, features::FD | features::TMP);
+        // A command's report keeps only its own OOM kills, unless --oom-all.
+        assert!(cfg.report.oom_traced_only);
+        let all = Cli::try_parse_from(["leaktrace", "run", "--oom-all", "--", "./prog"]).unwrap();
+        assert!(!all.into_session().0.report.oom_traced_only);
+        let pid = Cli::try_parse_from(["leaktrace", "--pid", "1"]).unwrap();
+        assert!(!pid.into_session().0.report.oom_traced_only);
     }
 
     #[test]

@@ -15,6 +15,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub follow_forks: bool,
 
+    /// Also report the OOM kills of processes outside what is traced, anywhere on the node
+    /// (as --pid and the agent always do). By default only the traced processes' kills are
+    /// printed, logged (--oom-log) and reported.
+    #[arg(long)]
+    pub oom_all: bool,
+
     #[command(flatten)]
     pub common: CommonArgs,
 

@@ -360,7 +360,7 @@ impl Pipeline {
                     alert = self.on_exhausted(x, at_ms);
                 }
             }
-            Event::Oom(e) => alert = Some(self.on_oom(&e)),
+            Event::Oom(e) => alert = self.on_oom(&e),
             Event::Page(e) => {
                 // What a fault added is a block allocated by the stack that first wrote there.
                 self.pages_mut().alloc(&AllocEvent {

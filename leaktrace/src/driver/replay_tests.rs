@@ -36,14 +36,15 @@ fn check(name: &str, got: &str) {
     );
 }
 
-fn top_symbol(frames: &[crate::report::Frame]) -> Option<&str> {
-    frames.first().and_then(|f| f.symbol.as_deref())
+/// The function at a row's site.
+fn top_symbol(frames: &[crate::report::Frame], site: usize) -> Option<&str> {
+    frames.get(site).and_then(|f| f.symbol.as_deref())
 }
 
 fn leaks_at<'a>(leaks: &'a [Leak], symbol: &str) -> Vec<&'a Leak> {
     leaks
         .iter()
-        .filter(|l| top_symbol(&l.frames) == Some(symbol))
+        .filter(|l| top_symbol(&l.frames, l.site) == Some(symbol))
         .collect()
 }
 
@@ -60,6 +61,42 @@ fn a_replayed_session_writes_what_the_live_one_wrote() {
         let got = export::render(last, Format::Json, FoldedWeight::Bytes, FoldedKind::Heap);
         assert_eq!(got, want, "{recording} replayed differs from {live}");
     }
+}
+
+/// Every report of both recorded sessions: the summary is the sum of its rows, the program's
+/// and the runtime's apart, and no stack is on two rows (each block is counted once).
+#[test]
+fn the_summary_is_the_sum_of_the_rows_on_each_side_of_the_runtime() {
+    for recording in ["full.jsonl.gz", "growth.jsonl.gz"] {
+        for (i, r) in replayed(recording).iter().enumerate() {
+            let total = |rows: &[Leak]| {
+                rows.iter().fold((0, 0), |(c, b), l| {
+                    (c + l.outstanding_count, b + l.outstanding_bytes)
+                })
+            };
+            let s = &r.summary;
+            let at = format!("{recording}, report {i}");
+            assert_eq!(
+                total(&r.leaks),
+                (s.outstanding_count, s.outstanding_bytes),
+                "{at}"
+            );
+            assert_eq!(
+                total(&r.runtime),
+                (s.runtime_outstanding_count, s.runtime_outstanding_bytes),
+                "{at}"
+            );
+            let mut stacks = std::collections::HashSet::new();
+            for l in r.leaks.iter().chain(&r.runtime) {
+                let addrs: Vec<u64> = l.frames.iter().map(|f| f.addr).collect();
+                assert!(stacks.insert((l.pid, l.at_exit, addrs)), "{at}: {l:?}");
+                assert!(l.site < l.frames.len().max(1), "{at}: {l:?}");
+            }
+        }
+    }
+    // The runtime's rows are there to be counted.
+    let full = replayed("full.jsonl.gz");
+    assert!(!full.last().unwrap().runtime.is_empty());
 }
 
 #[test]
@@ -119,7 +156,7 @@ fn descriptors_temp_files_and_alerts_are_named_by_their_stack() {
     let fd = |symbol: &str| {
         r.fd_leaks
             .iter()
-            .filter(|l| top_symbol(&l.frames) == Some(symbol))
+            .filter(|l| top_symbol(&l.frames, l.site) == Some(symbol))
             .map(|l| l.outstanding)
             .sum::<u64>()
     };
@@ -130,7 +167,7 @@ fn descriptors_temp_files_and_alerts_are_named_by_their_stack() {
     let tmp = |symbol: &str| {
         r.tmp_leaks
             .iter()
-            .filter(|l| top_symbol(&l.frames) == Some(symbol))
+            .filter(|l| top_symbol(&l.frames, l.site) == Some(symbol))
             .map(|l| l.files)
             .sum::<u64>()
     };
@@ -141,11 +178,11 @@ fn descriptors_temp_files_and_alerts_are_named_by_their_stack() {
     let x: Vec<_> = r
         .fd_exhaustion
         .iter()
-        .filter(|x| top_symbol(&x.frames) == Some("one_more"))
+        .filter(|x| top_symbol(&x.frames, 0) == Some("one_more"))
         .collect();
     assert_eq!(x.len(), 1, "{:#?}", r.fd_exhaustion);
     assert_eq!((x[0].errno, x[0].limit), ("EMFILE", Some(64)));
-    assert_eq!(top_symbol(&x[0].top_holders[0].frames), Some("hoard"));
+    assert_eq!(top_symbol(&x[0].top_holders[0].frames, 0), Some("hoard"));
     // The OOM kill, merged with what its victim held.
     assert_eq!(r.oom_kills.len(), 1);
     let k = &r.oom_kills[0];
@@ -153,7 +190,7 @@ fn descriptors_temp_files_and_alerts_are_named_by_their_stack() {
     assert!(k.traced);
     assert_eq!(k.cgroup.as_deref(), Some("/leaktrace-record"));
     assert_eq!(k.limit_bytes, Some(48 << 20));
-    assert_eq!(top_symbol(&k.frames_top), Some("grow_cache"));
+    assert_eq!(top_symbol(&k.frames_top, 0), Some("grow_cache"));
     assert!(!k.growth.is_empty());
 }
 
@@ -194,7 +231,7 @@ fn growth_mode_charges_the_pages_each_stack_keeps() {
     assert_eq!(kept("leak_pages"), (40 * 65 + 1) * 4096);
     assert_eq!(kept("churn_big"), 0, "freed with munmap");
     assert_eq!(
-        r.leaks.first().and_then(|l| top_symbol(&l.frames)),
+        r.leaks.first().and_then(|l| top_symbol(&l.frames, l.site)),
         Some("leak_pages")
     );
 }
@@ -241,6 +278,7 @@ fn node_wide_a_process_gone_before_adoption_leaves_nothing_behind() {
         top: None,
         by_pid: false,
         row_limit: None,
+        oom_traced_only: false,
     };
     let mut p = Pipeline::new(
         Box::new(Replayed::default()),

@@ -19,6 +19,10 @@ pub struct KernelStats {
     pub lost: Vec<(String, u64)>,
     /// Frees of never-seen addresses counted in the kernel instead of sent.
     pub filtered_frees: u64,
+    /// Of such frees, those made by threads on their way out, counted apart (absent in
+    /// recordings made before they were).
+    #[serde(default)]
+    pub thread_exit_frees: u64,
     /// Stack captures the kernel's per-CPU walk cache answered without walking.
     pub stack_cache_hits: u64,
     /// Stack captures that walked.
@@ -90,6 +94,7 @@ impl Pipeline {
             } else {
                 0
             },
+            thread_exit_frees: kernel.thread_exit_frees,
             tracer: host.usage(),
             stack_cache_hits: kernel.stack_cache_hits,
             stack_walks: kernel.stack_walks,
@@ -201,10 +206,14 @@ impl Pipeline {
     }
 
     /// The OOM killer chose a victim: the record is made now, while the victim's tables
-    /// are still here.
-    pub(super) fn on_oom(&mut self, e: &OomEvent) -> Alert {
+    /// are still here. `None`: a process not traced, when only the traced ones' kills are
+    /// wanted (`run`).
+    pub(super) fn on_oom(&mut self, e: &OomEvent) -> Option<Alert> {
         let pid = e.victim;
         let traced = self.is_tracked(pid);
+        if !traced && self.options.oom_traced_only {
+            return None;
+        }
         let at_ms = self.heap.ms_since_epoch(e.hdr.ts_ns);
         let comm = String::from_utf8_lossy(e.comm.split(|&b| b == 0).next().unwrap_or_default())
             .into_owned();
@@ -249,7 +258,7 @@ impl Pipeline {
             growth_bytes_per_s: rate,
         };
         self.oom.record(kill.clone());
-        Alert::Oom(Box::new(kill))
+        Some(Alert::Oom(Box::new(kill)))
     }
 }
 

@@ -398,6 +398,7 @@ impl Tracer {
                 .map(|(cause, n)| (cause.to_owned(), n))
                 .collect(),
             filtered_frees: self.source.counter(counter::FILTERED_FREES),
+            thread_exit_frees: self.source.counter(counter::THREAD_EXIT_FREES),
             stack_cache_hits: self.source.counter(counter::WALK_CACHE_HITS),
             stack_walks: self.source.counter(counter::WALKS),
             probes: Some(self.probe_summary()),

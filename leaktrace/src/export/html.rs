@@ -105,6 +105,8 @@ impl Unit {
 /// A row of any kind, as tables and charts show it.
 struct View<'a> {
     frames: &'a [Frame],
+    /// The index in `frames` of the row's site.
+    site: usize,
     truncated: bool,
     who: String,
     /// The headline figure and what is under it.
@@ -133,6 +135,7 @@ fn leak_view(l: &Leak) -> View<'_> {
     };
     View {
         frames: &l.frames,
+        site: l.site,
         truncated: l.truncated,
         who: who(l.pid, l.processes, &l.pids, &l.owner),
         holds: bytes(l.outstanding_bytes),
@@ -185,6 +188,7 @@ fn kinds(r: &Report) -> Vec<Kind<'_>> {
                 .iter()
                 .map(|l| View {
                     frames: &l.frames,
+                    site: l.site,
                     truncated: l.truncated,
                     who: who(l.pid, l.processes, &l.pids, &l.owner),
                     holds: format!("{} open", count(l.outstanding)),
@@ -215,6 +219,7 @@ fn kinds(r: &Report) -> Vec<Kind<'_>> {
                 .iter()
                 .map(|l| View {
                     frames: &l.frames,
+                    site: l.site,
                     truncated: l.truncated,
                     who: who(l.pid, l.processes, &l.pids, &l.owner),
                     holds: format!("{} files", count(l.files)),
@@ -492,9 +497,10 @@ fn frame_place(f: &Frame) -> String {
     s
 }
 
-/// The site (innermost frame) in bold, then the whole stack, folded away.
-fn stack_cell(out: &mut String, frames: &[Frame], truncated: bool) {
-    let Some(first) = frames.first() else {
+/// The site (the first frame in the program's own code, `frames[site]`) in bold, then the
+/// whole stack, folded away, the site marked in it.
+fn stack_cell(out: &mut String, frames: &[Frame], site: usize, truncated: bool) {
+    let Some(first) = frames.get(site).or(frames.first()) else {
         out.push_str("<span class=\"fn\">stack lost</span>");
         return;
     };
@@ -511,10 +517,15 @@ fn stack_cell(out: &mut String, frames: &[Frame], truncated: bool) {
         if frames.len() == 1 { "" } else { "s" },
         if truncated { ", truncated" } else { "" }
     );
-    for f in frames {
+    for (i, f) in frames.iter().enumerate() {
         let _ = write!(
             out,
-            "<li><code>{}</code> <span class=\"loc\">{} · {:#x}</span></li>",
+            "<li{}><code>{}</code> <span class=\"loc\">{} · {:#x}</span></li>",
+            if i == site && site > 0 {
+                " class=\"site\" title=\"the site: the first frame in the program's own code\""
+            } else {
+                ""
+            },
             escape(&frame_name(f)),
             escape(&frame_place(f)),
             f.addr
@@ -599,7 +610,7 @@ fn table(out: &mut String, k: &Kind<'_>) {
             _ => out.push_str(&age(v.oldest_s)),
         }
         out.push_str("</td><td class=\"site\">");
-        stack_cell(out, v.frames, v.truncated);
+        stack_cell(out, v.frames, v.site, v.truncated);
         if !v.paths.is_empty() {
             let _ = write!(
                 out,
@@ -639,7 +650,7 @@ fn charts(out: &mut String, r: &Report, kinds: &[Kind<'_>]) {
             .take(CHART_LINES)
             .enumerate()
             .map(|(i, (v, t))| Line {
-                label: headline(v.frames),
+                label: headline(v.frames, v.site),
                 detail: format!(
                     "{} · {} · {}",
                     t.verdict.name(),
@@ -694,9 +705,10 @@ fn charts(out: &mut String, r: &Report, kinds: &[Kind<'_>]) {
     out.push_str("</section>\n");
 }
 
-/// `cache_insert ← handle_request`: a stack's two innermost frames, for a legend.
-fn headline(frames: &[Frame]) -> String {
-    let names: Vec<String> = frames.iter().take(2).map(frame_name).collect();
+/// `cache_insert ← handle_request`: a stack's site and its caller, for a legend.
+fn headline(frames: &[Frame], site: usize) -> String {
+    let from = if site < frames.len() { site } else { 0 };
+    let names: Vec<String> = frames[from..].iter().take(2).map(frame_name).collect();
     if names.is_empty() {
         "stack lost".to_owned()
     } else {
@@ -1006,7 +1018,7 @@ fn holders_table<'a>(
             "<tr><td class=\"num\">{}</td><td class=\"site\">",
             escape(&holds)
         );
-        stack_cell(out, frames, false);
+        stack_cell(out, frames, 0, false);
         out.push_str("</td></tr>");
     }
     out.push_str("</tbody></table>\n");
@@ -1127,7 +1139,7 @@ fn exhaustion(out: &mut String, x: &FdExhaustion) {
         if x.count == 1 { "" } else { "s" },
         age(x.at_s)
     );
-    stack_cell(out, &x.frames, false);
+    stack_cell(out, &x.frames, 0, false);
     out.push_str("</p>\n");
     if !x.top_holders.is_empty() {
         fd_holders(out, &x.top_holders);

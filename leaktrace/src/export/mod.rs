@@ -318,6 +318,7 @@ pub(crate) mod golden {
             trend: (!at_exit).then(|| trend(&growth, "bytes")).flatten(),
             truncated: false,
             frames,
+            site: 0,
         }
     }
 
@@ -378,6 +379,7 @@ pub(crate) mod golden {
             trend: trend(&[400, 800, 0, 400, 800, 0, 400, 1247], "files"),
             truncated: false,
             frames: vec![loader.clone(), main.clone()],
+            site: 0,
         }
     }
 
@@ -421,6 +423,7 @@ pub(crate) mod golden {
                 trend: trend(&[847, 847, 846, 847, 847, 847], "descriptors"),
                 truncated: false,
                 frames: vec![loader.clone(), main.clone()],
+                site: 0,
             },
             FdLeak {
                 pid: 4242,
@@ -437,6 +440,7 @@ pub(crate) mod golden {
                 trend: None,
                 truncated: false,
                 frames: vec![main.clone()],
+                site: 0,
             },
         ]
     }
@@ -550,6 +554,65 @@ pub(crate) mod golden {
         );
         assert_eq!(f["module"], "/srv/app/bin/cache-server");
         assert!(v["leaks"][1]["frames"][0]["symbol"].is_null());
+    }
+
+    /// A row whose site is not its first frame keeps the frames before it (the allocator's
+    /// and the runtime's) in every format; the table marks the site.
+    #[test]
+    fn frames_before_the_site_are_in_every_format() {
+        let mut r = sample();
+        let leak = &mut r.leaks[0];
+        leak.frames.splice(
+            0..0,
+            [
+                frame(0x7f00_0000_1000, Some("malloc"), "/usr/lib/libc.so.6", None),
+                frame(
+                    0x7f00_0000_2000,
+                    Some("operator new(unsigned long)"),
+                    "/usr/lib/libstdc++.so.6",
+                    None,
+                ),
+            ],
+        );
+        leak.site = 2;
+        let table = render(&r, Format::Table, FoldedWeight::Bytes, FoldedKind::Heap);
+        for line in [
+            "     0 0x7f0000001000 malloc in libc.so.6\n",
+            "     1 0x7f0000002000 operator new(unsigned long) in libstdc++.so.6\n",
+            "  >  2 0x555500001234 cache_insert at cache.c:17 in cache-server\n",
+            "     3 0x555500001280 handle_request at server.c:301 in cache-server\n",
+        ] {
+            assert!(table.contains(line), "{line:?} not in\n{table}");
+        }
+        // Rows whose site is their first frame are not marked.
+        assert_eq!(table.matches("  > ").count(), 1, "{table}");
+        let folded = render(&r, Format::Folded, FoldedWeight::Bytes, FoldedKind::Heap);
+        assert!(
+            folded.contains(
+                "main;handle_request;cache_insert;operator\u{a0}new(unsigned\u{a0}long);malloc 8388608\n"
+            ),
+            "{folded}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&render(
+            &r,
+            Format::Json,
+            FoldedWeight::Bytes,
+            FoldedKind::Heap,
+        ))
+        .unwrap();
+        assert_eq!(json["leaks"][0]["site"], 2);
+        assert_eq!(json["leaks"][0]["frames"][0]["symbol"], "malloc");
+        assert_eq!(json["leaks"][0]["frames"][2]["symbol"], "cache_insert");
+        assert_eq!(json["leaks"][1]["site"], 0);
+        let profile = pprof::Pprof::default().profile(&r);
+        let names: Vec<&str> = profile
+            .function
+            .iter()
+            .map(|f| profile.string_table[f.name as usize].as_str())
+            .collect();
+        for name in ["malloc", "operator new(unsigned long)", "cache_insert"] {
+            assert!(names.contains(&name), "{name} not in {names:?}");
+        }
     }
 
     #[test]

@@ -104,7 +104,7 @@ fn leak(out: &mut String, rank: usize, l: &Leak) {
             },
         );
     }
-    frames(out, &l.frames, l.truncated);
+    frames(out, &l.frames, l.site, l.truncated);
 }
 
 /// `+1.5 MiB/s`, `-2.0/s`: a slope in `unit`s per second.
@@ -155,11 +155,13 @@ fn held(out: &mut String, h: &Held, what: &str) {
     );
 }
 
-/// The frames of a stack, one per line, indented.
-fn frames(out: &mut String, frames: &[Frame], truncated: bool) {
+/// The frames of a stack, one per line, indented. When the site is not the first frame (the
+/// allocator's or the runtime's frames come first), its line is marked `>`.
+fn frames(out: &mut String, frames: &[Frame], site: usize, truncated: bool) {
     for (i, f) in frames.iter().enumerate() {
         let symbol = f.symbol.as_deref().unwrap_or("??");
-        let _ = write!(out, "    {i:>2} {:#x} {symbol}", f.addr);
+        let mark = if site > 0 && i == site { '>' } else { ' ' };
+        let _ = write!(out, "  {mark} {i:>2} {:#x} {symbol}", f.addr);
         if f.inlined {
             out.push_str(" (inlined)");
         }
@@ -199,7 +201,7 @@ fn fd_leak(out: &mut String, rank: usize, l: &FdLeak) {
         let _ = writeln!(out, "    paths: {}", l.paths.join(", "));
     }
     verdict(out, l.trend.as_ref());
-    frames(out, &l.frames, l.truncated);
+    frames(out, &l.frames, l.site, l.truncated);
 }
 
 /// The stacks holding descriptors, most first: each one's innermost frames.
@@ -217,7 +219,12 @@ fn holders(out: &mut String, holders: &[FdHolder]) {
                 ":"
             }
         );
-        frames(out, &h.frames[..h.frames.len().min(HOLDER_FRAMES)], false);
+        frames(
+            out,
+            &h.frames[..h.frames.len().min(HOLDER_FRAMES)],
+            0,
+            false,
+        );
     }
 }
 
@@ -283,7 +290,7 @@ fn tmp_leak(out: &mut String, rank: usize, l: &TmpLeak) {
     );
     let _ = writeln!(out, "    paths: {}", l.paths.join(", "));
     verdict(out, l.trend.as_ref());
-    frames(out, &l.frames, l.truncated);
+    frames(out, &l.frames, l.site, l.truncated);
 }
 
 /// The line printed the moment a process runs out of descriptors.
@@ -305,7 +312,7 @@ pub fn exhaustion_notice(x: &FdExhaustion) -> String {
         count(x.count),
         if x.count == 1 { "" } else { "s" }
     );
-    frames(&mut out, &x.frames, false);
+    frames(&mut out, &x.frames, 0, false);
     holders(&mut out, &x.top_holders);
     out
 }
@@ -368,6 +375,7 @@ pub fn oom_notice(k: &OomKill) -> String {
         frames(
             &mut out,
             &h.frames[..h.frames.len().min(HOLDER_FRAMES)],
+            0,
             false,
         );
     }
@@ -408,7 +416,7 @@ impl Exporter for Table {
         if s.runtime_outstanding_count > 0 {
             let _ = writeln!(
                 out,
-                "\n(not counted: {} in {} blocks held by the C/C++ runtime for itself — stdio buffers, locale, thread data — released at exit)",
+                "\n(not counted as leaks: {} in {} blocks the C/C++ runtime keeps for itself — stdio buffers, locale, thread data — for as long as the process lives)",
                 bytes(s.runtime_outstanding_bytes),
                 count(s.runtime_outstanding_count),
             );

@@ -1,5 +1,5 @@
 //! Building a report from the trackers' snapshots: symbolize each row's stack, set apart
-//! what the C/C++ runtime owns, trim, merge rows of the same stack, rank.
+//! what the C/C++ runtime owns, find each row's site, merge rows of the same stack, rank.
 use crate::{
     report::merge::{History, Row, Trend, merge, merge_paths, rank},
     report::model::{
@@ -8,7 +8,7 @@ use crate::{
     },
     report::verdict::{Ages, Sample, judge},
     symbolize::stacks::StackStore,
-    symbolize::{SymbolizedFrame, Symbols, runtime_owned, trim},
+    symbolize::{SymbolizedFrame, Symbols, runtime_owned, site, trim},
     track::fd::{FdKind, FdSnapshot},
     track::heap::{HeapSnapshot, StackRow},
     track::{StackId, heaviest},
@@ -34,6 +34,10 @@ pub struct ReportOptions {
     /// summary still counts every row. `None`: all.
     #[serde(default)]
     pub row_limit: Option<usize>,
+    /// Keep only the OOM kills of traced processes (`run`, unless `--oom-all`): a command's
+    /// report is about that command. `--pid` and the agent keep every kill on the node.
+    #[serde(default)]
+    pub oom_traced_only: bool,
 }
 
 /// Everything a report is built from.
@@ -64,6 +68,8 @@ pub struct ReportInput<'a> {
     pub oom_kills: &'a [OomKill],
     /// Frees of never-seen addresses the kernel side counted instead of sending.
     pub filtered_frees: u64,
+    /// Of such frees, those made by threads on their way out, counted apart.
+    pub thread_exit_frees: u64,
     /// What leaktrace itself has used so far.
     pub tracer: TracerUsage,
     /// Stack captures answered by the walk cache.
@@ -89,23 +95,31 @@ pub struct TmpRow {
     pub created_ms: u32,
 }
 
-/// The symbolized, trimmed frames of a stack, and whether the walk was incomplete.
-pub fn stack_frames(
+/// The symbolized frames of a stack, whole, and whether the walk was incomplete.
+pub fn whole_stack(
     stacks: &StackStore,
     symbols: &mut Symbols,
     id: StackId,
 ) -> (Vec<SymbolizedFrame>, bool) {
     match stacks.get(id) {
-        Some(stack) => {
-            let mut frames = symbols.frames(stack);
-            trim(&mut frames, |_| false);
-            (frames, stack.truncated() || stack.broken())
-        }
+        Some(stack) => (symbols.frames(stack), stack.truncated() || stack.broken()),
         None => (Vec::new(), true),
     }
 }
 
-/// Builds a report: symbolizes, classifies, trims and merges rows, ranks them.
+/// The symbolized frames of a stack from its site outward, and whether the walk was
+/// incomplete: for notices (an OOM kill, a full descriptor table), which show a few frames.
+pub fn stack_frames(
+    stacks: &StackStore,
+    symbols: &mut Symbols,
+    id: StackId,
+) -> (Vec<SymbolizedFrame>, bool) {
+    let (mut frames, incomplete) = whole_stack(stacks, symbols, id);
+    trim(&mut frames, |_| false);
+    (frames, incomplete)
+}
+
+/// Builds a report: symbolizes and classifies rows, finds their sites, merges and ranks them.
 pub fn build(
     input: &ReportInput<'_>,
     opts: &ReportOptions,
@@ -193,6 +207,7 @@ fn summary(input: &ReportInput<'_>, opts: &ReportOptions) -> Summary {
     };
     Summary {
         unmatched_frees: snap.totals.unmatched_frees + input.filtered_frees,
+        thread_exit_frees: snap.totals.thread_exit_frees + input.thread_exit_frees,
         inherited_frees: snap.totals.inherited_frees,
         tracer: input.tracer,
         stack_cache_hits: input.stack_cache_hits,
@@ -285,10 +300,9 @@ fn heap_rows(
             summary.outstanding_bytes += c.outstanding_bytes;
             continue;
         }
-        let (mut frames, truncated) = match input.stacks.get(c.stack_id) {
-            Some(stack) => (symbols.frames(stack), stack.truncated() || stack.broken()),
-            None => (Vec::new(), true),
-        };
+        let (frames, truncated) = whole_stack(input.stacks, symbols, c.stack_id);
+        // Decided per stack, and rows merge only when their whole stacks are the same: each
+        // block is counted once, on the side its stack says, in the summary and the rows.
         let runtime = runtime_owned(&frames);
         if runtime {
             summary.runtime_outstanding_count += c.outstanding_count;
@@ -302,7 +316,6 @@ fn heap_rows(
         if aged_count == 0 {
             continue;
         }
-        trim(&mut frames, |_| false);
         let age_ms = at_ms.saturating_sub(oldest_born_ms.unwrap_or(at_ms));
         let leak = Leak {
             kind,
@@ -320,6 +333,7 @@ fn heap_rows(
             held: held.as_deref().cloned(),
             trend: None,
             truncated,
+            site: site(&frames, |_| false),
             frames: frames.iter().map(Frame::from).collect(),
         };
         out.push(HeapRow { leak, runtime });
@@ -380,7 +394,7 @@ fn heap_leaks(
     (leaks, runtime)
 }
 
-/// Descriptors still open, merged per (process, trimmed stack), most first.
+/// Descriptors still open, merged per (process, stack), most first.
 fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, opts: &ReportOptions) -> Vec<FdLeak> {
     let rows: Vec<_> = input.fds.rows().filter(|r| r.row.outstanding > 0).collect();
     let weights: Vec<u64> = rows.iter().map(|r| r.row.outstanding).collect();
@@ -391,7 +405,7 @@ fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, opts: &ReportOptions
         .filter(|(_, l)| *l)
         .map(|(r, _)| {
             let (pid, at_exit, at_ms, s) = (r.pid, r.at_exit, r.at_ms, r.row);
-            let (frames, truncated) = stack_frames(input.stacks, symbols, s.stack_id);
+            let (frames, truncated) = whole_stack(input.stacks, symbols, s.stack_id);
             let age_ms = at_ms.saturating_sub(s.oldest_born_ms.unwrap_or(at_ms));
             let mut paths = Vec::new();
             merge_paths(&mut paths, &s.paths);
@@ -409,13 +423,14 @@ fn fd_leaks(input: &ReportInput<'_>, symbols: &mut Symbols, opts: &ReportOptions
                 at_exit,
                 trend: None,
                 truncated,
+                site: site(&frames, |_| false),
                 frames: frames.iter().map(Frame::from).collect(),
             }
         });
     merged_ranked(rows, opts.by_pid)
 }
 
-/// Temp files still on disk, merged per (process, trimmed stack), largest first.
+/// Temp files still on disk, merged per (process, stack), largest first.
 fn tmp_leaks(
     input: &ReportInput<'_>,
     symbols: &mut Symbols,
@@ -423,7 +438,7 @@ fn tmp_leaks(
     by_pid: bool,
 ) -> Vec<TmpLeak> {
     let rows = input.tmp.iter().map(|row| {
-        let (frames, truncated) = stack_frames(input.stacks, symbols, row.stack_id);
+        let (frames, truncated) = whole_stack(input.stacks, symbols, row.stack_id);
         TmpLeak {
             pid: row.pid,
             processes: 1,
@@ -435,6 +450,7 @@ fn tmp_leaks(
             oldest_age_s: f64::from(now_ms.saturating_sub(row.created_ms)) / 1e3,
             trend: None,
             truncated,
+            site: site(&frames, |_| false),
             frames: frames.iter().map(Frame::from).collect(),
         }
     });
@@ -469,7 +485,7 @@ fn judge_rows<'a, R: Row + 'a>(
     history.end_report();
 }
 
-/// Merges rows per owner and trimmed stack (see [`Row::key`]) and ranks them heaviest first.
+/// Merges rows per owner and stack (see [`Row::key`]) and ranks them heaviest first.
 fn merged_ranked<R: Row>(rows: impl IntoIterator<Item = R>, by_pid: bool) -> Vec<R> {
     let mut leaks = merge(rows, by_pid);
     rank(&mut leaks);

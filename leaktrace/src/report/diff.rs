@@ -150,6 +150,8 @@ pub struct Row {
     pub bytes: u64,
     /// Innermost first.
     pub frames: Vec<FrameView>,
+    /// The index in `frames` of the row's site, its first frame in the program's own code.
+    pub site: usize,
 }
 
 /// The session-wide figures a diff shows beside its rows.
@@ -230,6 +232,8 @@ struct RawLeak {
     outstanding_count: u64,
     outstanding_bytes: u64,
     frames: Vec<FrameView>,
+    #[serde(default)]
+    site: usize,
 }
 
 #[derive(Deserialize)]
@@ -237,6 +241,8 @@ struct RawFd {
     comm: String,
     outstanding: u64,
     frames: Vec<FrameView>,
+    #[serde(default)]
+    site: usize,
 }
 
 #[derive(Deserialize)]
@@ -245,6 +251,8 @@ struct RawTmp {
     files: u64,
     bytes: u64,
     frames: Vec<FrameView>,
+    #[serde(default)]
+    site: usize,
 }
 
 impl From<RawReport> for ReportView {
@@ -255,6 +263,7 @@ impl From<RawReport> for ReportView {
             count: l.outstanding_count,
             bytes: l.outstanding_bytes,
             frames: l.frames,
+            site: l.site,
         };
         let mut rows: Vec<Row> = r.leaks.into_iter().map(leak).collect();
         rows.extend(r.growth.into_iter().map(leak));
@@ -264,6 +273,7 @@ impl From<RawReport> for ReportView {
             count: l.outstanding,
             bytes: 0,
             frames: l.frames,
+            site: l.site,
         }));
         rows.extend(r.tmp_leaks.into_iter().map(|l| Row {
             kind: Kind::Tmp,
@@ -271,6 +281,7 @@ impl From<RawReport> for ReportView {
             count: l.files,
             bytes: l.bytes,
             frames: l.frames,
+            site: l.site,
         }));
         Self {
             summary: r.summary,
@@ -294,6 +305,7 @@ impl From<&Report> for ReportView {
             count: l.outstanding_count,
             bytes: l.outstanding_bytes,
             frames: frames(&l.frames),
+            site: l.site,
         };
         let mut rows: Vec<Row> = r.leaks.iter().map(leak).collect();
         rows.extend(r.growth.iter().map(leak));
@@ -303,6 +315,7 @@ impl From<&Report> for ReportView {
             count: l.outstanding,
             bytes: 0,
             frames: frames(&l.frames),
+            site: l.site,
         }));
         rows.extend(r.tmp_leaks.iter().map(|l| Row {
             kind: Kind::Tmp,
@@ -310,6 +323,7 @@ impl From<&Report> for ReportView {
             count: l.files,
             bytes: l.bytes,
             frames: frames(&l.frames),
+            site: l.site,
         }));
         let s = &r.summary;
         Self {
@@ -501,6 +515,8 @@ pub struct StackDiff {
     pub matched: Option<Matched>,
     /// The stack, innermost first: as the new report has it (the old, for a gone stack).
     pub frames: Vec<FrameView>,
+    /// The index in `frames` of the stack's site.
+    pub site: usize,
     /// The old report's lines, when they moved (matched by functions).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub old_frames: Option<Vec<FrameView>>,
@@ -699,8 +715,9 @@ type StackKey<'a> = (Kind, &'a str, Vec<FrameKey<'a>>);
 struct Held<'a> {
     count: u64,
     bytes: u64,
-    /// The frames of its first row.
+    /// The frames of its first row, and its site.
     frames: &'a [FrameView],
+    site: usize,
 }
 
 /// A report's rows by identity, summed.
@@ -716,6 +733,7 @@ fn by_stack(rows: &[Row]) -> BTreeMap<StackKey<'_>, Held<'_>> {
             count: 0,
             bytes: 0,
             frames: &row.frames,
+            site: row.site,
         });
         held.count = held.count.saturating_add(row.count);
         held.bytes = held.bytes.saturating_add(row.bytes);
@@ -747,7 +765,10 @@ fn stack_diff(
             Ordering::Equal => Change::Unchanged,
         },
     };
-    let frames = new.or(old).map(|h| h.frames.to_vec()).unwrap_or_default();
+    let (frames, site) = new
+        .or(old)
+        .map(|h| (h.frames.to_vec(), h.site))
+        .unwrap_or_default();
     let old_frames = match (matched, old) {
         (Some(Matched::Functions), Some(o)) => Some(o.frames.to_vec()),
         _ => None,
@@ -766,6 +787,7 @@ fn stack_diff(
         delta_bytes: bytes.then_some(delta_bytes),
         matched,
         frames,
+        site,
         old_frames,
     }
 }

@@ -15,8 +15,11 @@ use crate::report::{
 
 /// Identifies a row, when merging and across reports: who holds it (a pid, or a hash of an
 /// executable and its container with the top bit set), whether it is what was held at exit,
-/// and the trimmed frames (addresses for one process; module and offset hashed across
-/// processes, whose addresses differ).
+/// and the whole stack (addresses for one process; module and offset hashed across
+/// processes, whose addresses differ). The whole stack, not the frames from its site on:
+/// two stacks that reach one site by different paths inside the runtime (the loader's six
+/// places for one `dlopen`) stay two rows, each counted on its own side of the runtime's
+/// line.
 pub(crate) type LeakKey = (u64, bool, Vec<u64>);
 
 /// A hash that is the same in every report of a session (and every run).
@@ -44,7 +47,7 @@ pub(crate) trait Row {
     fn processes_mut(&mut self) -> &mut u32;
     /// Whether this is what the process held at exit.
     fn at_exit(&self) -> bool;
-    /// The trimmed frames, innermost first.
+    /// The whole stack, innermost first.
     fn frames(&self) -> &[Frame];
     /// What ranks the row, heaviest first: the main weight, then one for its ties.
     fn weight(&self) -> (u64, u64);

@@ -6,10 +6,10 @@ use crate::{report::verdict::Verdict, symbolize::SymbolizedFrame, track::held::H
 
 /// Session-wide figures (the JSON `summary`).
 ///
-/// Blocks the C or C++ runtime allocated for itself and releases at exit (stdio buffers,
-/// locale data, thread descriptors, ...; see [`crate::symbolize::runtime_owned`]) are counted
-/// apart, in `runtime_*` and the report's `runtime` list, as valgrind leaves them out of "in
-/// use at exit". Everything else holds exactly: `allocs - frees == outstanding_count` when no
+/// Blocks the C or C++ runtime allocated for itself and keeps while the process lives (stdio
+/// buffers, locale data, thread descriptors, ...; see [`crate::symbolize::runtime_owned`]) are
+/// counted apart, in `runtime_*` and the report's `runtime` list, as valgrind leaves them out
+/// of "in use at exit" (it has the runtime free them first). Everything else holds exactly: `allocs - frees == outstanding_count` when no
 /// event was lost.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Summary {
@@ -24,6 +24,12 @@ pub struct Summary {
     pub outstanding_bytes: u64,
     /// Frees of blocks allocated before tracing started (or whose allocation was lost).
     pub unmatched_frees: u64,
+    /// Frees by threads on their way out of blocks never seen allocated (or freed already):
+    /// glibc handing each exiting thread's cache back (its per-thread cache block, allocated
+    /// inside the allocator, and the blocks parked in it). Not in `unmatched_frees`. The main
+    /// thread is on its way out from `exit` on, so after an attach, static destructors
+    /// freeing blocks allocated before it count here too.
+    pub thread_exit_frees: u64,
     /// Frees, in forked children, of blocks their parent held at the fork (matched).
     #[serde(skip_serializing_if = "is_zero")]
     pub inherited_frees: u64,
@@ -36,7 +42,8 @@ pub struct Summary {
     pub lost_by_cause: std::collections::BTreeMap<&'static str, u64>,
     /// Allocations at an address still outstanding (a free was missed).
     pub replaced: u64,
-    /// Outstanding blocks the C/C++ runtime owns and releases at exit (not leaks).
+    /// Outstanding blocks the C/C++ runtime keeps for itself while the process lives (not
+    /// leaks: the program cannot free them).
     pub runtime_outstanding_count: u64,
     /// Their bytes.
     pub runtime_outstanding_bytes: u64,
@@ -260,8 +267,13 @@ pub struct Leak {
     pub trend: Option<Verdict>,
     /// The stack walk hit its depth limit or broke: outer frames are missing.
     pub truncated: bool,
-    /// Innermost first; `frames[0]` is the code that called the allocator.
+    /// The whole stack, innermost first: the allocator's and the runtime's frames, then the
+    /// program's from `frames[site]` on.
     pub frames: Vec<Frame>,
+    /// The row's site: the index in `frames` of its first frame in the program's own code,
+    /// the code that called the allocator (directly or through its runtime: `operator new`,
+    /// `std::vector`, `strdup`, the loader for `dlopen`, ...).
+    pub site: usize,
 }
 
 /// A process the node agent traced exactly (its heap, with allocator probes).
@@ -374,8 +386,11 @@ pub struct FdLeak {
     pub trend: Option<Verdict>,
     /// The stack walk hit its depth limit or broke: outer frames are missing.
     pub truncated: bool,
-    /// `frames[0]` is the code that called the libc wrapper (open, socket, fopen, ...).
+    /// The whole stack, innermost first: the libc wrapper (open, socket, fopen, ...) and
+    /// what it called, then the program's frames from `frames[site]` on.
     pub frames: Vec<Frame>,
+    /// The index in `frames` of the code that called the libc wrapper.
+    pub site: usize,
 }
 
 /// A stack holding descriptors (in [`FdExhaustion::top_holders`]).
@@ -385,7 +400,8 @@ pub struct FdHolder {
     pub outstanding: u64,
     /// `file`, `socket`, `pipe` or `other`.
     pub fd_kind: &'static str,
-    /// The stack that created them, innermost first.
+    /// The stack that created them, from its site outward (a notice shows the site first;
+    /// the rows in `fd_leaks` have the whole stack).
     pub frames: Vec<Frame>,
 }
 
@@ -406,7 +422,7 @@ pub struct FdExhaustion {
     pub count: u64,
     /// Seconds since tracing started, of the first failure.
     pub at_s: f64,
-    /// The call that failed.
+    /// The call that failed, from its site outward.
     pub frames: Vec<Frame>,
     /// The stacks holding the most descriptors at that moment.
     pub top_holders: Vec<FdHolder>,
@@ -439,8 +455,10 @@ pub struct TmpLeak {
     pub trend: Option<Verdict>,
     /// The stack walk hit its depth limit or broke: outer frames are missing.
     pub truncated: bool,
-    /// The stack that created them, innermost first.
+    /// The whole stack that created them, innermost first.
     pub frames: Vec<Frame>,
+    /// The index in `frames` of the program's code that created them.
+    pub site: usize,
 }
 
 /// Outstanding heap bytes of a process some time before an event.
@@ -459,7 +477,7 @@ pub struct HeapHolder {
     pub outstanding_bytes: u64,
     /// Blocks it held.
     pub outstanding_count: u64,
-    /// The stack, innermost first.
+    /// The stack, from its site outward (the rows in `leaks` have the whole stack).
     pub frames: Vec<Frame>,
 }
 

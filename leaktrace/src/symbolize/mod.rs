@@ -302,8 +302,9 @@ pub fn qualified_name(symbol: &str) -> &str {
     &symbol[name_start..]
 }
 
-/// Functions of the C and C++ runtimes whose allocations the runtime owns and releases at exit
-/// (glibc's `__libc_freeres`, libstdc++'s `__gnu_cxx::__freeres`, which valgrind runs too):
+/// Functions of the C and C++ runtimes whose allocations the runtime keeps for itself while
+/// the process lives (only a checker gets them freed at exit, through glibc's `__libc_freeres`
+/// and libstdc++'s `__gnu_cxx::__freeres`, as valgrind does):
 /// stdio buffers, locale, time zone, NSS and resolver state, `setenv`'s copies, thread
 /// descriptors, libstdc++'s exception pool. Prefixes of the direct caller of the allocator.
 const RUNTIME_OWNED_CALLERS: &[&str] = &[
@@ -375,8 +376,8 @@ const COPYING_HELPERS: &[&str] = &[
     "strndup",
 ];
 
-/// True when the block was allocated by the C or C++ runtime for itself, to be released at
-/// exit (not a leak of the program). Decided by the allocator's direct caller.
+/// True when the block was allocated by the C or C++ runtime for itself, kept while the
+/// process lives (not a leak of the program). Decided by the allocator's direct caller.
 pub fn runtime_owned(frames: &[SymbolizedFrame]) -> bool {
     let Some(caller) = frames.iter().find(|f| {
         let symbol = f.symbol.as_deref().unwrap_or("");
@@ -413,16 +414,22 @@ pub fn runtime_owned(frames: &[SymbolizedFrame]) -> bool {
             .any(|f| f.symbol.as_deref() == Some("_dl_init"))
 }
 
-/// Drops the leading runtime frames so `frames[0]` is the program's code that (directly or
-/// through its runtime) called the allocator. A stack made only of runtime frames is kept
-/// whole. `is_allocator` additionally marks allocator modules found by their symbols.
-pub fn trim(frames: &mut Vec<SymbolizedFrame>, is_allocator: impl Fn(&SymbolizedFrame) -> bool) {
-    let keep_from = frames
+/// The *site* of a stack: the index of its first frame in the program's own code, the code
+/// that (directly or through its runtime) called the allocator; the frames before it are the
+/// runtime's and the allocator's. 0 for a stack made only of runtime frames. `is_allocator`
+/// additionally marks allocator modules found by their symbols.
+pub fn site(frames: &[SymbolizedFrame], is_allocator: impl Fn(&SymbolizedFrame) -> bool) -> usize {
+    frames
         .iter()
-        .position(|f| !is_runtime_frame(f) && !is_allocator(f));
-    if let Some(n) = keep_from {
-        frames.drain(..n);
-    }
+        .position(|f| !is_runtime_frame(f) && !is_allocator(f))
+        .unwrap_or(0)
+}
+
+/// Drops the frames before the [`site`], so `frames[0]` is the site (for notices, which show
+/// a stack's first few frames). A stack made only of runtime frames is kept whole.
+pub fn trim(frames: &mut Vec<SymbolizedFrame>, is_allocator: impl Fn(&SymbolizedFrame) -> bool) {
+    let n = site(frames, is_allocator);
+    frames.drain(..n);
 }
 
 #[cfg(test)]
@@ -559,6 +566,42 @@ mod tests {
         ]));
         // The same library allocating for the program (operator new called from main) is not.
         assert!(!runtime_owned(&[pool, frame("main", "/app")]));
+    }
+
+    /// blazesym demangles with cpp_demangle, patched (third_party/cpp_demangle) to read GCC's
+    /// `sr <type> <name>` as c++filt does: every `std::make_shared` has one.
+    #[test]
+    fn long_libstdcxx_template_names_are_demangled() {
+        let demangle = |s: &str| {
+            cpp_demangle::Symbol::new(s)
+                .ok()
+                .and_then(|s| s.demangle().ok())
+        };
+        let make_shared = "_ZSt11make_sharedINSt13__future_base17_Async_state_implINSt6thread8_\
+            InvokerISt5tupleIJPFiiEiEEEEiEEJRS5_RiEESt10shared_ptrINSt9enable_ifIXntsrSt8is_\
+            arrayIT_E5valueESF_E4typeEEDpOT0_";
+        let state = "std::__future_base::_Async_state_impl<std::thread::_Invoker<std::tuple<\
+            int (*)(int), int> >, int>";
+        assert_eq!(
+            demangle(make_shared).as_deref(),
+            Some(
+                format!(
+                    "std::shared_ptr<std::enable_if<!(std::is_array<{state} >::value), {state} \
+                     >::type> std::make_shared<{state}, int (&)(int), int&>(int (&)(int), int&)"
+                )
+                .as_str()
+            )
+        );
+        // The same form with a plain class template as the qualifier, and the grammar's own
+        // `sr <levels> E <name>`, which reads as before.
+        assert_eq!(
+            demangle("_Z1fIiEv1AIXsr1BIT_E1zEE").as_deref(),
+            Some("void f<int>(A<B<int>::z>)")
+        );
+        assert_eq!(
+            demangle("_Z1fIiEv1AIXsr1BIT_EE1zEE").as_deref(),
+            Some("void f<int>(A<B<int>::z>)")
+        );
     }
 
     #[test]

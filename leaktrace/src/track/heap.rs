@@ -8,7 +8,7 @@
 //! The invariant the tests hold us to: `allocs - frees == outstanding_count` (live plus in use
 //! at exit), whatever the order of events, as long as none was lost.
 use hashbrown::HashMap;
-use leaktrace_common::{AllocEvent, FreeEvent};
+use leaktrace_common::{AllocEvent, FreeEvent, header_flags};
 
 use crate::track::{Exited, ProcessRows, Snapshot, heaviest, held::Held};
 
@@ -52,6 +52,10 @@ pub struct Totals {
     pub frees: u64,
     /// Frees of blocks allocated before tracing started (or whose allocation was lost).
     pub unmatched_frees: u64,
+    /// Frees of blocks never seen allocated made by threads on their way out: glibc freeing
+    /// a thread's cache (see [`leaktrace_common::alloc_shape::THREAD_EXIT`]). Not unmatched:
+    /// the program allocated none of them, or it freed them already.
+    pub thread_exit_frees: u64,
     /// Allocations returning an address that was still outstanding: its free was missed
     /// (a lost event or an unhooked release path). The old block counts as freed.
     pub replaced: u64,
@@ -271,7 +275,8 @@ impl HeapTables {
         self.totals.allocs += 1;
     }
 
-    /// Applies a free. A block we never saw allocated counts as unmatched, not an error.
+    /// Applies a free. A block we never saw allocated counts as unmatched, not an error, or,
+    /// freed by a thread on its way out, as a thread-exit free.
     pub fn free(&mut self, e: &FreeEvent) {
         let known = self
             .procs
@@ -283,6 +288,9 @@ impl HeapTables {
                 self.blocks -= 1;
             }
             Some(false) => self.totals.inherited_frees += 1,
+            None if e.hdr.flags & header_flags::THREAD_EXIT != 0 => {
+                self.totals.thread_exit_frees += 1;
+            }
             None => self.totals.unmatched_frees += 1,
         }
     }

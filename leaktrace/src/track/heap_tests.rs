@@ -96,6 +96,7 @@ fn malloc_then_free_leaves_nothing_outstanding() {
             allocs: 2,
             frees: 1,
             unmatched_frees: 0,
+            thread_exit_frees: 0,
             replaced: 0,
             inherited_frees: 0,
             table_full: 0,
@@ -113,6 +114,39 @@ fn free_of_unknown_block_is_unmatched_not_an_error() {
     assert_eq!(t.totals().unmatched_frees, 2);
     assert_eq!(t.totals().frees, 0);
     assert_eq!(rows(&t, 1)[0].outstanding_count, 1);
+    invariant(&t);
+}
+
+#[test]
+fn a_thread_on_its_way_out_freeing_unknown_blocks_is_not_unmatched() {
+    let mut t = HeapTables::new(0);
+    t.alloc(&alloc(1, 0x1000, 8, 1));
+    t.free(&free(1, 0x1000));
+    let exiting = |addr| FreeEvent {
+        hdr: Header {
+            flags: header_flags::THREAD_EXIT,
+            ..hdr(kind::FREE, 1, 0)
+        },
+        addr,
+    };
+    // glibc's tcache shutdown frees the block parked in the cache (freed already) and the
+    // cache itself (never seen): neither is the program's.
+    t.free(&exiting(0x1000));
+    t.free(&exiting(0x2000));
+    // A block the exiting thread really held is still matched.
+    t.alloc(&alloc(1, 0x3000, 8, 1));
+    t.free(&exiting(0x3000));
+    // An unknown block freed before the thread was on its way out is unmatched.
+    t.free(&free(1, 0x4000));
+    let totals = t.totals();
+    assert_eq!(
+        (
+            totals.frees,
+            totals.unmatched_frees,
+            totals.thread_exit_frees
+        ),
+        (2, 1, 2)
+    );
     invariant(&t);
 }
 
