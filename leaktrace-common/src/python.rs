@@ -67,7 +67,7 @@ pub struct Offsets {
     pub _pad: [u16; 3],
 }
 
-const _: () = assert!(core::mem::size_of::<Offsets>() == 56);
+const _: () = assert!(size_of::<Offsets>() == 56);
 
 /// CPython 3.11 on x86-64 (from `offsetof` on the 3.11.2 headers; stable across 3.11.x).
 pub const PY311: Offsets = Offsets {

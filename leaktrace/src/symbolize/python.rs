@@ -31,17 +31,24 @@ pub enum PyError {
     /// Reading the target's memory failed (it exited, or the address is not mapped).
     #[error("reading {len} bytes at {addr:#x} in pid {pid}: {source}")]
     Read {
+        /// The process read.
         pid: u32,
+        /// Where.
         addr: u64,
+        /// How many bytes.
         len: usize,
+        /// What the kernel said.
         #[source]
         source: io::Error,
     },
     /// A field held a value no live object can have.
     #[error("pid {pid}: {what} at {addr:#x} is not valid")]
     Invalid {
+        /// The process read.
         pid: u32,
+        /// The object's address.
         addr: u64,
+        /// What it should have been.
         what: &'static str,
     },
 }
@@ -516,7 +523,7 @@ outer()
             .unwrap();
         let pid = child.id();
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
+        io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line, "ready\n");
