@@ -10,6 +10,7 @@ use core::mem::size_of;
 mod catalogue;
 pub mod linux;
 pub mod names;
+pub mod python;
 
 pub use catalogue::{
     ALLOCATOR_FNS, AllocatorFn, TRACEPOINTS, Tracepoint, alloc_shape, arg_regs, hook_family,
@@ -641,6 +642,8 @@ mod user {
     unsafe impl aya::Pod for super::UnwindRow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CodeMapping {}
+    // SAFETY: as above (`u16`s, padded to 56 bytes).
+    unsafe impl aya::Pod for super::python::Offsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProcessCode {}
     // SAFETY: as above.

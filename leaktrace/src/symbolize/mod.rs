@@ -3,6 +3,7 @@
 //! One long-lived blazesym [`Symbolizer`] serves the whole session; lookups go through the
 //! held module files (see [`crate::targets::modules`]), so they work after the process is gone, and
 //! results are cached per (module, offset).
+pub mod python;
 pub mod stacks;
 
 use std::sync::Arc;
