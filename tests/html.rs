@@ -349,7 +349,7 @@ fn a_replayed_session_opens_in_a_browser() {
     // The last report in which demo's cache is a live row with a series of several points.
     let growing = |r: &&leaktrace::report::Report| {
         r.leaks.first().is_some_and(|l| {
-            l.frames.first().and_then(|f| f.symbol.as_deref()) == Some("cache_insert")
+            l.frames.get(l.site).and_then(|f| f.symbol.as_deref()) == Some("cache_insert")
                 && l.trend.as_ref().is_some_and(|t| t.series.len() >= 4)
         })
     };
